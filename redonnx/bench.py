@@ -1,0 +1,59 @@
+"""onnxruntime CPU latency: median and spread over repeated runs, models interleaved."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from redonnx.io import load_model
+from redonnx.runtime import random_inputs, session
+
+
+def bench_models(
+    paths: list[str | Path],
+    shapes: dict[str, list[int]] | None = None,
+    runs: int = 50,
+    warmup: int = 5,
+    batch: int = 1,
+    threads: int = 0,
+    optimize: bool = True,
+) -> dict[str, Any]:
+    """Latency of each model on the same inputs; runs alternate between models to share noise."""
+    models = [load_model(p).model for p in paths]
+    sessions = [session(m, optimize=optimize, threads=threads) for m in models]
+    feeds = random_inputs(models[0], shapes, batch=batch, seed=0)
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for p, ts in zip(paths, times, strict=True):
+        ts_ms = sorted(t * 1000 for t in ts)
+        rows.append(
+            {
+                "model": str(p),
+                "median_ms": statistics.median(ts_ms),
+                "p10_ms": ts_ms[len(ts_ms) // 10],
+                "p90_ms": ts_ms[(len(ts_ms) * 9) // 10],
+            }
+        )
+    out: dict[str, Any] = {"runs": runs, "batch": batch, "optimized": optimize, "models": rows}
+    if len(rows) == 2:
+        out["speedup"] = rows[0]["median_ms"] / rows[1]["median_ms"]
+    return out
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    lines = [f"onnxruntime CPU, batch {result['batch']}, {result['runs']} runs, medians:"]
+    for r in result["models"]:
+        lines.append(f"  {r['median_ms']:9.3f} ms  (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f})  {r['model']}")
+    if "speedup" in result:
+        lines.append(f"  speedup of the second over the first: {result['speedup']:.2f}x")
+    return "\n".join(lines)

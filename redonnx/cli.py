@@ -1,0 +1,238 @@
+"""Command line: ``redonnx prune | verify | inspect | bench``.
+
+Exit codes: 0 success, 1 verification failed (nothing written), 2 bad input or usage
+(one line on stderr, no traceback, no partial file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from redonnx.errors import RedonnxError
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise RedonnxError(f"{self.prog}: {message}")
+
+
+def _common_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", action="append", metavar="NAME=D0,D1,...", help="static shape for an input")
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    from redonnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_SAMPLES
+
+    p.add_argument("--inputs", metavar="FILE.npz", help="real inputs, one array per input name")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="random samples (default %(default)s)")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute tolerance (default %(default)g)")
+    p.add_argument(
+        "--rtol", type=float, default=DEFAULT_RTOL, help="tolerance relative to max|ref| (default %(default)g)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from redonnx import __version__
+    from redonnx.passes import PASSES
+
+    parser = _Parser(prog="redonnx", description="Data-free ONNX pruning verified with onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"redonnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="rewrite a model and verify it against the original")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--exact", action="store_true", help="lossless rewrites only")
+    p.add_argument("--passes", help=f"comma-separated passes: {', '.join(PASSES)}")
+    p.add_argument("--report", metavar="R.json", help="write a JSON report")
+    p.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    p.add_argument("--external-data", action="store_true", help="store weights beside the model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _common_inputs(p)
+    _verify_args(p)
+
+    p = sub.add_parser("verify", help="compare a candidate model with its reference")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--json", action="store_true")
+    _common_inputs(p)
+    _verify_args(p)
+
+    p = sub.add_parser("inspect", help="parameters, MACs per layer, op histogram")
+    p.add_argument("input")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", type=int, default=0, help="only the N layers with most MACs")
+    _common_inputs(p)
+
+    p = sub.add_parser("bench", help="onnxruntime CPU latency of one model or two")
+    p.add_argument("input")
+    p.add_argument("input2", nargs="?")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime default)")
+    p.add_argument("--json", action="store_true")
+    _common_inputs(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"prune": cmd_prune, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench}[
+            args.command
+        ](args)
+    except RedonnxError as exc:
+        print(f"redonnx: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("redonnx: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("redonnx: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # never a traceback for users; REDONNX_DEBUG=1 shows it
+        if os.environ.get("REDONNX_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"redonnx: error: internal error {type(exc).__name__}: {msg} (REDONNX_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
+    from redonnx.shapes import parse_shape_args
+
+    return parse_shape_args(args.shape)
+
+
+def _verify_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.samples < 1:
+        raise RedonnxError("--samples must be at least 1")
+    if args.atol < 0 or args.rtol < 0:
+        raise RedonnxError("--atol and --rtol must not be negative")
+    if args.inputs and not Path(args.inputs).is_file():
+        raise RedonnxError(f"--inputs {args.inputs}: no such file")
+    return {"inputs": args.inputs, "samples": args.samples, "atol": args.atol, "rtol": args.rtol}
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON next to ``path`` then rename, so a reader never sees half a file."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise RedonnxError(f"{out}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".redonnx-", suffix=".json", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise RedonnxError(f"{out}: cannot write: {exc.strerror or exc}") from None
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from redonnx.io import load_model, save_model
+    from redonnx.pipeline import prune
+
+    names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
+    out = Path(args.output)
+    src = load_model(args.input)
+    if not args.force and out.exists() and src.path and os.path.samefile(out, src.path):
+        raise RedonnxError(f"{out}: refusing to overwrite the input model (use --force)")
+    _check_writable(out)
+    if args.report:
+        _check_writable(Path(args.report))
+    result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), **_verify_kwargs(args))
+    report = result.report()
+    report["output"] = str(out)
+    ok = bool(result.verification)
+    if ok:
+        save_model(result.model, out, source=src, external_data=args.external_data or None, force=args.force)
+    else:
+        report["output"] = None
+    if args.report:
+        write_json_atomic(args.report, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=_json_default))
+    else:
+        print(result.summary())
+        print(f"wrote {out}" if ok else "verification failed: nothing written")
+    return EXIT_OK if ok else EXIT_VERIFY
+
+
+def _check_writable(out: Path) -> None:
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise RedonnxError(f"{out}: is a directory")
+    if not folder.is_dir():
+        raise RedonnxError(f"{out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise RedonnxError(f"{out}: folder {folder} is not writable")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from redonnx.verify import verify
+
+    result = verify(args.reference, args.candidate, shapes=_shapes(args), seed=args.seed, **_verify_kwargs(args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=_json_default))
+    else:
+        print(result.summary())
+    return EXIT_OK if result else EXIT_VERIFY
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from redonnx.cost import format_cost, model_cost
+    from redonnx.io import load_model
+
+    src = load_model(args.input)
+    cost = model_cost(src.model, _shapes(args))
+    cost.notes = src.notes + cost.notes
+    if args.json:
+        print(json.dumps(cost.to_dict(), indent=2, default=_json_default))
+    else:
+        print(format_cost(cost, top=args.top))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from redonnx.bench import bench_models, format_bench
+
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        raise RedonnxError("--runs and --batch must be positive, --warmup not negative")
+    paths = [p for p in (args.input, args.input2) if p]
+    result = bench_models(
+        paths, shapes=_shapes(args), runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_default))
+    else:
+        print(format_bench(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

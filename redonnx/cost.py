@@ -1,0 +1,153 @@
+"""Parameter and multiply-accumulate (MAC) counts per layer, op histogram, candidate layers.
+
+MACs per layer (N = batch, from the input shapes, batch 1 unless given):
+- Conv: prod(output shape) * (C_in / group) * prod(kernel)
+- ConvTranspose: prod(input shape) * (C_out / group) * prod(kernel)
+- Gemm: N * M * K;  MatMul: prod(output shape) * K
+Parameters: elements of a layer's constant weight and bias; the model total counts every
+floating-point initializer (BatchNorm statistics included).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from redonnx.errors import RedonnxError
+from redonnx.graph import to_graph
+from redonnx.shapes import infer_shapes, resolve_input_shapes, with_input_shapes
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class LayerCost:
+    name: str
+    op: str
+    weight_shape: list[int]
+    params: int
+    macs: int | None
+    groups: int = 1
+    candidate: bool = False
+    note: str = ""
+
+
+@dataclass
+class ModelCost:
+    layers: list[LayerCost]
+    params: int
+    macs: int | None
+    ops: dict[str, int]
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> ModelCost:
+    """Count parameters and MACs of ``model`` (batch 1 unless ``shapes`` says otherwise)."""
+    notes: list[str] = []
+    try:
+        concrete = resolve_input_shapes(model, shapes, batch=1)
+    except RedonnxError as exc:
+        concrete = {}
+        notes.append(f"MACs unknown: {exc}")
+    inferred = infer_shapes(with_input_shapes(model, concrete)) if concrete else {}
+    graph = to_graph(model)
+    layers = [
+        _layer_cost(node, inferred) for node in graph.nodes if node.op in LAYER_OPS
+    ]
+    macs_known = bool(concrete) and all(layer.macs is not None for layer in layers)
+    if concrete and not macs_known:
+        notes.append("some layer shapes could not be inferred: their MACs are not counted")
+    return ModelCost(
+        layers=layers,
+        params=_total_params(graph),
+        macs=sum(layer.macs or 0 for layer in layers) if concrete else None,
+        ops=dict(Counter(n.op_type for n in model.graph.node).most_common()),
+        input_shapes=concrete,
+        notes=notes,
+    )
+
+
+def _total_params(graph: gs.Graph) -> int:
+    total = 0
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and t.outputs and np.dtype(t.dtype).kind == "f":
+            total += int(np.prod(t.shape))
+    return total
+
+
+def _known(shape: list | None) -> list[int] | None:
+    if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    const_w = isinstance(w, gs.Constant)
+    params = sum(int(np.prod(t.shape)) for t in node.inputs[1:3] if isinstance(t, gs.Constant))
+    if node.op == "MatMul" and not const_w:
+        params = 0
+    wshape = [int(d) for d in w.shape] if const_w else []
+    out = _known(shapes.get(node.outputs[0].name)) if node.outputs else None
+    inp = _known(shapes.get(node.inputs[0].name)) if node.inputs else None
+    wsh = wshape or _known(shapes.get(w.name)) if w is not None else None
+    macs = _macs(node, wsh, inp, out)
+    groups = int(node.attrs.get("group", 1))
+    layer = LayerCost(
+        name=node.name or node.outputs[0].name,
+        op=node.op,
+        weight_shape=wshape,
+        params=params,
+        macs=macs,
+        groups=groups,
+        candidate=const_w,
+    )
+    if node.op == "Conv" and const_w and groups > 1:
+        layer.note = "depthwise" if groups == wshape[0] and wshape[1] == 1 else f"grouped ({groups})"
+    if not const_w:
+        layer.note = "weight computed at run time"
+    return layer
+
+
+def _macs(node: gs.Node, w: list[int] | None, inp: list[int] | None, out: list[int] | None) -> int | None:
+    if not w:
+        if node.op == "MatMul" and inp and out:
+            return int(np.prod(out)) * inp[-1]
+        return None
+    if node.op == "Conv":
+        return int(np.prod(out)) * int(np.prod(w[1:])) if out else None
+    if node.op == "ConvTranspose":
+        return int(np.prod(inp)) * int(np.prod(w[1:])) if inp else None
+    if node.op == "Gemm":
+        k = w[1] if node.attrs.get("transB", 0) else w[0]
+        return int(np.prod(out)) * k if out else None
+    return int(np.prod(out)) * w[0] if out else None
+
+
+def format_cost(cost: ModelCost, top: int = 0) -> str:
+    """Human-readable table."""
+    rows = [f"{'layer':40s} {'op':14s} {'weight':>20s} {'params':>10s} {'MACs':>14s}"]
+    layers = sorted(cost.layers, key=lambda x: -(x.macs or 0))[:top] if top else cost.layers
+    for layer in layers:
+        macs = f"{layer.macs:,}" if layer.macs is not None else "?"
+        op = layer.op + (f"/{layer.note}" if layer.note in ("depthwise",) else "")
+        rows.append(
+            f"{layer.name[:40]:40s} {op:14s} {'x'.join(map(str, layer.weight_shape)) or '-':>20s} "
+            f"{layer.params:>10,} {macs:>14s}"
+        )
+    macs = f"{cost.macs:,}" if cost.macs is not None else "unknown"
+    rows.append(f"total: {cost.params:,} parameters, {macs} MACs at input shapes {cost.input_shapes}")
+    rows.append("ops: " + ", ".join(f"{k} {v}" for k, v in cost.ops.items()))
+    n_cand = sum(layer.candidate for layer in cost.layers)
+    rows.append(f"candidate layers (constant weights): {n_cand} of {len(cost.layers)}")
+    rows += [f"note: {n}" for n in cost.notes]
+    return "\n".join(rows)

@@ -1,0 +1,164 @@
+"""Small helpers beside onnx-graphsurgeon's ``Graph`` (the IR): import, export, lookups.
+
+``to_graph`` turns a loaded model into a ``gs.Graph`` and treats Constant nodes (paddle2onnx,
+old PyTorch) like initializers; ``to_model`` writes it back keeping the source model's identity:
+IR version, opset imports, metadata, local functions, and initializers listed as graph inputs
+where IR < 4 requires them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+import redonnx
+from redonnx.errors import RedonnxError
+
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import ``model`` as a gs.Graph with Constant nodes lifted into constants."""
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:  # gs raises bare exceptions on exotic input
+        raise RedonnxError(f"cannot import the graph: {exc}") from None
+    lift_constant_nodes(graph)
+    return graph
+
+
+def lift_constant_nodes(graph: gs.Graph) -> int:
+    """Replace main-graph Constant nodes by gs.Constant tensors; returns how many were lifted."""
+    outputs = {id(t) for t in graph.outputs}
+    lifted = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or len(node.outputs) != 1 or id(node.outputs[0]) in outputs:
+            continue
+        value = _constant_node_value(node)
+        if value is None:
+            continue
+        var = node.outputs[0]
+        const = gs.Constant(var.name, np.asarray(value))
+        replace_uses(var, const)
+        node.outputs.clear()
+        lifted += 1
+    if lifted:
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+    return lifted
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+        return attrs["value"].values
+    scalars = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
+    for key, dtype in scalars.items():
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+def to_model(graph: gs.Graph, source: onnx.ModelProto, note: str = "") -> onnx.ModelProto:
+    """Export ``graph`` keeping ``source``'s IR version, opsets, metadata and functions."""
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(
+        recurse_subgraphs=False
+    )
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(source.opset_import))
+    model.ir_version = source.ir_version
+    model.producer_name = source.producer_name
+    model.producer_version = source.producer_version
+    model.domain = source.domain
+    model.model_version = source.model_version
+    model.doc_string = source.doc_string
+    del model.functions[:]
+    model.functions.extend(source.functions)
+    del model.metadata_props[:]
+    for prop in source.metadata_props:
+        if prop.key != "redonnx":
+            model.metadata_props.append(prop)
+    tag = f"redonnx {redonnx.__version__}" + (f": {note}" if note else "")
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, "redonnx": tag}
+    )
+    _drop_intermediate_value_info(model)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
+    return model
+
+
+def _drop_intermediate_value_info(model: onnx.ModelProto) -> None:
+    """Shapes of rewritten tensors may be stale; onnxruntime re-infers them."""
+    del model.graph.value_info[:]
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    listed = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
+
+
+# ---------------------------------------------------------------- lookups used by passes
+
+
+def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant tensor, or None when it is computed at run time."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def readers(tensor: gs.Tensor) -> list[gs.Node]:
+    """Nodes that read ``tensor`` (each once)."""
+    seen: dict[int, gs.Node] = {}
+    for node in tensor.outputs:
+        seen.setdefault(id(node), node)
+    return list(seen.values())
+
+
+def sole_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The only node reading ``tensor``, if it is read once and is not a graph output."""
+    rs = readers(tensor)
+    if len(rs) != 1 or is_graph_output(graph, tensor):
+        return None
+    return rs[0]
+
+
+def shared_constant(tensor: gs.Tensor) -> bool:
+    """True when a constant feeds more than one node input (rewriting it would change others)."""
+    return isinstance(tensor, gs.Constant) and len(tensor.outputs) > 1
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every reader of ``old`` read ``new`` instead."""
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+
+
+def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
+    """A fresh constant with a unique name derived from ``base``."""
+    names = graph.tensors().keys()
+    name, k = base, 0
+    while name in names:
+        k += 1
+        name = f"{base}_{k}"
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def tensor_proto_value(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t)

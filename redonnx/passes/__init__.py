@@ -1,0 +1,34 @@
+"""Graph passes. Each module defines ``name``, ``exact`` and ``run(graph, ctx) -> PassResult``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from redonnx.errors import RedonnxError
+from redonnx.passes import cleanup, fold_batchnorm, fold_constants
+from redonnx.passes.base import Decline, PassContext, PassResult
+
+PASSES: dict[str, ModuleType] = {m.name: m for m in (cleanup, fold_constants, fold_batchnorm)}
+
+#: Lossless rewrites, in order (``--exact``).
+EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "cleanup"]
+#: What ``prune`` runs with no flags.
+DEFAULT_PIPELINE = EXACT_PIPELINE
+
+
+def resolve(names: list[str] | None, exact: bool = False) -> list[ModuleType]:
+    """Pass modules for ``names`` (default pipeline when None); unknown names are an error."""
+    if names is None:
+        names = EXACT_PIPELINE if exact else DEFAULT_PIPELINE
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise RedonnxError(f"unknown pass {unknown[0]!r} (available: {', '.join(PASSES)})")
+    chosen = [PASSES[n] for n in names]
+    if exact:
+        lossy = [m.name for m in chosen if not m.exact]
+        if lossy:
+            raise RedonnxError(f"--exact excludes the lossy pass {lossy[0]!r}")
+    return chosen
+
+
+__all__ = ["DEFAULT_PIPELINE", "EXACT_PIPELINE", "PASSES", "Decline", "PassContext", "PassResult", "resolve"]

@@ -1,0 +1,57 @@
+"""fold-constants: evaluate subgraphs that depend only on constants.
+
+Rewrite: a node whose inputs are all constants (initializers, Constant nodes, or the output of
+``Shape`` on a tensor whose shape is statically known) is evaluated once with onnxruntime and
+replaced by its value: f(c1, ..., cn) -> C. Typical catch: the Shape/Gather/Unsqueeze/Concat
+arithmetic exporters emit in front of Reshape. Exact by construction (same kernels, same values).
+Results larger than ``fold_size_limit`` bytes (default 16 MiB, e.g. a Tile of a constant) are not
+folded so the model does not bloat. Dynamic dimensions are never fixed: only shapes the graph
+already states are used. If/Loop/Scan bodies are left untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_graphsurgeon as gs
+
+from redonnx.graph import lift_constant_nodes
+from redonnx.passes.base import Decline, PassContext, PassResult
+from redonnx.shapes import annotate_graph
+
+name = "fold-constants"
+exact = True
+DEFAULT_SIZE_LIMIT = 16 * 2**20
+
+
+def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    res = PassResult(name)
+    annotate_graph(graph)
+    limit = int(ctx.options.get("fold_size_limit", DEFAULT_SIZE_LIMIT))
+    before = len(graph.nodes)
+    graph.toposort(recurse_subgraphs=False)
+    _quiet_gs()
+    try:
+        graph.fold_constants(
+            fold_shapes=True,
+            recurse_subgraphs=False,
+            partitioning="basic",
+            error_ok=True,
+            flatten_subgraphs=False,
+            size_threshold=limit,
+            recurse_functions=False,
+        )
+    except Exception as exc:  # gs surfaces onnxruntime failures as bare exceptions
+        res.declined.append(Decline("<graph>", "", f"constant folding failed, skipped: {exc}"))
+        return res
+    lift_constant_nodes(graph)
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+    res.count("nodes folded", max(0, before - len(graph.nodes)))
+    return res
+
+
+def _quiet_gs() -> None:
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.ERROR
+    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)

@@ -1,0 +1,101 @@
+"""onnxruntime sessions and seeded inputs, shared by verification, benchmarks and tests."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from redonnx.errors import RedonnxError
+from redonnx.shapes import graph_inputs, resolve_input_shapes
+
+ORT_SIZE_LIMIT = 2**31 - 2**26
+
+
+def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session; graph optimizations off unless ``optimize``."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() < ORT_SIZE_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="redonnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        dup = onnx.ModelProto()
+        dup.CopyFrom(model)  # saving as external data rewrites tensors in place
+        onnx.save_model(dup, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def try_session(model: onnx.ModelProto, what: str, optimize: bool = False) -> ort.InferenceSession:
+    """Like :func:`session`, but a model onnxruntime rejects becomes a one-line RedonnxError."""
+    try:
+        return session(model, optimize=optimize)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RedonnxError(f"onnxruntime cannot load the {what} model: {first}") from None
+
+
+_NP_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def random_inputs(
+    model: onnx.ModelProto,
+    shapes: dict[str, list[int]] | None = None,
+    batch: int = 1,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Seeded inputs of the right dtypes: floats ~ N(0, 1), integers in [0, 8), random booleans."""
+    rng = np.random.default_rng(seed)
+    concrete = resolve_input_shapes(model, shapes, batch=batch)
+    feeds: dict[str, np.ndarray] = {}
+    for vi in graph_inputs(model):
+        elem = vi.type.tensor_type.elem_type
+        dtype = _NP_DTYPES.get(elem)
+        if dtype is None:
+            name = onnx.TensorProto.DataType.Name(elem) if elem else "unknown"
+            raise RedonnxError(f"input {vi.name!r} has type {name}; pass real inputs with --inputs file.npz")
+        shape = concrete[vi.name]
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[vi.name] = rng.random(shape) < 0.5
+        else:
+            feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
+    return feeds
+
+
+def load_npz_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs from an .npz whose keys are the model's input names."""
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise RedonnxError(f"{path}: cannot read inputs: {exc}") from None
+    names = [vi.name for vi in graph_inputs(model)]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise RedonnxError(f"{path}: no array for input {missing[0]!r} (has: {', '.join(arrays)})")
+    return {n: arrays[n] for n in names}
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))

@@ -1,0 +1,130 @@
+"""Input shape hints (``--shape name=1,3,224,224``) and static shape inference."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from redonnx.errors import RedonnxError
+
+Shape = list[int | str | None]
+
+
+def parse_shape_args(args: list[str] | None) -> dict[str, list[int]]:
+    """Parse ``name=d0,d1,...`` strings into a dict."""
+    shapes: dict[str, list[int]] = {}
+    for arg in args or []:
+        name, sep, dims = arg.rpartition("=")
+        if not sep or not name:
+            raise RedonnxError(f"--shape {arg!r}: expected name=d0,d1,... (e.g. input=1,3,224,224)")
+        try:
+            values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise RedonnxError(f"--shape {arg!r}: dimensions must be integers") from None
+        if not values or any(v <= 0 for v in values):
+            raise RedonnxError(f"--shape {arg!r}: dimensions must be positive integers")
+        shapes[name] = values
+    return shapes
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def declared_shape(vi: onnx.ValueInfoProto) -> Shape | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def resolve_input_shapes(
+    model: onnx.ModelProto, hints: dict[str, list[int]] | None, batch: int = 1
+) -> dict[str, list[int]]:
+    """Concrete shapes for every real input: hints first, then declared dims.
+
+    A symbolic leading dimension defaults to ``batch``; any other symbolic dimension needs a hint.
+    """
+    hints = dict(hints or {})
+    names = {vi.name for vi in graph_inputs(model)}
+    unknown = sorted(set(hints) - names)
+    if unknown:
+        raise RedonnxError(f"--shape names unknown input {unknown[0]!r} (inputs: {', '.join(sorted(names))})")
+    out: dict[str, list[int]] = {}
+    for vi in graph_inputs(model):
+        dims = declared_shape(vi)
+        if vi.name in hints:
+            if dims is not None and len(dims) != len(hints[vi.name]):
+                raise RedonnxError(
+                    f"--shape {vi.name}: rank {len(hints[vi.name])} does not match the model's rank {len(dims)}"
+                )
+            out[vi.name] = hints[vi.name]
+            continue
+        if dims is None:
+            raise RedonnxError(f"input {vi.name!r} has no declared shape; pass --shape {vi.name}=d0,d1,...")
+        concrete = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                concrete.append(d)
+            elif axis == 0:
+                concrete.append(batch)
+            else:
+                spec = ",".join(str(x) if isinstance(x, int) and x > 0 else "?" for x in dims)
+                raise RedonnxError(
+                    f"input {vi.name!r} has dynamic dimensions [{spec}]; pass --shape {vi.name}=..."
+                )
+        out[vi.name] = concrete
+    return out
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have the given static shapes (weights shared by copy)."""
+    dup = onnx.ModelProto()
+    dup.CopyFrom(model)
+    for vi in dup.graph.input:
+        if vi.name in shapes:
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in shapes[vi.name]:
+                shape.dim.add().dim_value = d
+    return dup
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Shapes of every tensor onnx can infer (empty for models it cannot handle)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # onnx raises many types; inference is best effort
+        return {}
+    shapes: dict[str, Shape] = {}
+    g = inferred.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        s = declared_shape(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    for t in g.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def annotate_graph(graph: gs.Graph) -> int:
+    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference."""
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+        full = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # best effort: folding still works without shapes
+        return 0
+    infos = {vi.name: vi for vi in [*full.graph.value_info, *full.graph.output]}
+    filled = 0
+    for name, tensor in graph.tensors().items():
+        vi = infos.get(name)
+        if vi is None or not isinstance(tensor, gs.Variable):
+            continue
+        if tensor.shape is None and vi.type.tensor_type.HasField("shape"):
+            tensor.shape = [d if d is not None else None for d in declared_shape(vi) or []]
+            filled += 1
+        if tensor.dtype is None and vi.type.tensor_type.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    return filled

@@ -1,0 +1,229 @@
+"""Numerical verification of a candidate model against its reference with onnxruntime.
+
+Both models run with graph optimizations off on the same seeded (or given) inputs. Each output
+gets absolute and relative error statistics, cosine similarity, top-1 agreement for 2-D score
+outputs, and the smallest tolerance that would have passed. An output passes when
+
+    max |cand - ref| <= atol + rtol * max |ref|
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from redonnx.errors import RedonnxError
+from redonnx.io import LoadedModel, load_model
+from redonnx.runtime import load_npz_inputs, random_inputs, run, try_session
+from redonnx.shapes import graph_inputs
+
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-4
+DEFAULT_SAMPLES = 8
+
+
+@dataclass
+class OutputComparison:
+    """Error statistics for one output."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    ref_max_abs: float
+    cosine: float
+    top1_agreement: float | None
+    needed_rtol: float
+    passed: bool
+
+    def line(self) -> str:
+        top1 = f", top-1 {self.top1_agreement:.2%}" if self.top1_agreement is not None else ""
+        mark = "ok  " if self.passed else "FAIL"
+        return (
+            f"{mark} {self.name} {self.shape}: max|diff| {self.max_abs:.3g} "
+            f"({self.needed_rtol:.3g} of max|ref| {self.ref_max_abs:.3g}), mean {self.mean_abs:.3g}, "
+            f"cosine {self.cosine:.6f}{top1}"
+        )
+
+
+@dataclass
+class VerificationResult:
+    """Comparison of every output; truthy when all pass."""
+
+    outputs: list[OutputComparison]
+    atol: float
+    rtol: float
+    samples: int
+    inputs: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def worst_rel(self) -> float:
+        return max((o.needed_rtol for o in self.outputs), default=0.0)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+    @property
+    def min_top1(self) -> float | None:
+        vals = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        return min(vals) if vals else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def summary(self) -> str:
+        head = "verification passed" if self.passed else "verification FAILED"
+        lines = [f"{head} (atol {self.atol:g}, rtol {self.rtol:g}, {self.inputs})"]
+        lines += ["  " + o.line() for o in self.outputs]
+        return "\n".join(lines)
+
+
+def compare_arrays(
+    name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float
+) -> OutputComparison:
+    """Statistics of ``cand`` against ``ref`` for one output."""
+    if ref.shape != cand.shape:
+        raise RedonnxError(f"output {name!r}: shape {list(cand.shape)} differs from the reference {list(ref.shape)}")
+    r = ref.astype(np.float64).reshape(-1)
+    c = cand.astype(np.float64).reshape(-1)
+    both_nan = np.isnan(r) & np.isnan(c)
+    diff = np.where(both_nan, 0.0, np.abs(r - c))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    ref_max = float(np.max(np.abs(np.nan_to_num(r)))) if r.size else 0.0
+    denom = np.maximum(np.abs(r), 1e-12)
+    rel = np.where(both_nan, 0.0, diff / denom)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    needed = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return OutputComparison(
+        name=name,
+        shape=list(ref.shape),
+        max_abs=max_abs,
+        mean_abs=float(diff.mean()) if diff.size else 0.0,
+        max_rel=float(rel.max()) if rel.size else 0.0,
+        mean_rel=float(rel.mean()) if rel.size else 0.0,
+        ref_max_abs=ref_max,
+        cosine=_cosine(r, c),
+        top1_agreement=_top1(ref, cand),
+        needed_rtol=needed,
+        passed=bool(max_abs <= atol + rtol * ref_max),
+    )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.nan_to_num(a), np.nan_to_num(b)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _top1(ref: np.ndarray, cand: np.ndarray) -> float | None:
+    if ref.ndim != 2 or ref.shape[1] < 2 or ref.dtype.kind != "f":
+        return None
+    return float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+
+
+def _as_proto(model: onnx.ModelProto | LoadedModel | str | Path) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, LoadedModel):
+        return model.model
+    return load_model(model).model
+
+
+def feeds_for(
+    model: onnx.ModelProto,
+    inputs: dict[str, np.ndarray] | str | Path | None,
+    shapes: dict[str, list[int]] | None,
+    samples: int,
+    seed: int,
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Batches of inputs for verification, and a description of them."""
+    if inputs is not None:
+        given = load_npz_inputs(inputs, model) if isinstance(inputs, (str, Path)) else inputs
+        return [given], "given inputs"
+    dynamic_batch = all(_leading_dim_dynamic(vi) for vi in graph_inputs(model)) and not shapes
+    if dynamic_batch:
+        return [random_inputs(model, shapes, batch=samples, seed=seed)], f"{samples} random samples (seed {seed})"
+    batches = [random_inputs(model, shapes, batch=1, seed=seed + k) for k in range(samples)]
+    return batches, f"{samples} random batches (seed {seed})"
+
+
+def _leading_dim_dynamic(vi: onnx.ValueInfoProto) -> bool:
+    dims = vi.type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
+
+
+def verify(
+    reference: onnx.ModelProto | LoadedModel | str | Path,
+    candidate: onnx.ModelProto | LoadedModel | str | Path,
+    *,
+    inputs: dict[str, np.ndarray] | str | Path | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+) -> VerificationResult:
+    """Run both models on the same inputs and compare every output."""
+    ref, cand = _as_proto(reference), _as_proto(candidate)
+    if samples < 1:
+        raise RedonnxError("--samples must be at least 1")
+    _check_interfaces(ref, cand)
+    batches, desc = feeds_for(ref, inputs, shapes, samples, seed)
+    ref_sess = try_session(ref, "reference")
+    cand_sess = try_session(cand, "candidate")
+    ref_out: dict[str, list[np.ndarray]] = {}
+    cand_out: dict[str, list[np.ndarray]] = {}
+    for feeds in batches:
+        for store, sess, what in ((ref_out, ref_sess, "reference"), (cand_out, cand_sess, "candidate")):
+            try:
+                outs = run(sess, feeds)
+            except Exception as exc:  # onnxruntime runtime errors
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
+            for k, v in outs.items():
+                store.setdefault(k, []).append(np.asarray(v))
+    comps = [
+        compare_arrays(name, _stack(ref_out[name]), _stack(cand_out[name]), atol, rtol) for name in ref_out
+    ]
+    return VerificationResult(comps, atol=atol, rtol=rtol, samples=samples, inputs=desc)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    if len(arrays) == 1:
+        return arrays[0]
+    try:
+        return np.concatenate([a.reshape(1, *a.shape) if a.ndim == 0 else a for a in arrays])
+    except ValueError:
+        return np.concatenate([a.reshape(-1) for a in arrays])
+
+
+def _check_interfaces(ref: onnx.ModelProto, cand: onnx.ModelProto) -> None:
+    ri = sorted(vi.name for vi in graph_inputs(ref))
+    ci = sorted(vi.name for vi in graph_inputs(cand))
+    if ri != ci:
+        raise RedonnxError(f"the models have different inputs: {ri} vs {ci}")
+    ro = [o.name for o in ref.graph.output]
+    co = [o.name for o in cand.graph.output]
+    if sorted(ro) != sorted(co):
+        raise RedonnxError(f"the models have different outputs: {ro} vs {co}")
