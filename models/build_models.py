@@ -71,9 +71,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            *conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout, 3)
-        )
+        self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout, 3))
         if stride == 1 and cin == cout:
             self.shortcut: nn.Module = nn.Identity()
         else:
@@ -92,8 +90,10 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = ch * expand
         self.body = nn.Sequential(
-            *conv_bn(ch, hidden, 1), nn.ReLU6(),
-            *conv_bn(hidden, hidden, 3, groups=hidden), nn.ReLU6(),
+            *conv_bn(ch, hidden, 1),
+            nn.ReLU6(),
+            *conv_bn(hidden, hidden, 3, groups=hidden),
+            nn.ReLU6(),
             *conv_bn(hidden, ch, 1),
         )
 
@@ -118,17 +118,26 @@ class ConcatBranches(nn.Module):
 def make_resnet() -> nn.Module:
     """Build the small residual CNN (input [N,1,8,8])."""
     return nn.Sequential(
-        *conv_bn(1, 16, 3), nn.ReLU(),
-        BasicBlock(16, 16), BasicBlock(16, 16), BasicBlock(16, 32, stride=2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        *conv_bn(1, 16, 3),
+        nn.ReLU(),
+        BasicBlock(16, 16),
+        BasicBlock(16, 16),
+        BasicBlock(16, 32, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
 def make_mlp() -> nn.Module:
     """Build the MLP with BatchNorm1d (input [N,64])."""
     return nn.Sequential(
-        nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Linear(64, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.BatchNorm1d(64),
+        nn.ReLU(),
         nn.Linear(64, 10),
     )
 
@@ -136,9 +145,13 @@ def make_mlp() -> nn.Module:
 def make_mobile() -> nn.Module:
     """Build the MobileNetV2-style CNN with a Concat block (input [N,1,8,8])."""
     return nn.Sequential(
-        *conv_bn(1, 16, 3), nn.ReLU6(),
-        InvertedResidual(16, 2), ConcatBranches(16, 8),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        *conv_bn(1, 16, 3),
+        nn.ReLU6(),
+        InvertedResidual(16, 2),
+        ConcatBranches(16, 8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 

@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"prune": cmd_prune, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench}[
-            args.command
-        ](args)
+        return {"prune": cmd_prune, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench}[args.command](
+            args
+        )
     except RedonnxError as exc:
         print(f"redonnx: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,7 +5,8 @@ MACs per layer (N = batch, from the input shapes, batch 1 unless given):
 - ConvTranspose: prod(input shape) * (C_out / group) * prod(kernel)
 - Gemm: N * M * K;  MatMul: prod(output shape) * K
 Parameters: elements of a layer's constant weight and bias; the model total counts every
-floating-point initializer (BatchNorm statistics included).
+floating-point constant the graph reads (BatchNorm statistics included) except scalars, which are
+hyper-parameters such as Clip bounds.
 """
 
 from __future__ import annotations
@@ -58,11 +59,8 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = Non
     except RedonnxError as exc:
         concrete = {}
         notes.append(f"MACs unknown: {exc}")
-    inferred = infer_shapes(with_input_shapes(model, concrete)) if concrete else {}
-    graph = to_graph(model)
-    layers = [
-        _layer_cost(node, inferred) for node in graph.nodes if node.op in LAYER_OPS
-    ]
+    graph, inferred = folded_graph(model, concrete)
+    layers = [_layer_cost(node, inferred) for node in graph.nodes if node.op in LAYER_OPS]
     macs_known = bool(concrete) and all(layer.macs is not None for layer in layers)
     if concrete and not macs_known:
         notes.append("some layer shapes could not be inferred: their MACs are not counted")
@@ -76,11 +74,31 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = Non
     )
 
 
+def folded_graph(model: onnx.ModelProto, concrete: dict[str, list[int]]) -> tuple[gs.Graph, dict]:
+    """The graph with constants folded (at fixed input shapes if given) and its tensor shapes.
+
+    Folding first makes weights computed from constants (CNTK's Reshape of a parameter) count as
+    weights, and resolves Shape -> Reshape arithmetic so every layer's output shape is known.
+    """
+    from redonnx.passes import fold_constants
+    from redonnx.passes.base import PassContext
+
+    static = with_input_shapes(model, concrete) if concrete else model
+    graph = to_graph(static)
+    fold_constants.run(graph, PassContext(opset=int(graph.opset)))
+    try:
+        folded = gs.export_onnx(graph, do_type_check=False)
+    except Exception:  # best effort: fall back to plain inference
+        return graph, infer_shapes(static)
+    return graph, infer_shapes(folded)
+
+
 def _total_params(graph: gs.Graph) -> int:
     total = 0
     for t in graph.tensors().values():
-        if isinstance(t, gs.Constant) and t.outputs and np.dtype(t.dtype).kind == "f":
-            total += int(np.prod(t.shape))
+        size = int(np.prod(t.shape)) if isinstance(t, gs.Constant) else 0
+        if size > 1 and t.outputs and np.dtype(t.dtype).kind == "f":
+            total += size
     return total
 
 

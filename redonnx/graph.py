@@ -67,9 +67,7 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
 
 def to_model(graph: gs.Graph, source: onnx.ModelProto, note: str = "") -> onnx.ModelProto:
     """Export ``graph`` keeping ``source``'s IR version, opsets, metadata and functions."""
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(
-        recurse_subgraphs=False
-    )
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(recurse_subgraphs=False)
     model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(source.opset_import))
     model.ir_version = source.ir_version
     model.producer_name = source.producer_name
@@ -84,9 +82,7 @@ def to_model(graph: gs.Graph, source: onnx.ModelProto, note: str = "") -> onnx.M
         if prop.key != "redonnx":
             model.metadata_props.append(prop)
     tag = f"redonnx {redonnx.__version__}" + (f": {note}" if note else "")
-    onnx.helper.set_model_props(
-        model, {**{p.key: p.value for p in model.metadata_props}, "redonnx": tag}
-    )
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "redonnx": tag})
     _drop_intermediate_value_info(model)
     if model.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
@@ -102,9 +98,7 @@ def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
     listed = {i.name for i in graph.input}
     for init in graph.initializer:
         if init.name not in listed:
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-            )
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
 
 # ---------------------------------------------------------------- lookups used by passes

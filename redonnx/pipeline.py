@@ -53,7 +53,7 @@ class PruneResult:
                 "macs_pct": _pct(before["macs"], after["macs"]),
             },
             "passes": [p.to_dict() for p in self.passes],
-            "verification": self.verification.to_dict() if self.verification else None,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
             "notes": self.source.notes + self.notes,
             "seconds": round(self.seconds, 3),
         }
@@ -149,9 +149,7 @@ def prune(
     after = model_cost(model, shapes)
     verification = None
     if check:
-        verification = verify(
-            source.model, model, inputs=inputs, shapes=shapes, samples=samples, atol=atol, rtol=rtol
-        )
+        verification = verify(source.model, model, inputs=inputs, shapes=shapes, samples=samples, atol=atol, rtol=rtol)
     return PruneResult(
         model=model,
         source=source,

@@ -13,6 +13,7 @@ from redonnx.errors import RedonnxError
 from redonnx.shapes import graph_inputs, resolve_input_shapes
 
 ORT_SIZE_LIMIT = 2**31 - 2**26
+ort.set_default_logger_severity(3)
 
 
 def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:

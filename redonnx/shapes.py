@@ -60,6 +60,9 @@ def resolve_input_shapes(
                 raise RedonnxError(
                     f"--shape {vi.name}: rank {len(hints[vi.name])} does not match the model's rank {len(dims)}"
                 )
+            for axis, (d, h) in enumerate(zip(dims or [], hints[vi.name], strict=False)):
+                if isinstance(d, int) and d > 0 and d != h:
+                    raise RedonnxError(f"--shape {vi.name}: dimension {axis} is fixed at {d} in the model, not {h}")
             out[vi.name] = hints[vi.name]
             continue
         if dims is None:
@@ -72,9 +75,7 @@ def resolve_input_shapes(
                 concrete.append(batch)
             else:
                 spec = ",".join(str(x) if isinstance(x, int) and x > 0 else "?" for x in dims)
-                raise RedonnxError(
-                    f"input {vi.name!r} has dynamic dimensions [{spec}]; pass --shape {vi.name}=..."
-                )
+                raise RedonnxError(f"input {vi.name!r} has dynamic dimensions [{spec}]; pass --shape {vi.name}=...")
         out[vi.name] = concrete
     return out
 

@@ -95,9 +95,7 @@ class VerificationResult:
         return "\n".join(lines)
 
 
-def compare_arrays(
-    name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float
-) -> OutputComparison:
+def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> OutputComparison:
     """Statistics of ``cand`` against ``ref`` for one output."""
     if ref.shape != cand.shape:
         raise RedonnxError(f"output {name!r}: shape {list(cand.shape)} differs from the reference {list(ref.shape)}")
@@ -203,9 +201,7 @@ def verify(
                 raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
             for k, v in outs.items():
                 store.setdefault(k, []).append(np.asarray(v))
-    comps = [
-        compare_arrays(name, _stack(ref_out[name]), _stack(cand_out[name]), atol, rtol) for name in ref_out
-    ]
+    comps = [compare_arrays(name, _stack(ref_out[name]), _stack(cand_out[name]), atol, rtol) for name in ref_out]
     return VerificationResult(comps, atol=atol, rtol=rtol, samples=samples, inputs=desc)
 
 

@@ -279,9 +279,7 @@ def _scale_conv_weight(node: gs.Node, w: np.ndarray, s: np.ndarray) -> np.ndarra
     return scaled.reshape(w.shape)
 
 
-def _set_bias(
-    graph: gs.Graph, node: gs.Node, idx: int, chain: Chain, dtype: np.dtype, gemm_beta: float = 1.0
-) -> None:
+def _set_bias(graph: gs.Graph, node: gs.Node, idx: int, chain: Chain, dtype: np.dtype, gemm_beta: float = 1.0) -> None:
     n = chain.producer.channels
     old = node.inputs[idx] if len(node.inputs) > idx and node.inputs[idx].name else None
     b = np.zeros(n)

@@ -15,6 +15,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
+import redonnx.runtime  # noqa: F401  (quiets onnxruntime's logger)
 from redonnx.graph import lift_constant_nodes
 from redonnx.passes.base import Decline, PassContext, PassResult
 from redonnx.shapes import annotate_graph

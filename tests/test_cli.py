@@ -1,0 +1,56 @@
+"""The prune command end to end: report contents, verification failure writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import MODELS
+
+from redonnx.cli import main
+
+RESNET = MODELS / "digits_resnet.onnx"
+
+
+def test_prune_writes_verified_model_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["prune", str(RESNET), "-o", str(out), "--exact", "--report", str(rep)]) == 0
+    assert "verification passed" in capsys.readouterr().out
+    r = json.loads(rep.read_text())
+    assert r["output"] == str(out) and r["verification"]["passed"]
+    assert {"params", "macs", "deflated_bytes", "ops", "layers"} <= set(r["before"])
+    assert r["before"]["ops"]["BatchNormalization"] == 8 and "BatchNormalization" not in r["after"]["ops"]
+    assert r["after"]["macs"] == r["before"]["macs"]
+    assert r["removed"]["params"] == r["before"]["params"] - r["after"]["params"] > 0
+    names = [p["name"] for p in r["passes"]]
+    assert names == ["fold-constants", "fold-batchnorm", "cleanup"]
+    fold = r["passes"][1]
+    assert fold["modified"] and fold["counts"]["BatchNormalization folded"] == 8
+    assert all(isinstance(p["declined"], list) for p in r["passes"])
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(out).graph.node]
+
+
+def test_failed_verification_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code = main(["prune", str(RESNET), "-o", str(out), "--atol", "0", "--rtol", "0", "--report", str(rep)])
+    assert code == 1  # folding in float64 then rounding to float32 is not bit-exact
+    assert not out.exists()
+    assert "nothing written" in capsys.readouterr().out
+    r = json.loads(rep.read_text())
+    assert r["output"] is None and not r["verification"]["passed"]
+
+
+def test_passes_option_and_declines_in_report(tmp_path: Path) -> None:
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["prune", str(RESNET), "-o", str(out), "--passes", "cleanup", "--report", str(rep)]) == 0
+    r = json.loads(rep.read_text())
+    assert [p["name"] for p in r["passes"]] == ["cleanup"]
+    assert r["after"]["ops"]["BatchNormalization"] == 8
+
+
+def test_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", str(RESNET), str(RESNET), "--runs", "5", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["models"]) == 2 and r["speedup"] > 0

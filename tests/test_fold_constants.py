@@ -1,0 +1,73 @@
+"""fold-constants: shape arithmetic folds, dynamic dimensions stay dynamic, big results stay."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from builders import Builder
+from conftest import MODELS, assert_equivalent, shared_model
+
+from redonnx.io import load_model
+from redonnx.pipeline import run_passes
+from redonnx.runtime import random_inputs, run, session
+
+
+def reshape_by_shape_arithmetic(dims: list) -> onnx.ModelProto:
+    """x -> Reshape(x, Concat(Gather(Shape(x), 0), [-1])): the pattern exporters emit."""
+    b = Builder()
+    shape = b.op("Shape", ["x"])
+    n = b.op(
+        "Unsqueeze", [b.op("Gather", [shape, b.const(np.array(0, np.int64))], axis=0), b.const(np.array([0], np.int64))]
+    )
+    target = b.op("Concat", [n, b.const(np.array([-1], np.int64))], axis=0)
+    y = b.op("Reshape", ["x", target])
+    return b.model([("x", dims)], [b.op("MatMul", [y, b.rand(12, 2)])])
+
+
+def test_static_shape_arithmetic_folds() -> None:
+    m = reshape_by_shape_arithmetic([2, 3, 4])
+    out, (res,) = run_passes(m, ["fold-constants"], exact=True)
+    assert [n.op_type for n in out.graph.node] == ["Reshape", "MatMul"]
+    assert res.counts["nodes folded"] == 4  # Shape, Gather, Unsqueeze, Concat
+    assert_equivalent(m, out)
+
+
+def test_dynamic_batch_is_not_fixed() -> None:
+    m = reshape_by_shape_arithmetic(["batch", 3, 4])
+    out, _ = run_passes(m, ["fold-constants"], exact=True)
+    assert "Shape" in [n.op_type for n in out.graph.node]
+    sess = session(out)
+    for batch in (1, 5):
+        assert run(sess, random_inputs(out, batch=batch))[out.graph.output[0].name].shape == (batch, 2)
+
+
+def test_large_results_not_folded() -> None:
+    b = Builder()
+    big = b.op("Tile", [b.const(np.ones((1, 4), np.float32)), b.const(np.array([2000, 1], np.int64))])
+    m = b.model([("x", [2000, 4])], [b.op("Add", ["x", big])])
+    out, _ = run_passes(m, ["fold-constants"], exact=True)
+    assert "Tile" not in [n.op_type for n in out.graph.node]  # 32 kB: below the default limit
+    out2, _ = run_passes(m, ["fold-constants"], exact=True, options={"fold_size_limit": 1024})
+    assert "Tile" in [n.op_type for n in out2.graph.node]
+    assert_equivalent(m, out2)
+
+
+def test_small_results_folded() -> None:
+    b = Builder()
+    c = b.op("Mul", [b.const(np.ones(4, np.float32)), b.const(np.full(4, 3.0, np.float32))])
+    m = b.model([("x", [2, 4])], [b.op("Add", ["x", c])])
+    out, _ = run_passes(m, ["fold-constants"], exact=True)
+    assert [n.op_type for n in out.graph.node] == ["Add"]
+    assert_equivalent(m, out)
+
+
+def test_real_models_fold_their_constant_nodes() -> None:
+    src = load_model(shared_model("cifar10/resnet20_bn.onnx")).model
+    out, (_res,) = run_passes(src, ["fold-constants"], exact=True)
+    assert not any(n.op_type == "Constant" for n in out.graph.node)
+    assert len(out.graph.node) < len(src.graph.node)
+    assert_equivalent(src, out)
+    mobile = load_model(MODELS / "digits_mobile.onnx").model
+    out, _ = run_passes(mobile, ["fold-constants"], exact=True)
+    assert not any(n.op_type == "Constant" for n in out.graph.node)
+    assert_equivalent(mobile, out)

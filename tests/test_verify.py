@@ -1,0 +1,99 @@
+"""verify: statistics are right, failures are caught, exit codes follow them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import Builder
+from conftest import MODELS
+from onnx import numpy_helper
+
+from redonnx.cli import main
+from redonnx.errors import RedonnxError
+from redonnx.verify import compare_arrays, verify
+
+MLP = MODELS / "digits_mlp.onnx"
+
+
+def perturbed(path: Path, eps: float) -> onnx.ModelProto:
+    m = onnx.load(path)
+    t = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = numpy_helper.to_array(t).copy()
+    arr.flat[0] += eps
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return m
+
+
+def test_compare_arrays_statistics() -> None:
+    ref = np.array([[1.0, 2.0, -4.0], [0.5, 0.0, 3.0]], np.float32)
+    cand = ref.copy()
+    cand[0, 2] = -3.0
+    c = compare_arrays("y", ref, cand, atol=0.0, rtol=0.1)
+    assert c.max_abs == pytest.approx(1.0) and c.mean_abs == pytest.approx(1 / 6)
+    assert c.ref_max_abs == 4.0 and c.needed_rtol == pytest.approx(0.25)
+    assert not c.passed and c.top1_agreement == 1.0
+    assert compare_arrays("y", ref, cand, atol=0.0, rtol=0.25).passed
+    assert 0.9 < c.cosine < 1.0
+
+
+def test_top1_disagreement_and_nan() -> None:
+    ref = np.array([[1.0, 2.0], [3.0, 1.0]], np.float32)
+    c = compare_arrays("y", ref, ref[:, ::-1].copy(), 1e-6, 1e-4)
+    assert c.top1_agreement == 0.0
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    assert not compare_arrays("y", ref, nan, 1e-6, 1e-4).passed
+    assert compare_arrays("y", nan, nan, 0, 0).passed
+
+
+def test_identical_models_pass_and_perturbed_fail() -> None:
+    assert verify(MLP, MLP)
+    res = verify(MLP, perturbed(MLP, 5.0))
+    assert not res and res.outputs[0].max_abs > 0
+    assert verify(MLP, perturbed(MLP, 1e-7), rtol=1e-3)
+
+
+def test_given_inputs(tmp_path: Path) -> None:
+    data = np.load(MODELS / "digits_test.npz")
+    npz = tmp_path / "in.npz"
+    np.savez(npz, input=(data["x"][:50].astype(np.float32) / 16).reshape(50, 1, 8, 8).reshape(50, 64))
+    res = verify(MLP, MLP, inputs=npz)
+    assert res and res.outputs[0].shape == [50, 10]
+    with pytest.raises(RedonnxError, match="no array for input"):
+        np.savez(npz, other=np.zeros(3))
+        verify(MLP, MLP, inputs=npz)
+
+
+def test_interface_mismatch_is_an_error() -> None:
+    b = Builder()
+    other = b.model([("z", [1, 64])], [b.op("Relu", ["z"])])
+    with pytest.raises(RedonnxError, match="different inputs"):
+        verify(MLP, other)
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.onnx"
+    onnx.save(perturbed(MLP, 5.0), bad)
+    assert main(["verify", str(MLP), str(MLP)]) == 0
+    assert main(["verify", str(MLP), str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["verify", str(MLP), str(bad), "--atol", "100"]) == 0
+    assert main(["verify", str(MLP), str(bad), "--samples", "0"]) == 2
+
+
+def test_dynamic_dims_need_a_shape_hint() -> None:
+    b = Builder()
+    m = b.model([("x", ["n", 3, "h", "w"])], [b.op("Relu", ["x"])])
+    with pytest.raises(RedonnxError, match="dynamic dimensions"):
+        verify(m, m)
+    assert verify(m, m, shapes={"x": [2, 3, 5, 7]})
+
+
+def test_shape_hint_must_match_fixed_dims() -> None:
+    b = Builder()
+    m = b.model([("x", ["n", 3, 8, 8])], [b.op("Relu", ["x"])])
+    with pytest.raises(RedonnxError, match="fixed at 8"):
+        verify(m, m, shapes={"x": [1, 3, 16, 16]})
