@@ -208,3 +208,16 @@ def test_subgraphs_preserved(tmp_path: Path) -> None:
     branches = {a.name: a.g for a in if_nodes[0].attribute}
     assert [n.op_type for n in branches["then_branch"].node] == ["Identity"]
     assert_equivalent(m, out)
+
+
+@pytest.mark.parametrize("opset", [8, 9, 11, 13, 15, 17, 19, 21, 23])
+def test_opsets_8_to_23(opset: int) -> None:
+    b = Builder()
+    y = b.op("Relu", [b.bn(b.conv("x", 3, 4), 4)])
+    y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    m = b.model([("x", ["n", 3, 6, 6])], [y], opset=opset, ir_version=11 if opset >= 21 else 7 if opset < 13 else 8)
+    from redonnx.pipeline import prune
+
+    res = prune(m, exact=True)
+    assert res.verification and res.model.opset_import[0].version == opset
+    assert "BatchNormalization" not in [n.op_type for n in res.model.graph.node]
