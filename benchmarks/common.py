@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-import onnx
-import onnxruntime as ort
+from redonnx.bench import interleaved_times
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
@@ -34,28 +32,9 @@ def available(models=SHARED_MODELS):
     return [(n, SHARED / p, s) for n, p, s in models if (SHARED / p).exists()]
 
 
-def ort_session(model: onnx.ModelProto, optimize: bool, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def interleaved_medians(sessions: list[ort.InferenceSession], feeds: dict, runs: int = 200, warmup: int = 10):
-    """Median latency (ms) per session, alternating sessions every run so noise is shared."""
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[i].append((time.perf_counter() - t0) * 1000)
-    return [statistics.median(t) for t in times]
+def interleaved_medians(sessions: list, feeds: dict, runs: int = 200, warmup: int = 10) -> list[float]:
+    """Median latency (ms) per session over interleaved runs."""
+    return [statistics.median(t) for t in interleaved_times(sessions, feeds, runs=runs, warmup=warmup)]
 
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import available, interleaved_medians, ort_session, table, write_json
+from common import available, interleaved_medians, table, write_json
 
 from redonnx.io import load_model
 from redonnx.pipeline import run_passes
-from redonnx.runtime import random_inputs
+from redonnx.runtime import random_inputs, session
 
 
 def simplify(model, shapes):
@@ -48,7 +48,7 @@ def main() -> None:
         if sim is not None:
             row["onnxsim nodes"], row["onnxsim s"] = len(sim.graph.node), sim_s
         for optimize, tag in ((False, "raw"), (True, "ort")):
-            sessions = [ort_session(m, optimize) for m in models]
+            sessions = [session(m, optimize=optimize, threads=1) for m in models]
             med = interleaved_medians(sessions, feeds, runs=args.runs)
             row[f"{tag} ms"] = med[0]
             row[f"{tag} redonnx x"] = med[0] / med[1]

@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
+
 from redonnx.io import load_model
 from redonnx.runtime import random_inputs, session
 
@@ -24,18 +27,10 @@ def bench_models(
     models = [load_model(p).model for p in paths]
     sessions = [session(m, optimize=optimize, threads=threads) for m in models]
     feeds = random_inputs(models[0], shapes, batch=batch, seed=0)
-    for sess in sessions:
-        for _ in range(warmup):
-            sess.run(None, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, sess in enumerate(sessions):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times[i].append(time.perf_counter() - t0)
+    times = interleaved_times(sessions, feeds, runs=runs, warmup=warmup)
     rows = []
     for p, ts in zip(paths, times, strict=True):
-        ts_ms = sorted(t * 1000 for t in ts)
+        ts_ms = sorted(ts)
         rows.append(
             {
                 "model": str(p),
@@ -48,6 +43,22 @@ def bench_models(
     if len(rows) == 2:
         out["speedup"] = rows[0]["median_ms"] / rows[1]["median_ms"]
     return out
+
+
+def interleaved_times(
+    sessions: list[ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int = 50, warmup: int = 5
+) -> list[list[float]]:
+    """Milliseconds per run for each session; sessions alternate every run so they share noise."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 def format_bench(result: dict[str, Any]) -> str:
