@@ -29,14 +29,13 @@ def _common_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
-    from redonnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_SAMPLES
+    from redonnx.verify import DEFAULT_SAMPLES
 
     p.add_argument("--inputs", metavar="FILE.npz", help="real inputs, one array per input name")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="random samples (default %(default)s)")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute tolerance (default %(default)g)")
-    p.add_argument(
-        "--rtol", type=float, default=DEFAULT_RTOL, help="tolerance relative to max|ref| (default %(default)g)"
-    )
+    p.add_argument("--atol", type=float, help="absolute tolerance (default 1e-6)")
+    p.add_argument("--rtol", type=float, help="tolerance relative to max|ref| (default 1e-4; 0.5 with lossy passes)")
+    p.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (0.99 with lossy passes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
 
@@ -120,11 +119,19 @@ def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
 def _verify_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.samples < 1:
         raise RedonnxError("--samples must be at least 1")
-    if args.atol < 0 or args.rtol < 0:
+    if (args.atol or 0) < 0 or (args.rtol or 0) < 0:
         raise RedonnxError("--atol and --rtol must not be negative")
+    if args.min_cosine is not None and not -1 <= args.min_cosine <= 1:
+        raise RedonnxError("--min-cosine must be between -1 and 1")
     if args.inputs and not Path(args.inputs).is_file():
         raise RedonnxError(f"--inputs {args.inputs}: no such file")
-    return {"inputs": args.inputs, "samples": args.samples, "atol": args.atol, "rtol": args.rtol}
+    return {
+        "inputs": args.inputs,
+        "samples": args.samples,
+        "atol": args.atol,
+        "rtol": args.rtol,
+        "min_cosine": args.min_cosine,
+    }
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -194,9 +201,12 @@ def _check_writable(out: Path) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from redonnx.verify import verify
+    from redonnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
 
-    result = verify(args.reference, args.candidate, shapes=_shapes(args), seed=args.seed, **_verify_kwargs(args))
+    kw = _verify_kwargs(args)
+    kw["atol"] = DEFAULT_ATOL if kw["atol"] is None else kw["atol"]
+    kw["rtol"] = DEFAULT_RTOL if kw["rtol"] is None else kw["rtol"]
+    result = verify(args.reference, args.candidate, shapes=_shapes(args), seed=args.seed, **kw)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=_json_default))
     else:

@@ -17,7 +17,15 @@ from redonnx.cost import ModelCost, model_cost
 from redonnx.graph import to_graph, to_model
 from redonnx.io import LoadedModel, load_model
 from redonnx.passes.base import PassContext, PassResult
-from redonnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_SAMPLES, VerificationResult, verify
+from redonnx.verify import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+    LOSSY_MIN_COSINE,
+    LOSSY_RTOL,
+    VerificationResult,
+    verify,
+)
 
 
 @dataclass
@@ -134,22 +142,41 @@ def prune(
     inputs: dict[str, np.ndarray] | str | Path | None = None,
     check: bool = True,
     samples: int = DEFAULT_SAMPLES,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_cosine: float | None = None,
     options: dict[str, Any] | None = None,
 ) -> PruneResult:
-    """Rewrite a model with the chosen passes and verify it against the original."""
+    """Rewrite a model with the chosen passes and verify it against the original.
+
+    Unset tolerances follow the passes: exact pipelines are held to atol 1e-6 / rtol 1e-4,
+    pipelines with a lossy pass to cosine >= 0.99 and rtol 0.5 (see :mod:`redonnx.verify`).
+    """
     t0 = time.perf_counter()
     if isinstance(source, onnx.ModelProto):
         source = LoadedModel(model=source)
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
     before = model_cost(source.model, shapes)
+    lossy = any(not m.exact for m in passes_mod.resolve(passes, exact=exact))
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = (LOSSY_RTOL if lossy else DEFAULT_RTOL) if rtol is None else rtol
+    if min_cosine is None and lossy:
+        min_cosine = LOSSY_MIN_COSINE
     model, results = run_passes(source.model, passes, exact, options)
     after = model_cost(model, shapes)
     verification = None
     if check:
-        verification = verify(source.model, model, inputs=inputs, shapes=shapes, samples=samples, atol=atol, rtol=rtol)
+        verification = verify(
+            source.model,
+            model,
+            inputs=inputs,
+            shapes=shapes,
+            samples=samples,
+            atol=atol,
+            rtol=rtol,
+            min_cosine=min_cosine,
+        )
     return PruneResult(
         model=model,
         source=source,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from redonnx.errors import RedonnxError
-from redonnx.passes import cleanup, fold_batchnorm, fold_constants
+from redonnx.passes import cleanup, fold_batchnorm, fold_constants, hash_weights
 from redonnx.passes.base import Decline, PassContext, PassResult
 
-PASSES: dict[str, ModuleType] = {m.name: m for m in (cleanup, fold_constants, fold_batchnorm)}
+PASSES: dict[str, ModuleType] = {m.name: m for m in (cleanup, fold_constants, fold_batchnorm, hash_weights)}
 
 #: Lossless rewrites, in order (``--exact``).
 EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "cleanup"]
