@@ -21,7 +21,7 @@ EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        raise RedonnxError(f"{self.prog}: {message}")
+        raise RedonnxError(f"{message} (see '{self.prog} --help')")
 
 
 def _common_inputs(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,26 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, help="tolerance relative to max|ref| (default 1e-4; 0.5 with lossy passes)")
     p.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (0.99 with lossy passes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def _hash_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hash-weights")
+    g.add_argument("--tau", type=float, help="contrast: merge modes closer than TAU %% of a layer's range")
+    g.add_argument("--tau-strategy", choices=["constant", "block", "ascending", "descending"])
+    g.add_argument("--hash-rule", choices=["bounded", "paper"], help="bandwidth and value rule (default bounded)")
+    g.add_argument("--hash-error", type=float, help="bounded rule: max relative error per tensor (default 0.06)")
+    g.add_argument("--bandwidth", help="fixed KDE bandwidth: paper, silverman, scott or a number")
+    g.add_argument("--grid", type=int, help="density grid points (default 4096)")
+    g.add_argument("--hash-biases", action="store_true", help="hash biases too")
+    g.add_argument("--plot-dir", metavar="DIR", help="write a density plot per hashed layer (needs matplotlib)")
+
+
+def _pass_options(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("tau", "tau_strategy", "hash_rule", "hash_error", "bandwidth", "grid", "plot_dir")
+    opts = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if args.hash_biases:
+        opts["hash_biases"] = True
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _common_inputs(p)
     _verify_args(p)
+    _hash_args(p)
 
     p = sub.add_parser("verify", help="compare a candidate model with its reference")
     p.add_argument("reference")
@@ -172,7 +193,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_writable(out)
     if args.report:
         _check_writable(Path(args.report))
-    result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), **_verify_kwargs(args))
+    result = prune(
+        src, passes=names, exact=args.exact, shapes=_shapes(args), options=_pass_options(args), **_verify_kwargs(args)
+    )
     report = result.report()
     report["output"] = str(out)
     ok = bool(result.verification)

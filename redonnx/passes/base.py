@@ -33,6 +33,7 @@ class PassResult:
     name: str
     modified: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     declined: list[Decline] = field(default_factory=list)
     seconds: float = 0.0

@@ -132,6 +132,9 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if not np.all(np.isfinite(values)):
             res.decline(node, f"{tensor.name}: weights contain NaN or Inf")
             continue
+        if np.unique(values).size < 3:
+            res.decline(node, f"{tensor.name}: two or fewer distinct values, nothing to hash")
+            continue
         t0 = time.perf_counter()
         hashed, record, hashing, binned = hash_tensor(values, cfg, tau)
         record.update(layer=node.name, op=node.op, tensor=tensor.name, seconds=round(time.perf_counter() - t0, 5))
@@ -142,13 +145,15 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
             _plot(cfg.plot_dir, node, tensor, binned, hashing)
     if res.layers:
         res.counts["weights hashed"] = int(sum(r["n"] for r in res.layers))
+        res.stats["hashing_seconds"] = round(sum(r["seconds"] for r in res.layers), 4)
+        res.stats["max_rel_error"] = max(r["rel_error"] for r in res.layers)
     return res
 
 
 def hash_tensor(values: np.ndarray, cfg: Settings, tau: float) -> tuple[np.ndarray, dict, H.Hashing, H.Binned]:
     """Hash one tensor; returns the new values, a report record, and the grid-level result."""
     h_fixed = _fixed_bandwidth(values, cfg)
-    grid = cfg.grid or _grid_size(values, h_fixed if cfg.rule == "paper" else None)
+    grid = cfg.grid or _grid_size(values, h_fixed if cfg.rule == "paper" else None, cfg.error)
     binned = H.bin_values(values, grid)
     if h_fixed is not None:
         hashing = H.hash_binned(
@@ -188,13 +193,17 @@ def _fixed_bandwidth(values: np.ndarray, cfg: Settings) -> float | None:
     )
 
 
-def _grid_size(values: np.ndarray, h: float | None) -> int:
-    """Default grid: 4096 bins, or fine enough to resolve the paper's tiny bandwidth (capped)."""
-    if h is None:
-        return H.DEFAULT_GRID
+def _grid_size(values: np.ndarray, h: float | None, error: float) -> int:
+    """Grid points: at least 4096; fine enough to resolve the paper's tiny bandwidth, or (bounded
+    rule) for one bin's rounding, dx / sqrt(12), to stay under a quarter of the error bound even
+    when outliers stretch the range far beyond the weights' RMS. Capped at 2**20."""
     span = float(values.max() - values.min())
-    need = int(np.ceil(4.0 * span / max(h, 1e-30)))
-    return int(np.clip(need, H.DEFAULT_GRID, H.PAPER_GRID_MAX))
+    if h is None:
+        rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64))))
+        need = int(np.ceil(span / max(0.87 * error * rms, 1e-30)))
+    else:
+        need = int(np.ceil(4.0 * span / max(h, 1e-30)))
+    return int(np.clip(need, H.DEFAULT_GRID, H.MAX_GRID))
 
 
 def _plot(folder: str, node: gs.Node, tensor: gs.Constant, binned: H.Binned, hashing: H.Hashing) -> None:
