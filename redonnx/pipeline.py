@@ -120,7 +120,7 @@ def run_passes(
     model: onnx.ModelProto, names: list[str] | None, exact: bool, options: dict[str, Any] | None = None
 ) -> tuple[onnx.ModelProto, list[PassResult]]:
     """Apply passes to a copy of ``model``; returns the new model and each pass's result."""
-    chosen = passes_mod.resolve(names, exact=exact)
+    chosen = passes_mod.resolve(names, exact=exact, options=options)
     graph = to_graph(model)
     ctx = PassContext(opset=int(graph.opset), options=dict(options or {}))
     results = []
@@ -158,7 +158,7 @@ def prune(
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
     before = model_cost(source.model, shapes)
-    lossy = any(not m.exact for m in passes_mod.resolve(passes, exact=exact))
+    lossy = any(not passes_mod.is_exact(m, options) for m in passes_mod.resolve(passes, exact=exact, options=options))
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = (LOSSY_RTOL if lossy else DEFAULT_RTOL) if rtol is None else rtol
     if min_cosine is None and lossy:

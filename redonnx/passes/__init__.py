@@ -5,10 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from redonnx.errors import RedonnxError
-from redonnx.passes import cleanup, fold_batchnorm, fold_constants, hash_weights
+from redonnx.passes import cleanup, fold_batchnorm, fold_constants, hash_weights, merge_channels
 from redonnx.passes.base import Decline, PassContext, PassResult
 
-PASSES: dict[str, ModuleType] = {m.name: m for m in (cleanup, fold_constants, fold_batchnorm, hash_weights)}
+PASSES: dict[str, ModuleType] = {
+    m.name: m for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, merge_channels)
+}
 
 #: Lossless rewrites, in order (``--exact``).
 EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "cleanup"]
@@ -16,7 +18,13 @@ EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "cleanup"]
 DEFAULT_PIPELINE = EXACT_PIPELINE
 
 
-def resolve(names: list[str] | None, exact: bool = False) -> list[ModuleType]:
+def is_exact(module: ModuleType, options: dict | None = None) -> bool:
+    """Whether a pass is lossless with these options (merging is exact only with alpha 0)."""
+    check = getattr(module, "is_exact", None)
+    return bool(check(options or {})) if check else bool(module.exact)
+
+
+def resolve(names: list[str] | None, exact: bool = False, options: dict | None = None) -> list[ModuleType]:
     """Pass modules for ``names`` (default pipeline when None); unknown names are an error."""
     if names is None:
         names = EXACT_PIPELINE if exact else DEFAULT_PIPELINE
@@ -25,7 +33,7 @@ def resolve(names: list[str] | None, exact: bool = False) -> list[ModuleType]:
         raise RedonnxError(f"unknown pass {unknown[0]!r} (available: {', '.join(PASSES)})")
     chosen = [PASSES[n] for n in names]
     if exact:
-        lossy = [m.name for m in chosen if not m.exact]
+        lossy = [m.name for m in chosen if not is_exact(m, options)]
         if lossy:
             raise RedonnxError(f"--exact excludes the lossy pass {lossy[0]!r}")
     return chosen

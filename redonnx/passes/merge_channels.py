@@ -1,0 +1,728 @@
+"""merge-channels: merge redundant output channels (RED step 2, neuron merging).
+
+A *class* of coupled channels (see :mod:`redonnx.channels`) is defined by its *sources*: the rows
+(weights and bias) of every layer writing it, per-channel parameters on the way (PRelu slopes,
+per-channel Mul/Add constants, depthwise kernels), zero padding. It is read by its *sinks*:
+columns of the layers reading it. Two parallel classes a and b (same sources, same tensors):
+
+- identical sources: every tensor holds the same values in channel b as in channel a, so
+  channel b is dropped everywhere and each sink gets col_a += col_b (exact, paper eq. 2);
+- sources that are a positive multiple, r_b = s r_a with s > 0, through positively homogeneous
+  ops only (ReLU, LeakyReLU, PRelu, max/avg pooling, Add of coupled branches): channel b = s
+  channel a, so col_a += s col_b (exact; beyond the paper);
+- identically zero: every source is zero and every op maps 0 to 0: the channel is dropped and
+  its columns with it (exact).
+
+``alpha > 0`` relaxes this (lossy): within each set of parallel classes, the alpha fraction of
+channels (per-layer alpha from ``alpha_strategy``: constant, or the paper's block rule by thirds
+of depth: max(2a-1, 0), a, min(2a, 1)) is merged greedily by increasing cost, each merged group
+taking the mean of its sources. ``merge_criterion=paper`` ranks pairs by the Euclidean distance
+of their sources; ``output`` (default) by the distance times the norm of the removed channel's
+sink columns, i.e. the size of the change the merge makes in the consumers' outputs, and takes
+the importance-weighted mean.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from redonnx.channels import ChannelGraph, Item, analyze
+from redonnx.errors import RedonnxError
+from redonnx.graph import const_value
+from redonnx.passes.base import Decline, PassContext, PassResult
+from redonnx.shapes import annotate_graph
+
+name = "merge-channels"
+exact = True  # with alpha = 0; see is_exact
+
+ZERO_SAFE = {
+    "Relu", "LeakyRelu", "PRelu", "Tanh", "HardSwish", "Identity", "Dropout", "Cast", "Neg", "Abs", "Elu",
+    "Selu", "Gelu", "Mish", "Erf", "Sign", "Softsign", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "GlobalMaxPool", "Concat", "Split", "Slice", "Pad", "Transpose", "ReduceMean", "ReduceMax", "ReduceSum",
+    "ReduceMin", "Resize", "Upsample", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum",
+}  # fmt: skip
+HOMOGENEOUS = {
+    "Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "GlobalMaxPool", "Concat", "Split", "Slice", "Pad", "Transpose", "ReduceMean", "ReduceMax", "ReduceSum",
+    "Add", "Sub", "Sum", "Mul", "Div",
+}  # fmt: skip
+
+
+def is_exact(options: dict[str, Any]) -> bool:
+    return float(options.get("alpha", 0.0)) == 0.0
+
+
+@dataclass
+class ClassInfo:
+    root: int
+    members: list[tuple[str, int]]
+    key: tuple
+    scaled: np.ndarray  # layer rows (scale with the channel)
+    fixed: np.ndarray  # per-channel parameters (must be equal)
+    nodes: list[gs.Node]  # nodes that produce the member tensors
+    zero_item: bool = False  # some member is zero padding
+    zero_ok: bool = False  # every source is zero and every op on the way maps 0 to 0
+    sourced: bool = False  # has at least one layer row or padding source
+    constants: dict[str, float | None] = field(default_factory=dict)  # tensor -> constant value
+
+
+@dataclass
+class Plan:
+    """Channel b of class ``drop`` goes into class ``keep`` with factor ``scale`` (None: removed)."""
+
+    merges: list[tuple[int, int | None, float]] = field(default_factory=list)
+    absorb: list[tuple[Item, int, float]] = field(default_factory=list)  # sink, channel, constant
+    new_sources: dict[int, np.ndarray] = field(default_factory=dict)  # relaxed: averaged sources
+
+
+def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    res = PassResult(name)
+    alpha = float(ctx.options.get("alpha", 0.0))
+    if not 0.0 <= alpha < 1.0:
+        raise RedonnxError("--alpha must be in [0, 1)")
+    annotate_graph(graph)
+    cg = analyze(graph)
+    infos, pinned = _class_infos(cg)
+    _report_pins(res, pinned)
+    groups = _parallel_groups(infos)
+    plan = Plan()
+    for _key, members in groups.items():
+        _exact_merges(cg, members, plan, res)
+    if alpha > 0:
+        _relaxed_merges(cg, groups, plan, res, alpha, ctx.options)
+    if plan.merges:
+        _apply(cg, infos, plan)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+    return res
+
+
+# ------------------------------------------------------------------ sources of a class
+
+
+def _channel_slice(values: np.ndarray, axis: int, c: int) -> np.ndarray:
+    return np.take(values, c, axis=axis).reshape(-1)
+
+
+def _row(node: gs.Node, c: int) -> np.ndarray:
+    """Weights and bias of output channel ``c`` of a layer."""
+    w = np.asarray(node.inputs[1].values, np.float64)
+    bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    axis = _out_axis(node)
+    parts = [_channel_slice(w, axis, c)]
+    if bias is not None:
+        b = np.asarray(bias, np.float64).reshape(-1)
+        parts.append(b[c : c + 1] if b.size > 1 else b)
+    return np.concatenate(parts)
+
+
+def _out_axis(node: gs.Node) -> int:
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        return 1
+    return 0
+
+
+def _param_axis(values: np.ndarray, size: int) -> int:
+    axes = [i for i, d in enumerate(values.shape) if d == size]
+    return axes[-1] if axes else 0
+
+
+def _class_infos(cg: ChannelGraph) -> tuple[dict[int, ClassInfo], dict[int, str]]:
+    pinned = cg.pinned_roots()
+    infos: dict[int, ClassInfo] = {}
+    for root, members in cg.classes().items():
+        if root in pinned:
+            continue
+        tensors = [t for t, _ in members]
+        if len(set(tensors)) != len(tensors):
+            pinned[root] = f"{tensors[0]}: a class holds two channels of one tensor"
+            continue
+        infos[root] = _class_info(cg, root, members)
+    return infos, pinned
+
+
+def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]]) -> ClassInfo:
+    key: list[tuple] = [("tensors", tuple(sorted(t for t, _ in members)))]
+    scaled: list[np.ndarray] = []
+    fixed: list[np.ndarray] = []
+    nodes: list[gs.Node] = []
+    zero_item = False
+    zero_ok = True
+    for t, c in sorted(members):
+        producer = cg.producer(t)
+        if producer is not None:
+            nodes.append(producer)
+        for it in cg.items.get(t, []):
+            if it.kind == "row":
+                key.append(("row", it.node.name))
+                scaled.append(_row(it.node, c))
+                zero_ok = zero_ok and not np.any(scaled[-1])
+            elif it.kind == "param":
+                v = np.asarray(const_value(it.node.inputs[it.index]), np.float64)
+                key.append(("param", it.node.name, it.index))
+                fixed.append(_channel_slice(v, _param_axis(v, cg.spaces[t].size), c))
+                zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c)
+            elif it.kind == "zero" and it.lo <= c < it.hi:
+                key.append(("zero", it.node.name))
+                zero_item = True
+    zero_ok = zero_ok and all(_op_keeps_zero(n) for n in nodes)
+    constants = _constants(cg, members) if any(k[0] == "row" for k in key) else {}
+    return ClassInfo(
+        root,
+        members,
+        tuple(key),
+        np.concatenate(scaled) if scaled else np.zeros(0),
+        np.concatenate(fixed) if fixed else np.zeros(0),
+        nodes,
+        zero_item=zero_item,
+        zero_ok=zero_ok,
+        sourced=bool(scaled) or zero_item,
+        constants=constants,
+    )
+
+
+def _constants(cg: ChannelGraph, members: list[tuple[str, int]]) -> dict[str, float | None]:
+    """The constant value of the channel in each member tensor (None where it varies).
+
+    A layer row with zero weights makes its bias a constant channel; element-wise ops map
+    constants to constants. Spatial zero padding breaks a non-zero constant at the borders.
+    """
+    at = dict(members)
+    order = {id(n): i for i, n in enumerate(cg.graph.nodes)}
+    value: dict[str, float | None] = {}
+    for t in sorted(at, key=lambda name: order.get(id(cg.producer(name)), -1)):
+        value[t] = _const_of(cg, t, at[t], value, at)
+    return value
+
+
+def _const_of(cg: ChannelGraph, t: str, c: int, value: dict[str, float | None], at: dict[str, int]) -> float | None:
+    for it in cg.items.get(t, []):
+        if it.kind == "zero" and it.lo <= c < it.hi:
+            return 0.0
+    n = cg.producer(t)
+    if n is None:
+        return None
+    if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1:
+        row = _row(n, c)
+        nw = np.asarray(n.inputs[1].values).size // cg.spaces[t].size
+        return float(row[nw]) if not np.any(row[:nw]) and row.size > nw else (0.0 if not np.any(row) else None)
+    ins = [value.get(x.name) if x.name in at else _scalar_param(cg, n, x, t, c) for x in n.inputs if x.name]
+    if not ins or (ins[0] is None and n.op not in ("Add", "Sub", "Mul", "Div", "Max", "Min")):
+        return None
+    return _eval(n, ins, c)
+
+
+def _scalar_param(cg: ChannelGraph, n: gs.Node, x: gs.Tensor, t: str, c: int) -> float | None:
+    v = const_value(x)
+    if v is None:
+        return None
+    if v.size == 1:
+        return float(v.reshape(-1)[0])
+    if v.size == cg.spaces[t].size or cg.spaces[t].size in v.shape:
+        return float(_channel_slice(np.asarray(v, np.float64), _param_axis(v, cg.spaces[t].size), c)[0])
+    return None
+
+
+def _eval(n: gs.Node, ins: list[float | None], c: int) -> float | None:
+    x = ins[0]
+    op = n.op
+    if op in ("Identity", "Dropout", "Cast", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Resize",
+              "Upsample", "Concat", "Split", "Slice", "Transpose", "ReduceMean", "ReduceMax", "ReduceMin"):  # fmt: skip
+        if op in ("MaxPool", "AveragePool") and x != 0 and any(int(p) for p in n.attrs.get("pads", [0])):
+            return None if op == "AveragePool" else x
+        return x
+    if op == "Pad":
+        return x if x == 0 else None
+    if op == "Relu":
+        return max(x, 0.0)
+    if op == "LeakyRelu":
+        return x if x >= 0 else x * float(n.attrs.get("alpha", 0.01))
+    if op == "Clip":
+        lo = ins[1] if len(ins) > 1 and ins[1] is not None else n.attrs.get("min", -np.inf)
+        hi = ins[2] if len(ins) > 2 and ins[2] is not None else n.attrs.get("max", np.inf)
+        return float(np.clip(x, lo, hi))
+    if op == "Sigmoid":
+        return float(1 / (1 + np.exp(-x)))
+    if op == "Tanh":
+        return float(np.tanh(x))
+    if op == "HardSigmoid":
+        return float(np.clip(float(n.attrs.get("alpha", 0.2)) * x + float(n.attrs.get("beta", 0.5)), 0, 1))
+    if op == "HardSwish":
+        return float(x * np.clip(x / 6 + 0.5, 0, 1))
+    if op in ("Add", "Sub", "Mul", "Div", "Max", "Min") and len(ins) == 2:
+        a, b = ins
+        if a is None or b is None or (op == "Div" and b == 0):
+            return None
+        return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a / b if b else 0.0, "Max": max(a, b),
+                "Min": min(a, b)}[op]  # fmt: skip
+    if op == "PRelu" and len(ins) == 2 and ins[1] is not None:
+        return x if x >= 0 else x * ins[1]
+    if op == "BatchNormalization" and all(v is not None for v in ins[1:5]):
+        g, b, m, var = ins[1:5]
+        return float((x - m) * g / np.sqrt(var + float(n.attrs.get("epsilon", 1e-5))) + b)
+    if op == "Conv":  # depthwise
+        pads = any(int(p) for p in n.attrs.get("pads", [0]))
+        w = float(np.sum(np.asarray(n.inputs[1].values, np.float64)[c]))
+        b = ins[2] if len(ins) > 2 and ins[2] is not None else 0.0
+        return b if x == 0 else (None if pads else x * w + b)
+    return None
+
+
+def _param_keeps_zero(it: Item, cg: ChannelGraph, t: str, c: int) -> bool:
+    """Does this per-channel parameter map a zero channel c to zero?"""
+    node = it.node
+    v = np.asarray(const_value(node.inputs[it.index]), np.float64)
+    at = _channel_slice(v, _param_axis(v, cg.spaces[t].size), c)
+    if node.op in ("Mul", "PRelu"):
+        return True
+    if node.op == "Div":
+        return it.index == 1 and bool(np.all(at != 0))
+    if node.op in ("Add", "Sub"):
+        return not np.any(at)
+    if node.op == "Conv":  # depthwise: the kernel is fine, the bias must be zero
+        return it.index == 1 or not np.any(at)
+    if node.op == "BatchNormalization":
+        p = [np.asarray(const_value(node.inputs[i]), np.float64).reshape(-1)[c] for i in range(1, 5)]
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        return bool(p[1] - p[2] * p[0] / np.sqrt(p[3] + eps) == 0)
+    return False
+
+
+def _op_keeps_zero(n: gs.Node) -> bool:
+    if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu"):
+        return True  # their parameters are checked per channel
+    if n.op == "Clip":
+        return _clip_has_zero(n)
+    if n.op not in ZERO_SAFE:
+        return False
+    if n.op in ("Add", "Sub", "Max", "Min"):
+        return not any(isinstance(t, gs.Constant) and t.values.size == 1 and np.any(t.values) for t in n.inputs)
+    if n.op == "Div":
+        return not isinstance(n.inputs[0], gs.Constant)
+    return True
+
+
+def _report_pins(res: PassResult, pinned: dict[int, str]) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    for reason in pinned.values():
+        counts[reason] += 1
+    for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        res.declined.append(Decline("<channels>", "", f"{n} channel(s) left alone: {reason}"))
+
+
+def _parallel_groups(infos: dict[int, ClassInfo]) -> dict[tuple, list[ClassInfo]]:
+    groups: dict[tuple, list[ClassInfo]] = defaultdict(list)
+    for info in infos.values():
+        groups[info.key].append(info)
+    return groups
+
+
+# ------------------------------------------------------------------ exact merging
+
+
+def _clip_has_zero(n: gs.Node) -> bool:
+    lo = const_value(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else n.attrs.get("min")
+    hi = const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else n.attrs.get("max")
+    return (lo is None or float(np.min(lo)) <= 0) and (hi is None or float(np.max(hi)) >= 0)
+
+
+def _homogeneous(info: ClassInfo) -> bool:
+    """Does scaling the class's layer rows by s > 0 scale its values everywhere by s?"""
+    for n in info.nodes:
+        if n.op in ("Conv", "ConvTranspose") and int(n.attrs.get("group", 1)) > 1:
+            return False  # depthwise: its bias would not scale
+        if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Concat", "Split", "Slice", "Pad"):
+            continue
+        if n.op not in HOMOGENEOUS:
+            return False
+        n_act = sum(isinstance(t, gs.Variable) for t in n.inputs)
+        if n.op in ("Mul", "Div") and n_act > 1:
+            return False
+        if n.op in ("Add", "Sub", "Sum") and n_act < sum(1 for t in n.inputs if t.name):
+            return False  # adds a constant: affine, not homogeneous
+    return True
+
+
+def _constant_removal(cg: ChannelGraph, info: ClassInfo) -> list[tuple[Item, int, float]] | None:
+    """Sink bias updates that remove a constant channel exactly, or None when it cannot go."""
+    if info.zero_ok:
+        return []
+    updates = []
+    for t, c in info.members:
+        for it in cg.items.get(t, []):
+            if it.kind != "sink":
+                continue
+            k = info.constants.get(t)
+            if k is None:
+                return None
+            if k != 0:
+                if not _absorbs(it.node):
+                    return None
+                updates.append((it, c, k))
+    return updates
+
+
+def _absorbs(node: gs.Node) -> bool:
+    """Can a layer take a constant input channel into its bias exactly (no zero padding)?"""
+    if node.op == "Gemm":
+        return True
+    if node.op == "Conv":
+        pads = any(int(p) for p in node.attrs.get("pads", [0]))
+        return not pads and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+    return False
+
+
+def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan, res: PassResult) -> None:
+    keep_by_sig: dict[bytes, ClassInfo] = {}
+    by_dir: dict[tuple, tuple[ClassInfo, float]] = {}
+    for info in sorted(members, key=lambda i: i.root):
+        if not info.sourced:
+            continue
+        absorb = _constant_removal(cg, info)
+        if absorb is not None:
+            plan.merges.append((info.root, None, 0.0))
+            plan.absorb.extend(absorb)
+            res.count("constant channels removed" if absorb else "zero channels removed")
+            continue
+        sig = info.scaled.tobytes() + b"|" + info.fixed.tobytes()
+        keep = keep_by_sig.get(sig)
+        if keep is not None:
+            plan.merges.append((info.root, keep.root, 1.0))
+            res.count("identical channels merged")
+            continue
+        keep_by_sig[sig] = info
+        if not _homogeneous(info):
+            continue
+        norm = float(np.linalg.norm(info.scaled))
+        if norm == 0:
+            continue
+        direction = (tuple(np.round(info.scaled / norm, 9)), info.fixed.tobytes())
+        prev = by_dir.get(direction)
+        if prev is None:
+            by_dir[direction] = (info, norm)
+            continue
+        keep_info, keep_norm = prev
+        s = norm / keep_norm
+        if np.allclose(info.scaled, s * keep_info.scaled, rtol=1e-6, atol=1e-12 * norm):
+            plan.merges.append((info.root, keep_info.root, s))
+            res.count("scaled channels merged")
+
+
+# ------------------------------------------------------------------ relaxed merging
+
+
+def _layer_alphas(groups: dict[tuple, list[ClassInfo]], alpha: float, strategy: str) -> dict[tuple, float]:
+    keys = list(groups)
+    if strategy == "constant":
+        return dict.fromkeys(keys, alpha)
+    if strategy != "block":
+        raise RedonnxError("--alpha-strategy must be constant or block")
+    n = len(keys)
+    third = [max(2 * alpha - 1, 0.0), alpha, min(2 * alpha, 0.95)]
+    return {k: third[min(3 * i // max(n, 1), 2)] for i, k in enumerate(keys)}
+
+
+def _sink_norms(cg: ChannelGraph, info: ClassInfo) -> float:
+    total = 0.0
+    for t, c in info.members:
+        for it in cg.items.get(t, []):
+            if it.kind == "sink":
+                cols = _sink_columns(it, c)
+                total += float(np.sum(cols**2))
+    return float(np.sqrt(total))
+
+
+def _sink_columns(it: Item, c: int) -> np.ndarray:
+    w = np.asarray(it.node.inputs[1].values, np.float64)
+    axis = _in_axis(it.node)
+    idx = it.features[c] if it.features is not None else [c]
+    return np.take(w, idx, axis=axis)
+
+
+def _in_axis(node: gs.Node) -> int:
+    if node.op == "Conv":
+        return 1
+    if node.op == "Gemm":
+        return 1 if int(node.attrs.get("transB", 0)) else 0
+    return 0  # ConvTranspose weight [C_in, ...], MatMul weight [K, M]
+
+
+def _relaxed_merges(
+    cg: ChannelGraph,
+    groups: dict[tuple, list[ClassInfo]],
+    plan: Plan,
+    res: PassResult,
+    alpha: float,
+    options: dict[str, Any],
+) -> None:
+    criterion = options.get("merge_criterion", "output")
+    if criterion not in ("output", "paper"):
+        raise RedonnxError("--merge-criterion must be output or paper")
+    alphas = _layer_alphas(groups, alpha, options.get("alpha_strategy", "constant"))
+    gone = {m[0] for m in plan.merges}
+    for key, members in groups.items():
+        alive = [i for i in members if i.root not in gone and i.sourced and not i.zero_item]
+        n_merge = round(alphas[key] * len(alive))
+        if n_merge < 1 or len(alive) < 2:
+            continue
+        vecs = np.stack([np.concatenate([i.scaled, i.fixed]) for i in alive])
+        weight = np.array([_sink_norms(cg, i) for i in alive]) if criterion == "output" else np.ones(len(alive))
+        comps = _greedy_components(vecs, weight, n_merge)
+        for comp in comps:
+            _merge_component([alive[k] for k in comp], vecs[comp], weight[comp], plan, criterion)
+            res.count("similar channels merged", len(comp) - 1)
+
+
+def _greedy_components(vecs: np.ndarray, weight: np.ndarray, n_merge: int) -> list[list[int]]:
+    """Merge ``n_merge`` channels, cheapest pair first; cost = distance x weight of the lighter."""
+    n = len(vecs)
+    d = np.sqrt(np.maximum(((vecs[:, None, :] - vecs[None, :, :]) ** 2).sum(-1), 0))
+    cost = d * np.minimum(weight[:, None], weight[None, :])
+    iu = np.triu_indices(n, 1)
+    order = np.argsort(cost[iu], kind="stable")
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    merged = 0
+    for k in order:
+        a, b = find(int(iu[0][k])), find(int(iu[1][k]))
+        if a == b:
+            continue
+        parent[max(a, b)] = min(a, b)
+        merged += 1
+        if merged >= n_merge:
+            break
+    comps: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        comps[find(i)].append(i)
+    return [c for c in comps.values() if len(c) > 1]
+
+
+def _merge_component(infos: list[ClassInfo], vecs: np.ndarray, weight: np.ndarray, plan: Plan, criterion: str) -> None:
+    w = weight if criterion == "output" and weight.sum() > 0 else np.ones(len(infos))
+    mean = (vecs * w[:, None]).sum(0) / w.sum()
+    keep = infos[0]
+    plan.new_sources[keep.root] = mean
+    for other in infos[1:]:
+        plan.merges.append((other.root, keep.root, 1.0))
+
+
+# ------------------------------------------------------------------ rewriting
+
+
+def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
+    """Drop merged channels from every tensor and rewrite every item that indexes them."""
+    target: dict[str, dict[int, tuple[int | None, float]]] = defaultdict(dict)
+    for drop, keep, s in plan.merges:
+        keep_at = {t: c for t, c in infos[keep].members} if keep is not None else {}
+        for t, c in infos[drop].members:
+            target[t][c] = (keep_at.get(t), s)
+    if plan.new_sources:
+        _write_sources(cg, infos, plan.new_sources)
+    for it, c, k in plan.absorb:
+        _absorb_constant(it, c, k)
+    keeps = {t: [c for c in range(cg.spaces[t].size) if c not in target[t]] for t in target}
+    done: set[tuple[int, str, int]] = set()
+    for t in target:
+        for it in cg.items.get(t, []):
+            mark = (id(it.node), it.kind, it.index)
+            if it.kind != "sink" and mark in done:
+                continue
+            done.add(mark)
+            _rewrite(cg, it, keeps, target)
+    for t in target:  # shapes are stale now; onnxruntime infers them again
+        cg.spaces[t].tensor.shape = None
+
+
+def _write_sources(cg: ChannelGraph, infos: dict[int, ClassInfo], sources: dict[int, np.ndarray]) -> None:
+    """Relaxed merging: the kept channel takes the averaged sources, read back in _class_info's order."""
+    for root, vec in sources.items():
+        info = infos[root]
+        scaled_vec, fixed_vec = vec[: info.scaled.size], vec[info.scaled.size :]
+        spos = fpos = 0
+        for t, c in sorted(info.members):
+            for it in cg.items.get(t, []):
+                if it.kind == "row":
+                    size = _row(it.node, c).size
+                    _set_row(it.node, c, scaled_vec[spos : spos + size])
+                    spos += size
+                elif it.kind == "param":
+                    v = np.array(const_value(it.node.inputs[it.index]), copy=True)
+                    idx = [slice(None)] * v.ndim
+                    idx[_param_axis(v, cg.spaces[t].size)] = c
+                    size = v[tuple(idx)].size
+                    v[tuple(idx)] = fixed_vec[fpos : fpos + size].reshape(v[tuple(idx)].shape)
+                    fpos += size
+                    _set_const(it.node, it.index, v)
+
+
+def _absorb_constant(it: Item, c: int, k: float) -> None:
+    """A constant input channel c of value k adds k * sum of its columns to the layer's bias."""
+    node = it.node
+    cols = _sink_columns(it, c)
+    axis = _in_axis(node)
+    out_axis = 0 if node.op == "Conv" else (0 if int(node.attrs.get("transB", 0)) else 1)
+    other = tuple(i for i in range(cols.ndim) if i != out_axis)
+    delta = k * cols.sum(axis=other if node.op == "Conv" else axis)
+    idx = 2
+    w = node.inputs[1]
+    old = const_value(node.inputs[idx]) if len(node.inputs) > idx and node.inputs[idx].name else None
+    if node.op == "Gemm":
+        beta = float(node.attrs.get("beta", 1.0))
+        base = np.zeros_like(delta) if old is None else beta * np.broadcast_to(old.reshape(-1), delta.shape)
+        node.attrs["beta"] = 1.0
+    else:
+        base = np.zeros_like(delta) if old is None else old.astype(np.float64)
+    new = (base + delta).astype(w.values.dtype)
+    if old is None:
+        while len(node.inputs) < idx:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.append(gs.Constant(f"{w.name}_bias{next(_names)}", new))
+    else:
+        _set_const(node, idx, new)
+
+
+def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
+    w = np.array(node.inputs[1].values, copy=True)
+    axis = _out_axis(node)
+    idx = [slice(None)] * w.ndim
+    idx[axis] = c
+    n = w[tuple(idx)].size
+    w[tuple(idx)] = vec[:n].reshape(w[tuple(idx)].shape).astype(w.dtype)
+    _set_const(node, 1, w)
+    if len(node.inputs) > 2 and node.inputs[2].name and vec.size > n:
+        b = np.array(node.inputs[2].values, copy=True)
+        if b.size > 1:
+            b.reshape(-1)[c] = vec[n]
+            _set_const(node, 2, b)
+
+
+def _rewrite(
+    cg: ChannelGraph, it: Item, keeps: dict[str, list[int]], target: dict[str, dict[int, tuple[int | None, float]]]
+) -> None:
+    node, keep = it.node, keeps[it.tensor]
+    if it.kind == "row":
+        _take(node, 1, keep, _out_axis(node))
+        if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]).size > 1:
+            _take(node, 2, keep, 0, flat=True)
+    elif it.kind == "param":
+        v = np.asarray(const_value(node.inputs[it.index]))
+        _take(node, it.index, keep, _param_axis(v, cg.spaces[it.tensor].size))
+    elif it.kind == "sink":
+        _fold_columns(it, keep, target[it.tensor])
+    elif it.kind == "op":
+        _rewrite_op(cg, node, keeps)
+
+
+def _take(node: gs.Node, index: int, keep: list[int], axis: int, flat: bool = False) -> None:
+    v = np.asarray(node.inputs[index].values)
+    if flat:
+        v, axis = v.reshape(-1), 0
+    _set_const(node, index, np.take(v, keep, axis=axis))
+
+
+_names = itertools.count()
+
+
+def _set_const(node: gs.Node, index: int, values: np.ndarray) -> None:
+    """Give ``node`` new values at input ``index``; a constant other nodes read is copied first."""
+    t = node.inputs[index]
+    values = np.ascontiguousarray(values)
+    if len(t.outputs) > 1:
+        node.inputs[index] = gs.Constant(f"{t.name}_merged{next(_names)}", values)
+    else:
+        t.values = values
+
+
+def _fold_columns(it: Item, keep: list[int], moves: dict[int, tuple[int | None, float]]) -> None:
+    node = it.node
+    w = np.array(node.inputs[1].values, dtype=np.float64, copy=True)
+    axis = _in_axis(node)
+    feats = it.features
+    for drop, (to, s) in moves.items():
+        if to is None:
+            continue
+        src = feats[drop] if feats is not None else [drop]
+        dst = feats[to] if feats is not None else [to]
+        moved = np.take(w, src, axis=axis) * s
+        idx = [slice(None)] * w.ndim
+        idx[axis] = dst
+        w[tuple(idx)] += moved
+    kept = np.sort(np.concatenate([feats[c] for c in keep])) if feats is not None else np.array(keep)
+    _set_const(node, 1, np.take(w, kept, axis=axis).astype(node.inputs[1].values.dtype))
+
+
+def _rewrite_op(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    if node.op == "Conv":  # depthwise: one group per channel
+        node.attrs["group"] = len(keeps.get(node.outputs[0].name, [])) or node.attrs["group"]
+    elif node.op == "Split":
+        sizes = [len(keeps[o.name]) if o.name in keeps else cg.spaces[o.name].size for o in node.outputs]
+        if "split" in node.attrs:
+            node.attrs["split"] = sizes
+        elif len(node.inputs) > 1 and node.inputs[1].name:
+            _set_const(node, 1, np.array(sizes, np.int64))
+    elif node.op == "Slice":
+        _rewrite_slice(cg, node, keeps)
+    elif node.op == "Pad":
+        _rewrite_pad(cg, node, keeps)
+    elif node.op == "Reshape":
+        t = const_value(node.inputs[1])
+        if t is not None and int(t[1]) != -1 and int(t[0]) != -1:
+            _set_const(node, 1, np.array([t[0], -1], dtype=t.dtype))
+        elif t is not None and int(t[1]) != -1:
+            sp = cg.spaces[node.inputs[0].name]
+            per_channel = int(t[1]) // sp.size
+            _set_const(node, 1, np.array([-1, per_channel * len(keeps[sp.tensor.name])], dtype=t.dtype))
+
+
+def _kept_before(keep: list[int], pos: int) -> int:
+    return int(np.searchsorted(np.array(keep), pos))
+
+
+def _rewrite_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    src = node.inputs[0].name
+    sp = cg.spaces[src]
+    keep = keeps.get(src, list(range(sp.size)))
+    from redonnx.channels import _slice_params
+
+    starts, ends, axes, steps = _slice_params(node)
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    axes_n = [a + rank if a < 0 and rank else a for a in axes]
+    i = axes_n.index(sp.axis)
+    s, e, _ = slice(starts[i], ends[i], steps[i]).indices(sp.size)
+    starts[i], ends[i] = _kept_before(keep, s), _kept_before(keep, e)
+    if "starts" in node.attrs:
+        node.attrs["starts"], node.attrs["ends"] = starts, ends
+    else:
+        _set_const(node, 1, np.array(starts, np.int64))
+        _set_const(node, 2, np.array(ends, np.int64))
+
+
+def _rewrite_pad(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    out = node.outputs[0].name
+    sp, xs = cg.spaces[out], cg.spaces[node.inputs[0].name]
+    keep = keeps.get(out, list(range(sp.size)))
+    rank = len(node.inputs[0].shape)
+    pads = list(node.attrs["pads"]) if "pads" in node.attrs else [int(v) for v in const_value(node.inputs[1])]
+    before = pads[sp.axis]
+    kept_x = len(keeps.get(xs.tensor.name, range(xs.size)))
+    new_before = _kept_before(keep, before)
+    pads[sp.axis], pads[sp.axis + rank] = new_before, len(keep) - new_before - kept_x
+    if "pads" in node.attrs:
+        node.attrs["pads"] = pads
+    else:
+        _set_const(node, 1, np.array(pads, np.int64))
