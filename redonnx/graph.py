@@ -151,7 +151,7 @@ def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
     while name in names:
         k += 1
         name = f"{base}_{k}"
-    return gs.Constant(name, np.ascontiguousarray(values))
+    return gs.Constant(name, np.asarray(values, order="C"))
 
 
 def tensor_proto_value(t: onnx.TensorProto) -> np.ndarray:

@@ -76,3 +76,16 @@ def test_no_change_reports_unmodified() -> None:
     m = b.model([("x", [2, 4])], [b.op("MatMul", ["x", b.rand(4, 4)])])
     _, res = clean(m)
     assert not res.modified
+
+
+def test_scalar_and_one_element_initializers_are_not_duplicates() -> None:
+    """0 and [0] have the same bytes but different shapes (Unsqueeze/Slice care)."""
+    b = Builder()
+    scalar = b.const(np.array(0, np.int64))
+    vector = b.const(np.array([0], np.int64))
+    u = b.op("Unsqueeze", [scalar, vector])  # -> [0], a valid 1-D 'starts'
+    y = b.op("Slice", ["x", u, b.const(np.array([2], np.int64)), vector])
+    m = b.model([("x", [4, 3])], [y])
+    out, res = clean(m)
+    assert not res.counts.get("duplicate initializers shared")
+    assert_equivalent(m, out)

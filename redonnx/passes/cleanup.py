@@ -95,7 +95,7 @@ def _share_duplicates(graph: gs.Graph) -> int:
             continue
         if any(id(n) not in main for n in tensor.outputs):
             continue  # read inside an If/Loop/Scan body: left untouched
-        values = np.ascontiguousarray(tensor.values)
+        values = np.asarray(tensor.values, order="C")
         key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
         keep = first.setdefault(key, tensor)
         if keep is not tensor and np.array_equal(keep.values, values, equal_nan=True):

@@ -383,7 +383,6 @@ def _absorbs(node: gs.Node) -> bool:
 
 def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan, res: PassResult) -> None:
     keep_by_sig: dict[bytes, ClassInfo] = {}
-    by_dir: dict[tuple, tuple[ClassInfo, float]] = {}
     for info in sorted(members, key=lambda i: i.root):
         if not info.sourced:
             continue
@@ -400,21 +399,29 @@ def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan, res: P
             res.count("identical channels merged")
             continue
         keep_by_sig[sig] = info
-        if not _homogeneous(info):
+    _scaled_merges(list(keep_by_sig.values()), plan, res)
+
+
+def _scaled_merges(infos: list[ClassInfo], plan: Plan, res: PassResult) -> None:
+    """Channels whose rows are positive multiples of another's, through homogeneous ops only."""
+    cands = [i for i in infos if _homogeneous(i) and np.linalg.norm(i.scaled) > 0]
+    if len(cands) < 2:
+        return
+    norms = np.array([np.linalg.norm(i.scaled) for i in cands])
+    unit = np.stack([i.scaled for i in cands]) / norms[:, None]
+    cos = unit @ unit.T
+    taken: set[int] = set()
+    for a in range(len(cands)):
+        if a in taken:
             continue
-        norm = float(np.linalg.norm(info.scaled))
-        if norm == 0:
-            continue
-        direction = (tuple(np.round(info.scaled / norm, 9)), info.fixed.tobytes())
-        prev = by_dir.get(direction)
-        if prev is None:
-            by_dir[direction] = (info, norm)
-            continue
-        keep_info, keep_norm = prev
-        s = norm / keep_norm
-        if np.allclose(info.scaled, s * keep_info.scaled, rtol=1e-6, atol=1e-12 * norm):
-            plan.merges.append((info.root, keep_info.root, s))
-            res.count("scaled channels merged")
+        for b in np.flatnonzero(cos[a, a + 1 :] > 1 - 1e-9) + a + 1:
+            if b in taken or cands[a].fixed.tobytes() != cands[b].fixed.tobytes():
+                continue
+            s = norms[b] / norms[a]
+            if np.allclose(cands[b].scaled, s * cands[a].scaled, rtol=1e-6, atol=1e-9 * norms[b]):
+                plan.merges.append((cands[b].root, cands[a].root, float(s)))
+                res.count("scaled channels merged")
+                taken.add(int(b))
 
 
 # ------------------------------------------------------------------ relaxed merging
@@ -641,7 +648,7 @@ _names = itertools.count()
 def _set_const(node: gs.Node, index: int, values: np.ndarray) -> None:
     """Give ``node`` new values at input ``index``; a constant other nodes read is copied first."""
     t = node.inputs[index]
-    values = np.ascontiguousarray(values)
+    values = np.asarray(values, order="C")
     if len(t.outputs) > 1:
         node.inputs[index] = gs.Constant(f"{t.name}_merged{next(_names)}", values)
     else:

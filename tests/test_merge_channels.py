@@ -1,0 +1,220 @@
+"""merge-channels: widened real models come back exactly; synthetic coupled graphs stay equal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import Builder
+from conftest import assert_equivalent, shared_model
+from widen import widen
+
+from redonnx.cost import model_cost
+from redonnx.io import load_model
+from redonnx.pipeline import prune, run_passes
+
+
+def exact_base(rel: str) -> onnx.ModelProto:
+    return run_passes(load_model(shared_model(rel)).model, None, exact=True)[0]
+
+
+def merged(model: onnx.ModelProto, **opts):
+    out, results = run_passes(model, ["merge-channels", "cleanup"], exact=not opts, options=opts)
+    return out, results[0]
+
+
+def check_restored(base: onnx.ModelProto, wide: onnx.ModelProto, **kw) -> dict:
+    assert_equivalent(base, wide, **kw)  # the widening really preserves the function
+    assert model_cost(wide).params > model_cost(base).params
+    res = prune(wide, passes=["merge-channels", "cleanup"], exact=True, **kw)
+    assert res.verification, res.verification.summary()
+    assert res.after.params == model_cost(base).params
+    assert res.after.macs == model_cost(base).macs
+    assert_equivalent(base, res.model, **kw)
+    return res.passes[0].counts
+
+
+RESNET = "cifar10/resnet20_bn.onnx"
+
+
+def test_resnet20_copy_inside_a_block() -> None:
+    base = exact_base(RESNET)
+    wide = widen(base, ["/layer3/layer3.1/conv1/Conv"], ["/layer3/layer3.1/conv2/Conv"], src=5)
+    assert check_restored(base, wide) == {"identical channels merged": 1}
+
+
+def test_resnet20_dead_filter_inside_a_block() -> None:
+    base = exact_base(RESNET)
+    wide = widen(base, ["/layer2/layer2.0/conv1/Conv"], ["/layer2/layer2.0/conv2/Conv"], src=0, dead=True)
+    assert check_restored(base, wide) == {"zero channels removed": 1}
+
+
+STAGE3 = [f"/layer3/layer3.{i}/conv2/Conv" for i in range(3)]
+STREAM_READERS = ["/layer3/layer3.1/conv1/Conv", "/layer3/layer3.2/conv1/Conv", "/linear/Gemm"]
+
+
+def test_resnet20_copy_on_the_residual_stream() -> None:
+    """Channel 0 of stage 3 is zero padding on the option-A shortcut; its copy goes through three
+    residual Adds, the shortcut Pad, two block convs, global pooling, Flatten and the classifier."""
+    base = exact_base(RESNET)
+    wide = widen(base, STAGE3, STREAM_READERS, src=0, pads=["/layer3/layer3.0/Pad"])
+    assert check_restored(base, wide) == {"identical channels merged": 1}
+
+
+def test_resnet20_dead_channel_on_the_residual_stream() -> None:
+    base = exact_base(RESNET)
+    wide = widen(base, STAGE3, STREAM_READERS, src=0, dead=True, pads=["/layer3/layer3.0/Pad"])
+    assert check_restored(base, wide) == {"zero channels removed": 1}
+
+
+MOBILE = "imagenet/mobilenetv2_features_bn.onnx"
+
+
+def test_mobilenetv2_copy_through_depthwise() -> None:
+    base = exact_base(MOBILE)
+    wide = widen(base, ["features_2_conv_0_Conv"], ["features_2_conv_6_Conv"], src=7,
+                 depthwise=["features_2_conv_3_Conv"])  # fmt: skip
+    assert check_restored(base, wide, samples=2) == {"identical channels merged": 1}
+
+
+def test_mobilenetv2_dead_filter_through_depthwise() -> None:
+    base = exact_base(MOBILE)
+    wide = widen(base, ["features_3_conv_0_Conv"], ["features_3_conv_6_Conv"], src=3, dead=True,
+                 depthwise=["features_3_conv_3_Conv"])  # fmt: skip
+    assert check_restored(base, wide, samples=2) == {"zero channels removed": 1}
+
+
+def test_several_plantings_at_once() -> None:
+    base = exact_base(RESNET)
+    wide = widen(base, STAGE3, STREAM_READERS, src=0, pads=["/layer3/layer3.0/Pad"])
+    wide = widen(wide, ["/layer1/layer1.0/conv1/Conv"], ["/layer1/layer1.0/conv2/Conv"], src=3)
+    wide = widen(wide, ["/layer1/layer1.0/conv1/Conv"], ["/layer1/layer1.0/conv2/Conv"], src=9, dead=True)
+    counts = check_restored(base, wide)
+    assert counts == {"identical channels merged": 2, "zero channels removed": 1}
+
+
+# ---------------------------------------------------------------- synthetic graphs
+
+
+def conv_rows(b: Builder, cin: int, rows: np.ndarray, bias: np.ndarray, x: str, pad: int = 1) -> str:
+    return b.op("Conv", [x, b.const(rows.astype(np.float32)), b.const(bias.astype(np.float32))],
+                pads=[pad] * 4, kernel_shape=[rows.shape[2]] * 2)  # fmt: skip
+
+
+def dup_rows(rng, cout: int, cin: int, k: int = 3, dups=((1, 0),), scale=None):
+    w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    for dst, src in dups:
+        s = 1.0 if scale is None else scale
+        w[dst], b[dst] = w[src] * s, b[src] * s
+    return w, b
+
+
+def test_identical_rows_through_relu_and_concat() -> None:
+    b = Builder()
+    rng = np.random.default_rng(0)
+    w1, b1 = dup_rows(rng, 4, 3, dups=((3, 1),))
+    w2, b2 = dup_rows(rng, 3, 3, dups=((2, 0),))
+    y1 = b.op("Relu", [conv_rows(b, 3, w1, b1, "x")])
+    y2 = b.op("Relu", [conv_rows(b, 3, w2, b2, "x")])
+    cat = b.op("Concat", [y1, y2], axis=1)
+    m = b.model([("x", [2, 3, 6, 6])], [b.conv(cat, 7, 5)])
+    out, res = merged(m)
+    assert res.counts == {"identical channels merged": 2}
+    assert model_cost(out).params == model_cost(m).params - 2 * (27 + 1) - 2 * 5 * 9
+    assert_equivalent(m, out)
+
+
+def test_positive_multiples_merge_through_relu_not_through_sigmoid() -> None:
+    b = Builder()
+    rng = np.random.default_rng(1)
+    w, bias = dup_rows(rng, 4, 3, dups=((2, 0),), scale=2.5)
+    relu = b.op("Relu", [conv_rows(b, 3, w, bias, "x")])
+    sig = b.op("Sigmoid", [conv_rows(b, 3, w, bias, "x")])
+    m = b.model([("x", [1, 3, 5, 5])], [b.conv(relu, 4, 2), b.conv(sig, 4, 2)])
+    out, res = merged(m)
+    assert res.counts == {"scaled channels merged": 1}
+    assert_equivalent(m, out)
+
+
+def test_split_and_se_gate_and_flatten_gemm() -> None:
+    b = Builder()
+    rng = np.random.default_rng(2)
+    w, bias = dup_rows(rng, 6, 3, dups=((4, 1),))
+    y = b.op("Relu", [conv_rows(b, 3, w, bias, "x")])
+    gate = b.op("Sigmoid", [b.conv(b.op("GlobalAveragePool", [y]), 6, 6, k=1, pad=0)])
+    y = b.op("Mul", [y, gate])  # squeeze-and-excitation
+    s1, s2 = b.op("Split", [y, b.const(np.array([3, 3], np.int64))], n_out=2, axis=1)
+    flat = b.op("Flatten", [b.op("MaxPool", [s2], kernel_shape=[5, 5])])
+    m = b.model([("x", [2, 3, 5, 5])], [b.conv(s1, 3, 2), b.op("Gemm", [flat, b.rand(3, 4)])])
+    out, res = merged(m)
+    # channel 4 copies channel 1, but the gate's 1x1 conv reads them with different columns, so
+    # their gates differ: nothing may merge. The analysis must see that through Mul.
+    assert not res.counts
+    assert_equivalent(m, out)
+
+
+def test_flatten_gemm_columns_follow_channel_major_order() -> None:
+    b = Builder()
+    rng = np.random.default_rng(3)
+    w, bias = dup_rows(rng, 5, 2, dups=((4, 0),))
+    y = b.op("Relu", [conv_rows(b, 2, w, bias, "x")])
+    flat = b.op("Flatten", [y])
+    m = b.model([("x", [3, 2, 4, 4])], [b.op("Gemm", [flat, b.rand(5 * 16, 6), b.rand(6)])])
+    out, res = merged(m)
+    assert res.counts == {"identical channels merged": 1}
+    assert model_cost(out).params == model_cost(m).params - 19 - 16 * 6
+    assert_equivalent(m, out)
+
+
+def test_pinned_channels_left_alone_with_reasons() -> None:
+    b = Builder()
+    rng = np.random.default_rng(4)
+    w, bias = dup_rows(rng, 4, 3, dups=((1, 0),))
+    y = conv_rows(b, 3, w, bias, "x")
+    g = b.op("Conv", [y, b.rand(4, 2, 3, 3)], group=2, pads=[1] * 4)  # grouped conv reads it
+    m = b.model([("x", [1, 3, 5, 5])], [g, b.op("Relu", [y])])
+    out, res = merged(m)
+    assert not res.counts
+    reasons = " ".join(d.reason for d in res.declined)
+    assert "grouped conv" in reasons and "graph input" in reasons
+    assert_equivalent(m, out)
+
+
+def test_unknown_op_ends_the_group() -> None:
+    b = Builder()
+    rng = np.random.default_rng(5)
+    w, bias = dup_rows(rng, 4, 3, dups=((1, 0),))
+    y = b.op("Softmax", [conv_rows(b, 3, w, bias, "x")], axis=1)  # mixes channels
+    m = b.model([("x", [1, 3, 5, 5])], [b.conv(y, 4, 2)])
+    out, res = merged(m)
+    assert not res.counts and any("Softmax" in d.reason for d in res.declined)
+    assert_equivalent(m, out)
+
+
+def test_constant_channel_absorbed_only_where_exact() -> None:
+    b = Builder()
+    rng = np.random.default_rng(6)
+    w, bias = dup_rows(rng, 4, 3, dups=())
+    w[2] = 0
+    bias[2] = 0.7  # a constant channel 0.7 after ReLU
+    y = b.op("Relu", [conv_rows(b, 3, w, bias, "x")])
+    m_ok = b.model([("x", [1, 3, 6, 6])], [b.conv(y, 4, 3, k=3, pad=0)])
+    out, res = merged(m_ok)
+    assert res.counts == {"constant channels removed": 1}
+    assert_equivalent(m_ok, out)
+    b2 = Builder()
+    y = b2.op("Relu", [conv_rows(b2, 3, w, bias, "x")])
+    m_pad = b2.model([("x", [1, 3, 6, 6])], [b2.conv(y, 4, 3, k=3, pad=1)])
+    out, res = merged(m_pad)
+    assert not res.counts  # zero padding would see 0, not 0.7, at the borders
+    assert_equivalent(m_pad, out)
+
+
+def test_relaxed_merging_is_lossy_and_bounded() -> None:
+    src = load_model(shared_model(RESNET)).model
+    res = prune(src, passes=["fold-batchnorm", "merge-channels", "cleanup"], options={"alpha": 0.1})
+    assert res.after.params < res.before.params * 0.95
+    assert res.verification is not None and res.verification.min_cosine == 0.99
+    with pytest.raises(Exception, match="lossy"):
+        run_passes(src, ["merge-channels"], exact=True, options={"alpha": 0.1})
