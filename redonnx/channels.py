@@ -149,6 +149,12 @@ class ChannelGraph:
             out.setdefault(self.find(e), reason)
         return out
 
+    def members_of(self, root: int) -> list[tuple[str, int]]:
+        """(tensor, channel) pairs of the class whose root is ``root``."""
+        if not hasattr(self, "_members"):
+            self._members = self.classes()
+        return self._members.get(root, [])
+
     def producer(self, tensor: str) -> gs.Node | None:
         t = self.spaces[tensor].tensor
         return t.inputs[0] if t.inputs else None

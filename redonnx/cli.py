@@ -49,10 +49,16 @@ def _hash_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grid", type=int, help="density grid points (default 4096)")
     g.add_argument("--hash-biases", action="store_true", help="hash biases too")
     g.add_argument("--plot-dir", metavar="DIR", help="write a density plot per hashed layer (needs matplotlib)")
+    g = p.add_argument_group("merge-channels")
+    g.add_argument("--alpha", type=float, help="relaxed merging: fraction of channels to remove (default 0: exact)")
+    g.add_argument("--merge-criterion", choices=["reconstruct", "paper"], help="relaxed rule (default reconstruct)")
+    g.add_argument("--alpha-strategy", choices=["constant", "block"], help="paper rule: per-layer alpha")
+    g.add_argument("--calibration", metavar="FILE.npz", help="inputs for channel statistics (default: synthetic)")
 
 
 def _pass_options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("tau", "tau_strategy", "hash_rule", "hash_error", "bandwidth", "grid", "plot_dir")
+    keys = ("tau", "tau_strategy", "hash_rule", "hash_error", "bandwidth", "grid", "plot_dir", "alpha",
+            "merge_criterion", "alpha_strategy")  # fmt: skip
     opts = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if args.hash_biases:
         opts["hash_biases"] = True
@@ -193,9 +199,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_writable(out)
     if args.report:
         _check_writable(Path(args.report))
-    result = prune(
-        src, passes=names, exact=args.exact, shapes=_shapes(args), options=_pass_options(args), **_verify_kwargs(args)
-    )
+    options = _pass_options(args)
+    if args.calibration:
+        from redonnx.runtime import load_npz_inputs
+
+        options["calibration"] = load_npz_inputs(args.calibration, src.model)
+    result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), options=options, **_verify_kwargs(args))
     report = result.report()
     report["output"] = str(out)
     ok = bool(result.verification)

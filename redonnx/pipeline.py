@@ -158,6 +158,7 @@ def prune(
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
     before = model_cost(source.model, shapes)
+    options = {**(options or {}), "shapes": shapes}
     lossy = any(not passes_mod.is_exact(m, options) for m in passes_mod.resolve(passes, exact=exact, options=options))
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = (LOSSY_RTOL if lossy else DEFAULT_RTOL) if rtol is None else rtol

@@ -24,6 +24,7 @@ the importance-weighted mean.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from redonnx import reconstruct as R
 from redonnx.channels import ChannelGraph, Item, analyze
 from redonnx.errors import RedonnxError
 from redonnx.graph import const_value
@@ -78,6 +80,7 @@ class Plan:
 
     merges: list[tuple[int, int | None, float]] = field(default_factory=list)
     absorb: list[tuple[Item, int, float]] = field(default_factory=list)  # sink, channel, constant
+    recon: list[tuple[str, list[int], list[int], np.ndarray, np.ndarray]] = field(default_factory=list)
     new_sources: dict[int, np.ndarray] = field(default_factory=dict)  # relaxed: averaged sources
 
 
@@ -96,6 +99,8 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         _exact_merges(cg, members, plan, res)
     if alpha > 0:
         _relaxed_merges(cg, groups, plan, res, alpha, ctx.options)
+        if ctx.options.get("merge_criterion", "reconstruct") == "reconstruct":
+            _relaxed_removals(graph, cg, groups, plan, res, alpha, ctx.options)
     if plan.merges:
         _apply(cg, infos, plan)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
@@ -438,16 +443,6 @@ def _layer_alphas(groups: dict[tuple, list[ClassInfo]], alpha: float, strategy: 
     return {k: third[min(3 * i // max(n, 1), 2)] for i, k in enumerate(keys)}
 
 
-def _sink_norms(cg: ChannelGraph, info: ClassInfo) -> float:
-    total = 0.0
-    for t, c in info.members:
-        for it in cg.items.get(t, []):
-            if it.kind == "sink":
-                cols = _sink_columns(it, c)
-                total += float(np.sum(cols**2))
-    return float(np.sqrt(total))
-
-
 def _sink_columns(it: Item, c: int) -> np.ndarray:
     w = np.asarray(it.node.inputs[1].values, np.float64)
     axis = _in_axis(it.node)
@@ -471,9 +466,11 @@ def _relaxed_merges(
     alpha: float,
     options: dict[str, Any],
 ) -> None:
-    criterion = options.get("merge_criterion", "output")
-    if criterion not in ("output", "paper"):
-        raise RedonnxError("--merge-criterion must be output or paper")
+    criterion = options.get("merge_criterion", "reconstruct")
+    if criterion not in ("reconstruct", "paper"):
+        raise RedonnxError("--merge-criterion must be reconstruct or paper")
+    if criterion != "paper":
+        return
     alphas = _layer_alphas(groups, alpha, options.get("alpha_strategy", "constant"))
     gone = {m[0] for m in plan.merges}
     for key, members in groups.items():
@@ -482,18 +479,15 @@ def _relaxed_merges(
         if n_merge < 1 or len(alive) < 2:
             continue
         vecs = np.stack([np.concatenate([i.scaled, i.fixed]) for i in alive])
-        weight = np.array([_sink_norms(cg, i) for i in alive]) if criterion == "output" else np.ones(len(alive))
-        comps = _greedy_components(vecs, weight, n_merge)
-        for comp in comps:
-            _merge_component([alive[k] for k in comp], vecs[comp], weight[comp], plan, criterion)
+        for comp in _greedy_components(vecs, n_merge):
+            _merge_component([alive[k] for k in comp], vecs[comp], plan)
             res.count("similar channels merged", len(comp) - 1)
 
 
-def _greedy_components(vecs: np.ndarray, weight: np.ndarray, n_merge: int) -> list[list[int]]:
-    """Merge ``n_merge`` channels, cheapest pair first; cost = distance x weight of the lighter."""
+def _greedy_components(vecs: np.ndarray, n_merge: int) -> list[list[int]]:
+    """Merge ``n_merge`` channels, closest pair first (paper: Euclidean distance of the sources)."""
     n = len(vecs)
-    d = np.sqrt(np.maximum(((vecs[:, None, :] - vecs[None, :, :]) ** 2).sum(-1), 0))
-    cost = d * np.minimum(weight[:, None], weight[None, :])
+    cost = np.sqrt(np.maximum(((vecs[:, None, :] - vecs[None, :, :]) ** 2).sum(-1), 0))
     iu = np.triu_indices(n, 1)
     order = np.argsort(cost[iu], kind="stable")
     parent = list(range(n))
@@ -519,13 +513,111 @@ def _greedy_components(vecs: np.ndarray, weight: np.ndarray, n_merge: int) -> li
     return [c for c in comps.values() if len(c) > 1]
 
 
-def _merge_component(infos: list[ClassInfo], vecs: np.ndarray, weight: np.ndarray, plan: Plan, criterion: str) -> None:
-    w = weight if criterion == "output" and weight.sum() > 0 else np.ones(len(infos))
-    mean = (vecs * w[:, None]).sum(0) / w.sum()
+def _merge_component(infos: list[ClassInfo], vecs: np.ndarray, plan: Plan) -> None:
     keep = infos[0]
-    plan.new_sources[keep.root] = mean
+    plan.new_sources[keep.root] = vecs.mean(0)
     for other in infos[1:]:
         plan.merges.append((other.root, keep.root, 1.0))
+
+
+def _relaxed_removals(
+    graph: gs.Graph,
+    cg: ChannelGraph,
+    groups: dict[tuple, list[ClassInfo]],
+    plan: Plan,
+    res: PassResult,
+    alpha: float,
+    options: dict[str, Any],
+) -> None:
+    """Remove the alpha fraction of channels whose loss the remaining channels best reconstruct."""
+    gone = {m[0] for m in plan.merges}
+    cands = [i for g in groups.values() for i in g if i.root not in gone and i.sourced and not i.zero_item]
+    sinks = {t for i in cands for t, _ in i.members if any(it.kind == "sink" for it in cg.items.get(t, []))}
+    cands = [i for i in cands if any(t in sinks for t, _ in i.members)]
+    target = round(alpha * len(cands))
+    if target < 1 or not sinks:
+        return
+    stats = R.channel_stats(graph, {t: cg.spaces[t].axis for t in sinks}, options.get("calibration"),
+                            options.get("shapes"))  # fmt: skip
+    energy = {t: _column_energy(cg, t) for t in sinks}
+    prec = {t: R.precision(stats[t].cov) for t in sinks}
+    for drop, _keep, _s in plan.merges:  # exact merges already took these channels away
+        for t, c in _members_of(cg, drop):
+            if t in prec and np.isfinite(prec[t][c, c]):
+                prec[t] = R.remove_from_precision(prec[t], c)
+    total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
+    chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands))
+    removed: dict[str, list[int]] = defaultdict(list)
+    for info in chosen:
+        plan.merges.append((info.root, None, 0.0))
+        for t, c in info.members:
+            if t in sinks:
+                removed[t].append(c)
+    dropped = {t: {c for d, _k, _s in plan.merges for tt, c in _members_of(cg, d) if tt == t} for t in removed}
+    for t, r in removed.items():
+        kept = [c for c in range(cg.spaces[t].size) if c not in dropped[t]]
+        b, c0 = R.regression(stats[t], sorted(r), kept)
+        plan.recon.append((t, sorted(r), kept, b, c0))
+    res.count("channels removed with reconstruction", len(chosen))
+
+
+def _members_of(cg: ChannelGraph, root: int) -> list[tuple[str, int]]:
+    return cg.members_of(root)
+
+
+def _column_energy(cg: ChannelGraph, t: str) -> np.ndarray:
+    """Sum of squared consumer weights reading each channel of ``t``."""
+    e = np.zeros(cg.spaces[t].size)
+    for it in cg.items.get(t, []):
+        if it.kind == "sink":
+            for c in range(len(e)):
+                e[c] += float(np.sum(_sink_columns(it, c) ** 2))
+    return e
+
+
+def _group_caps(groups: dict[tuple, list[ClassInfo]], cands: list[ClassInfo]) -> dict[int, tuple[tuple, int]]:
+    """Each candidate's group and how many of that group may go (at most 3/4, keeping one)."""
+    alive = {i.root for i in cands}
+    caps = {}
+    for key, members in groups.items():
+        n = sum(i.root in alive for i in members)
+        for i in members:
+            caps[i.root] = (key, max(0, min(n - 1, (3 * n) // 4)))
+    return caps
+
+
+def _lazy_greedy(
+    cands: list[ClassInfo],
+    target: int,
+    prec: dict[str, np.ndarray],
+    energy: dict[str, np.ndarray],
+    total: dict[str, float],
+    caps: dict[int, tuple[tuple, int]],
+) -> list[ClassInfo]:
+    """Pick ``target`` channels by increasing relative reconstruction error; costs only grow."""
+
+    def cost(info: ClassInfo) -> float:
+        return sum(energy[t][c] / prec[t][c, c] / total[t] for t, c in info.members if t in prec and prec[t][c, c] > 0)
+
+    heap = [(cost(i), k, i) for k, i in enumerate(cands)]
+    heapq.heapify(heap)
+    taken: dict[tuple, int] = defaultdict(int)
+    chosen: list[ClassInfo] = []
+    while heap and len(chosen) < target:
+        _c, k, info = heapq.heappop(heap)
+        key, cap = caps[info.root]
+        if taken[key] >= cap:
+            continue
+        fresh = cost(info)
+        if heap and fresh > heap[0][0] + 1e-15:
+            heapq.heappush(heap, (fresh, k, info))
+            continue
+        chosen.append(info)
+        taken[key] += 1
+        for t, ch in info.members:
+            if t in prec:
+                prec[t] = R.remove_from_precision(prec[t], ch)
+    return chosen
 
 
 # ------------------------------------------------------------------ rewriting
@@ -542,6 +634,10 @@ def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
         _write_sources(cg, infos, plan.new_sources)
     for it, c, k in plan.absorb:
         _absorb_constant(it, c, k)
+    for t, removed, kept, b, c0 in plan.recon:
+        for it in cg.items.get(t, []):
+            if it.kind == "sink":
+                _compensate(it, removed, kept, b, c0)
     keeps = {t: [c for c in range(cg.spaces[t].size) if c not in target[t]] for t in target}
     done: set[tuple[int, str, int]] = set()
     for t in target:
@@ -577,14 +673,31 @@ def _write_sources(cg: ChannelGraph, infos: dict[int, ClassInfo], sources: dict[
                     _set_const(it.node, it.index, v)
 
 
-def _absorb_constant(it: Item, c: int, k: float) -> None:
-    """A constant input channel c of value k adds k * sum of its columns to the layer's bias."""
+def _compensate(it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0: np.ndarray) -> None:
+    """The layer reads B a_kept + c in place of the removed channels: W_K += W_R B, bias += W_R c."""
     node = it.node
-    cols = _sink_columns(it, c)
+    w = np.array(node.inputs[1].values, dtype=np.float64)
     axis = _in_axis(node)
-    out_axis = 0 if node.op == "Conv" else (0 if int(node.attrs.get("transB", 0)) else 1)
-    other = tuple(i for i in range(cols.ndim) if i != out_axis)
-    delta = k * cols.sum(axis=other if node.op == "Conv" else axis)
+    wm = np.moveaxis(w, axis, 0)
+    idx = (lambda c: it.features[c]) if it.features is not None else (lambda c: c)
+    delta = None
+    for j, r in enumerate(removed):
+        col = wm[idx(r)].copy()
+        for k, ch in enumerate(kept):
+            if b[j, k] != 0:
+                wm[idx(ch)] += b[j, k] * col
+        if it.features is not None:  # [positions, outputs]
+            per_out = col.sum(0)
+        else:  # Conv [outputs, taps...] or Gemm/MatMul [outputs]
+            per_out = col.reshape(col.shape[0], -1).sum(1) if col.ndim > 1 else col
+        delta = c0[j] * per_out if delta is None else delta + c0[j] * per_out
+    _set_const(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
+    if node.op in ("Conv", "Gemm") and delta is not None and np.any(delta):
+        _add_bias(node, delta)
+
+
+def _add_bias(node: gs.Node, delta: np.ndarray) -> None:
+    """Add ``delta`` (one value per output channel) to a Conv or Gemm bias, creating it if needed."""
     idx = 2
     w = node.inputs[1]
     old = const_value(node.inputs[idx]) if len(node.inputs) > idx and node.inputs[idx].name else None
@@ -601,6 +714,13 @@ def _absorb_constant(it: Item, c: int, k: float) -> None:
         node.inputs.append(gs.Constant(f"{w.name}_bias{next(_names)}", new))
     else:
         _set_const(node, idx, new)
+
+
+def _absorb_constant(it: Item, c: int, k: float) -> None:
+    """A constant input channel c of value k adds k * sum of its columns to the layer's bias."""
+    cols = np.moveaxis(_sink_columns(it, c), _in_axis(it.node), 0)
+    per_out = cols.sum(0) if it.features is not None else cols[0]
+    _add_bias(it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
 
 
 def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:

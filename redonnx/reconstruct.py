@@ -1,0 +1,128 @@
+"""Channel statistics and linear reconstruction for relaxed channel removal.
+
+Removing channel r of a tensor read by a linear layer changes that layer's output by
+col_r * a_r. If a_r is predicted from the channels that stay, a_r ~ B_r a_K + c_r (least
+squares over activation statistics), the layer can absorb the prediction exactly in expectation:
+
+    W[:, K] += W[:, r] B_r        bias += W[:, r] c_r        (summed over kernel taps)
+
+leaving an error of variance ||W[:, r]||^2 / P_rr, where P is the precision matrix (inverse
+covariance) of the tensor's channels. That is the cost of removing r; it grows as other channels
+go, which a rank-1 update of P tracks (P <- P - P[:, r] P[r, :] / P_rr on the remaining channels).
+
+Statistics come from running the model in onnxruntime on synthetic inputs (seeded normal noise,
+no data needed) or on calibration inputs the user passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from redonnx.runtime import random_inputs, run, session
+
+MAX_ROWS = 16384  # samples per tensor kept for the covariance
+
+
+@dataclass
+class Stats:
+    """Per-channel mean and covariance of one tensor over batch and spatial positions."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        return np.diag(self.cov) + self.mean**2
+
+
+def channel_stats(
+    graph: gs.Graph,
+    axes: dict[str, int],
+    feeds: dict[str, np.ndarray] | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    batch: int = 16,
+    seed: int = 0,
+) -> dict[str, Stats]:
+    """Mean and covariance over channels (axis ``axes[name]``) of the named tensors."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    known = {o.name for o in model.graph.output}
+    for name in axes:
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    if feeds is None:
+        per_sample = max(int(np.prod([d for d in _input_dims(model, shapes)])), 1)
+        feeds = synthetic_inputs(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, batch)), seed=seed)
+    outs = run(session(model), feeds)
+    rng = np.random.default_rng(seed)
+    stats = {}
+    for name, axis in axes.items():
+        x = np.moveaxis(np.asarray(outs[name], np.float64), axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        if len(x) > MAX_ROWS:
+            x = x[rng.choice(len(x), MAX_ROWS, replace=False)]
+        mean = x.mean(0)
+        xc = x - mean
+        stats[name] = Stats(mean, xc.T @ xc / max(len(x) - 1, 1))
+    return stats
+
+
+def _input_dims(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> list[int]:
+    from redonnx.shapes import resolve_input_shapes
+
+    return [d for dims in resolve_input_shapes(model, shapes).values() for d in dims]
+
+
+def synthetic_inputs(
+    model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int = 4, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Seeded noise; image-like inputs get smooth noise (random at 1/4 resolution, upsampled and
+    blurred), closer to natural images' spectrum than white noise: better channel statistics."""
+    feeds = random_inputs(model, shapes, batch=batch, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for name, x in feeds.items():
+        spatial = [ax for ax in range(1, x.ndim) if x.shape[ax] >= 8]
+        if x.dtype.kind != "f" or x.ndim != 4 or len(spatial) != 2:
+            continue
+        low_shape = [d if ax not in spatial else max(d // 4, 1) for ax, d in enumerate(x.shape)]
+        y = rng.standard_normal(low_shape)
+        for ax in spatial:
+            y = np.repeat(y, -(-x.shape[ax] // y.shape[ax]), axis=ax).take(range(x.shape[ax]), axis=ax)
+            y = (y + np.roll(y, 1, ax) + np.roll(y, -1, ax)) / 3.0
+        feeds[name] = (y / max(float(y.std()), 1e-12)).astype(x.dtype)
+    return feeds
+
+
+def precision(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Inverse of a covariance with a small ridge (relative to its mean variance)."""
+    lam = ridge * max(float(np.mean(np.diag(cov))), 1e-30)
+    return np.linalg.inv(cov + lam * np.eye(len(cov)))
+
+
+def remove_from_precision(p: np.ndarray, r: int) -> np.ndarray:
+    """Precision of the remaining variables' conditional model once r is no longer observed.
+
+    Marginalising r out of the joint Gaussian: P' = P_-r,-r - P_-r,r P_r,-r / P_rr (r's row and
+    column are then ignored; they are set to zero with P_rr = inf semantics by the caller)."""
+    col = p[:, r].copy()
+    out = p - np.outer(col, col) / p[r, r]
+    out[r, :] = 0.0
+    out[:, r] = 0.0
+    out[r, r] = np.inf
+    return out
+
+
+def regression(stats: Stats, removed: list[int], kept: list[int], ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """B, c with a_removed ~ B a_kept + c in the least-squares sense."""
+    cov = stats.cov
+    if not kept:
+        return np.zeros((len(removed), 0)), stats.mean[removed]
+    ckk = cov[np.ix_(kept, kept)]
+    lam = ridge * max(float(np.mean(np.diag(ckk))), 1e-30)
+    b = np.linalg.solve(ckk + lam * np.eye(len(kept)), cov[np.ix_(kept, removed)]).T
+    c = stats.mean[removed] - b @ stats.mean[kept]
+    return b, c
