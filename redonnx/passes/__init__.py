@@ -5,11 +5,18 @@ from __future__ import annotations
 from types import ModuleType
 
 from redonnx.errors import RedonnxError
-from redonnx.passes import cleanup, fold_batchnorm, fold_constants, hash_weights, merge_channels
+from redonnx.passes import (
+    cleanup,
+    fold_batchnorm,
+    fold_constants,
+    hash_weights,
+    merge_channels,
+    separate_depthwise,
+)
 from redonnx.passes.base import Decline, PassContext, PassResult
 
 PASSES: dict[str, ModuleType] = {
-    m.name: m for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, merge_channels)
+    m.name: m for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, merge_channels, separate_depthwise)
 }
 
 #: Lossless rewrites, in order (``--exact``).

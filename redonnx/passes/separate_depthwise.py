@@ -1,0 +1,177 @@
+"""separate-depthwise: uneven depthwise separation of ordinary convolutions (RED step 3).
+
+For a Conv with group 1 and weight W [C_out, C_in, k...], take per input channel i the matrix
+M_i = W[:, i] flattened to [C_out, prod(k)]. If rank(M_i) = r_i, then M_i = U_i V_i with V_i the
+r_i basis kernels and U_i [C_out, r_i] the coefficients (SVD, U_i scaled by the singular values),
+and the convolution is exactly
+
+    y = Conv1x1(P) . DepthwiseConv(D) . Gather(x)
+
+where the depthwise conv applies each basis kernel of channel i to channel i (strides, pads and
+dilations unchanged) and the pointwise conv combines them with the coefficients and the bias.
+Two exact ONNX forms, both standard ops in the original opset:
+
+- ``multiplier``: a depthwise conv with channel multiplier m = max r_i (group = C_in), channels of
+  lower rank padded with zero kernels; no Gather;
+- ``gather``: input channels repeated r_i times by a Gather, then a depthwise conv with one
+  kernel per basis vector (group = sum r_i): no padding waste.
+
+MACs per output position: C_out C_in prod(k) before, R prod(k) + C_out R after (R = C_in m or
+sum r_i). The cheaper form is used, and only where it lowers both MACs and parameters. Rank is
+counted above ``rank_tol`` x the largest singular value of M_i (exact up to rounding). With
+``separate_error`` > 0 the pass truncates each M_i to the smallest rank whose relative Frobenius
+error is within it (lossy) and reports that error per layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from redonnx.errors import RedonnxError
+from redonnx.passes.base import PassContext, PassResult
+
+name = "separate-depthwise"
+exact = True  # unless separate_error > 0; see is_exact
+RANK_TOL = 1e-5
+_ids = itertools.count()
+
+
+def is_exact(options: dict) -> bool:
+    return float(options.get("separate_error", 0.0)) == 0.0
+
+
+@dataclass
+class Factors:
+    """Per input channel: coefficients U_i [C_out, r_i] and basis kernels V_i [r_i, prod(k)]."""
+
+    u: list[np.ndarray]
+    v: list[np.ndarray]
+    rel_error: float
+
+    @property
+    def ranks(self) -> list[int]:
+        return [len(v) for v in self.v]
+
+
+def factorize(w: np.ndarray, rank_tol: float = RANK_TOL, max_error: float = 0.0) -> Factors:
+    """Per-input-channel SVD of a conv weight; exact ranks, or truncated to ``max_error``."""
+    cout, cin = w.shape[:2]
+    m = np.asarray(w, np.float64).reshape(cout, cin, -1).transpose(1, 0, 2)  # [C_in, C_out, K]
+    uu, ss, vt = np.linalg.svd(m, full_matrices=False)
+    total = float(np.sum(ss**2)) or 1.0
+    us, vs, err = [], [], 0.0
+    for i in range(cin):
+        s = ss[i]
+        if max_error > 0:  # smallest rank leaving at most max_error of this channel's energy out
+            tail = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)
+            r = int(np.argmax(tail <= max_error**2 * float(np.sum(s**2))))
+        else:
+            r = int(np.sum(s > rank_tol * max(float(s[0]), 1e-300)))
+        err += float(np.sum(s[r:] ** 2))
+        us.append(uu[i][:, :r] * s[:r])
+        vs.append(vt[i][:r])
+    return Factors(us, vs, float(np.sqrt(err / total)))
+
+
+def costs(cout: int, cin: int, k: int, ranks: list[int]) -> dict[str, tuple[int, int]]:
+    """(MACs per output position, weight count) of the original and each separated form."""
+    m, r = max(ranks) if ranks else 0, sum(ranks)
+    return {
+        "original": (cout * cin * k, cout * cin * k),
+        "multiplier": (cin * m * k + cout * cin * m, cin * m * k + cout * cin * m),
+        "gather": (r * k + cout * r, r * k + cout * r),
+    }
+
+
+def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    res = PassResult(name)
+    max_error = float(ctx.options.get("separate_error", 0.0))
+    if not 0.0 <= max_error < 1.0:
+        raise RedonnxError("--separate-error must be in [0, 1)")
+    for node in list(graph.nodes):
+        why = _reason(node)
+        if why:
+            if why != "skip":
+                res.decline(node, why)
+            continue
+        w = np.asarray(node.inputs[1].values)
+        f = factorize(w, max_error=max_error)
+        k = int(np.prod(w.shape[2:]))
+        c = costs(w.shape[0], w.shape[1], k, f.ranks)
+        form = min(("multiplier", "gather"), key=lambda key: (c[key][0], key != "multiplier"))
+        if c[form][0] >= c["original"][0] or c[form][1] >= c["original"][1]:
+            res.decline(node, f"ranks {_rank_summary(f.ranks)}: separation would not lower MACs and parameters")
+            continue
+        _rewrite(graph, node, f, form, w.dtype)
+        res.count(f"convs separated ({form})")
+        res.layers.append(
+            {
+                "layer": node.name,
+                "form": form,
+                "ranks": _rank_summary(f.ranks),
+                "rel_error": f.rel_error,
+                "macs_per_position": [c["original"][0], c[form][0]],
+            }
+        )
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+    return res
+
+
+def _rank_summary(ranks: list[int]) -> str:
+    values, counts = np.unique(ranks, return_counts=True)
+    return ", ".join(f"{c}x rank {v}" for v, c in zip(values, counts, strict=True))
+
+
+def _reason(node: gs.Node) -> str | None:
+    if node.op != "Conv":
+        return "skip"
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant):
+        return "weight is not a constant"
+    if int(node.attrs.get("group", 1)) != 1:
+        return "skip"
+    if len(w.shape) < 3 or int(np.prod(w.shape[2:])) == 1:
+        return "skip"  # 1x1: nothing to separate
+    if np.asarray(w.values).dtype.kind != "f" or not np.all(np.isfinite(w.values)):
+        return "weight is not finite floating point"
+    return None
+
+
+def _rewrite(graph: gs.Graph, node: gs.Node, f: Factors, form: str, dtype: np.dtype) -> None:
+    w = node.inputs[1]
+    cout, cin = w.shape[0], w.shape[1]
+    kshape = list(w.shape[2:])
+    tag = f"{node.name or w.name}_sep{next(_ids)}"
+    if form == "multiplier":
+        m = max(f.ranks)
+        d = np.zeros((cin * m, int(np.prod(kshape))))
+        p = np.zeros((cout, cin * m))
+        for i, (u, v) in enumerate(zip(f.u, f.v, strict=True)):
+            d[i * m : i * m + len(v)] = v
+            p[:, i * m : i * m + len(v)] = u
+        src, groups = node.inputs[0], cin
+    else:
+        d = np.concatenate(f.v)
+        p = np.concatenate(f.u, axis=1)
+        idx = np.repeat(np.arange(cin), f.ranks).astype(np.int64)
+        src = gs.Variable(f"{tag}_gathered", dtype=node.inputs[0].dtype)
+        graph.nodes.append(
+            gs.Node("Gather", f"{tag}_gather", {"axis": 1}, [node.inputs[0], gs.Constant(f"{tag}_idx", idx)], [src])
+        )
+        groups = len(idx)
+    mid = gs.Variable(f"{tag}_depthwise", dtype=node.outputs[0].dtype)
+    dw_attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
+    dw_attrs.update(group=int(groups), kernel_shape=kshape)
+    dw_w = gs.Constant(f"{tag}_dw_weight", d.reshape(len(d), 1, *kshape).astype(dtype))
+    graph.nodes.append(gs.Node("Conv", f"{tag}_dw", dw_attrs, [src, dw_w], [mid]))
+    pw_inputs = [mid, gs.Constant(f"{tag}_pw_weight", p.reshape(cout, -1, *([1] * len(kshape))).astype(dtype))]
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        pw_inputs.append(node.inputs[2])
+    out = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("Conv", f"{tag}_pw", {"kernel_shape": [1] * len(kshape)}, pw_inputs, [out]))

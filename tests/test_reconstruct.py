@@ -1,0 +1,44 @@
+"""Linear reconstruction: precision downdates, regression, and removal of a predictable channel."""
+
+from __future__ import annotations
+
+import numpy as np
+from builders import Builder
+from conftest import assert_equivalent
+
+from redonnx import reconstruct as R
+from redonnx.pipeline import run_passes
+
+
+def test_precision_downdate_matches_inverse_of_the_rest() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((500, 6))
+    cov = np.cov(a, rowvar=False)
+    p = R.remove_from_precision(R.precision(cov, ridge=0), 2)
+    rest = [0, 1, 3, 4, 5]
+    assert np.allclose(p[np.ix_(rest, rest)], np.linalg.inv(cov[np.ix_(rest, rest)]), atol=1e-8)
+
+
+def test_regression_recovers_a_linear_channel() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((2000, 3))
+    target = 0.5 * a[:, 0] - 2.0 * a[:, 2] + 0.7
+    x = np.column_stack([a, target])
+    stats = R.Stats(x.mean(0), np.cov(x, rowvar=False))
+    b, c = R.regression(stats, [3], [0, 1, 2])
+    assert np.allclose(b, [[0.5, 0.0, -2.0]], atol=1e-4) and np.allclose(c, [0.7], atol=1e-4)
+
+
+def test_predictable_channel_removed_with_compensation() -> None:
+    """Channel 3 = 0.5 ch0 - ch1 + 0.2 (no activation between the convs): removing it and
+    compensating in the consumer keeps the output; the paper's mean-merge would not."""
+    b = Builder()
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    w[3], bias[3] = 0.5 * w[0] - w[1], 0.5 * bias[0] - bias[1] + 0.2
+    y = b.op("Conv", ["x", b.const(w), b.const(bias)], pads=[1] * 4, kernel_shape=[3, 3])
+    m = b.model([("x", [2, 3, 8, 8])], [b.conv(y, 4, 5, k=1, pad=0)])
+    out, (res, _) = run_passes(m, ["merge-channels", "cleanup"], exact=False, options={"alpha": 0.25})
+    assert res.counts == {"channels removed with reconstruction": 1}
+    assert_equivalent(m, out, rtol=1e-3)

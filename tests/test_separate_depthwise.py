@@ -1,0 +1,105 @@
+"""separate-depthwise: exact separation of low-rank convs, both ONNX forms, real ResNet-20 variants."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from builders import Builder
+from conftest import assert_equivalent, shared_model
+
+from redonnx.cost import model_cost
+from redonnx.io import load_model
+from redonnx.passes.separate_depthwise import costs, factorize
+from redonnx.pipeline import prune, run_passes
+
+
+def low_rank(w: np.ndarray, ranks: list[int]) -> np.ndarray:
+    """Truncate W[:, i] (flattened kernels over outputs) to rank ranks[i] (independent SVD)."""
+    out = np.array(w, dtype=np.float64)
+    cout, cin = w.shape[:2]
+    for i in range(cin):
+        m = out[:, i].reshape(cout, -1)
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        out[:, i] = ((u[:, : ranks[i]] * s[: ranks[i]]) @ vt[: ranks[i]]).reshape(out[:, i].shape)
+    return out.astype(w.dtype)
+
+
+def separated(m: onnx.ModelProto, **opts):
+    out, (res, _) = run_passes(m, ["separate-depthwise", "cleanup"], exact=not opts, options=opts)
+    return out, res
+
+
+def test_factorize_recovers_ranks() -> None:
+    rng = np.random.default_rng(0)
+    w = low_rank(rng.standard_normal((8, 5, 3, 3)).astype(np.float32), [1, 2, 3, 1, 2])
+    f = factorize(w)
+    assert f.ranks == [1, 2, 3, 1, 2] and f.rel_error < 1e-6
+    assert costs(8, 5, 9, f.ranks)["gather"] == (9 * 9 + 8 * 9, 9 * 9 + 8 * 9)
+
+
+@pytest.mark.parametrize(("ranks", "form"), [([1, 1, 1, 1], "multiplier"), ([2, 2, 2, 2], "multiplier"),
+                                              ([1, 3, 1, 1], "gather")])  # fmt: skip
+def test_exact_forms_keep_outputs(ranks: list[int], form: str) -> None:
+    b = Builder()
+    rng = np.random.default_rng(1)
+    w = low_rank(rng.standard_normal((16, 4, 3, 3)).astype(np.float32), ranks)
+    y = b.op("Conv", ["x", b.const(w), b.rand(16)], pads=[1, 1, 1, 1], strides=[2, 2], kernel_shape=[3, 3])
+    m = b.model([("x", [2, 4, 9, 9])], [b.op("Relu", [y])])
+    out, res = separated(m)
+    assert res.counts == {f"convs separated ({form})": 1}
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Gather") == (form == "gather") and ops.count("Conv") == 2
+    assert model_cost(out).macs < model_cost(m).macs
+    assert_equivalent(m, out)
+
+
+def test_full_rank_declined() -> None:
+    b = Builder()
+    m = b.model([("x", [1, 4, 6, 6])], [b.conv("x", 4, 8)])
+    out, res = separated(m)
+    assert not res.counts and "would not lower" in res.declined[0].reason
+    assert_equivalent(m, out)
+
+
+def test_1d_conv_and_dilation() -> None:
+    b = Builder()
+    rng = np.random.default_rng(2)
+    w = low_rank(rng.standard_normal((12, 3, 5)).astype(np.float32)[..., None], [1, 1, 1])[..., 0]
+    y = b.op("Conv", ["x", b.const(w)], pads=[4, 4], dilations=[2], kernel_shape=[5])
+    m = b.model([("x", [2, 3, 20])], [y])
+    out, res = separated(m)
+    assert res.counts
+    assert_equivalent(m, out)
+
+
+def test_truncation_is_lossy_and_reports_error() -> None:
+    b = Builder()
+    m = b.model([("x", [1, 4, 8, 8])], [b.conv("x", 4, 32)])
+    with pytest.raises(Exception, match="lossy"):
+        run_passes(m, ["separate-depthwise"], exact=True, options={"separate_error": 0.5})
+    _out, res = separated(m, separate_error=0.6)
+    assert res.counts and 0 < res.layers[0]["rel_error"] <= 0.6
+
+
+def resnet_variant(rank: int) -> onnx.ModelProto:
+    base = run_passes(load_model(shared_model("cifar10/resnet20_bn.onnx")).model, None, exact=True)[0]
+    g = gs.import_onnx(base)
+    for n in g.nodes:
+        if n.op == "Conv" and n.inputs[1].shape[2:] == [3, 3] and n.inputs[1].shape[1] > 3:
+            w = n.inputs[1]
+            w.values = low_rank(w.values, [rank] * w.shape[1])
+    return gs.export_onnx(g)
+
+
+@pytest.mark.parametrize(("rank", "min_saving"), [(1, 0.60), (2, 0.35)])
+def test_resnet20_low_rank_variants(rank: int, min_saving: float) -> None:
+    m = resnet_variant(rank)
+    res = prune(m, passes=["separate-depthwise", "cleanup"], exact=True)
+    assert res.verification, res.verification.summary()
+    assert res.after.macs <= (1 - min_saving) * res.before.macs
+    assert res.after.params < res.before.params
+    opsets = [(o.domain, o.version) for o in res.model.opset_import]
+    assert opsets == [(o.domain, o.version) for o in m.opset_import]
+    assert {n.op_type for n in res.model.graph.node} <= {n.op_type for n in m.graph.node} | {"Gather"}
