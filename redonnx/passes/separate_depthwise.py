@@ -92,6 +92,8 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     max_error = float(ctx.options.get("separate_error", 0.0))
     if not 0.0 <= max_error < 1.0:
         raise RedonnxError("--separate-error must be in [0, 1)")
+    if ctx.options.get("separate_form", "auto") not in ("auto", "multiplier", "gather"):
+        raise RedonnxError("separate_form must be auto, multiplier or gather")
     for node in list(graph.nodes):
         why = _reason(node)
         if why:
@@ -102,7 +104,9 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         f = factorize(w, max_error=max_error)
         k = int(np.prod(w.shape[2:]))
         c = costs(w.shape[0], w.shape[1], k, f.ranks)
-        form = min(("multiplier", "gather"), key=lambda key: (c[key][0], key != "multiplier"))
+        forced = ctx.options.get("separate_form", "auto")
+        forms = ("multiplier", "gather") if forced == "auto" else (forced,)
+        form = min(forms, key=lambda key: (c[key][0], key != "multiplier"))
         if c[form][0] >= c["original"][0] or c[form][1] >= c["original"][1]:
             res.decline(node, f"ranks {_rank_summary(f.ranks)}: separation would not lower MACs and parameters")
             continue
