@@ -76,25 +76,22 @@ class Scorer:
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def onnxsim_at(base, macs_target: float, c0):
-    """onnxsim L2 structured pruning at the sparsity removing ~macs_target of the MACs."""
+def onnxsim_at(base, macs_target: float, c0, shapes):
+    """onnxsim L2 structured pruning at the sparsity removing closest to ``macs_target`` of the MACs."""
     import onnxsim
 
-    lo, hi, best = 0.0, 0.9, None
+    lo, hi, best, best_gap = 0.0, 0.9, (None, None), float("inf")
     for _ in range(7):
         sp = (lo + hi) / 2
         try:
             m = onnxsim.apply_structured_pruning(base, sparsity=sp)
         except Exception:  # onnxsim refuses some graphs
             return None, None
-        removed = 1 - model_cost(m).macs / c0.macs
-        best = (m, sp) if best is None or abs(removed - macs_target) < abs(best[2] - macs_target) else best
-        best = (*best[:2], removed) if len(best) == 2 else best
-        if removed < macs_target:
-            lo = sp
-        else:
-            hi = sp
-    return best[0], best[1]
+        removed = 1 - model_cost(m, shapes or None).macs / c0.macs
+        if abs(removed - macs_target) < best_gap:
+            best, best_gap = (m, sp), abs(removed - macs_target)
+        lo, hi = (sp, hi) if removed < macs_target else (lo, sp)
+    return best
 
 
 def sweep(label, rel, cifar_kw, shapes, alphas) -> list[dict]:
@@ -116,7 +113,7 @@ def sweep(label, rel, cifar_kw, shapes, alphas) -> list[dict]:
                          "params -%": 100 * (1 - c.params / c0.params), "MACs -%": 100 * (1 - c.macs / c0.macs),
                          "seconds": time.perf_counter() - t0})  # fmt: skip
         ours = rows[-len(settings) + 1]  # the data-free reconstruction point
-        sim, sp = onnxsim_at(base, ours["MACs -%"] / 100, c0)
+        sim, sp = onnxsim_at(base, ours["MACs -%"] / 100, c0, shapes)
         if sim is not None:
             c = model_cost(sim, shapes or None)
             rows.append({"model": label, "method": f"onnxsim L2 (sparsity {sp:.3f})", "alpha": alpha,
@@ -129,12 +126,15 @@ def sweep(label, rel, cifar_kw, shapes, alphas) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", help="comma-separated subset, e.g. resnet20,paddle_ocr_cls")
     args = ap.parse_args()
+    wanted = set(args.models.split(",")) if args.models else None
     alphas = (0.05, 0.1, 0.2) if args.quick else (0.05, 0.1, 0.2, 0.3)
     rows = []
     for label, rel, cifar_kw, shapes in MODELS:
-        if (SHARED / rel).exists() and not (args.quick and label not in ("resnet20",)):
+        if (SHARED / rel).exists() and (wanted is None or label in wanted) and not (args.quick and label != "resnet20"):
             rows += sweep(label, rel, cifar_kw, shapes, alphas)
+            write_json("merging", rows)
     print(table(rows, ["model", "method", "alpha", "params -%", "MACs -%", "score", "seconds"]))
     print("score: top-1 on CIFAR-10 (resnet20, tf_resnet8), output cosine on random inputs (others)")
     print(f"wrote {write_json('merging', rows)}")

@@ -102,7 +102,9 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if ctx.options.get("merge_criterion", "reconstruct") == "reconstruct":
             _relaxed_removals(graph, cg, groups, plan, res, alpha, ctx.options)
     if plan.merges:
+        _GRAPH[:] = [graph]
         _apply(cg, infos, plan)
+        _GRAPH.clear()
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     return res
 
@@ -378,7 +380,7 @@ def _constant_removal(cg: ChannelGraph, info: ClassInfo) -> list[tuple[Item, int
 
 def _absorbs(node: gs.Node) -> bool:
     """Can a layer take a constant input channel into its bias exactly (no zero padding)?"""
-    if node.op == "Gemm":
+    if node.op in ("Gemm", "MatMul"):
         return True
     if node.op == "Conv":
         pads = any(int(p) for p in node.attrs.get("pads", [0]))
@@ -546,7 +548,8 @@ def _relaxed_removals(
             if t in prec and np.isfinite(prec[t][c, c]):
                 prec[t] = R.remove_from_precision(prec[t], c)
     total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
-    chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands))
+    macs = {i.root: _channel_macs(cg, i) for i in cands}
+    chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), macs)
     removed: dict[str, list[int]] = defaultdict(list)
     for info in chosen:
         plan.merges.append((info.root, None, 0.0))
@@ -559,6 +562,32 @@ def _relaxed_removals(
         b, c0 = R.regression(stats[t], sorted(r), kept)
         plan.recon.append((t, sorted(r), kept, b, c0))
     res.count("channels removed with reconstruction", len(chosen))
+
+
+def _channel_macs(cg: ChannelGraph, info: ClassInfo) -> float:
+    """Multiply-accumulates per sample that removing this channel saves (rows, sinks, depthwise)."""
+    total = 0.0
+    for t, c in info.members:
+        for it in cg.items.get(t, []):
+            node = it.node
+            depthwise_kernel = it.kind == "param" and it.index == 1 and node.op == "Conv"
+            if it.kind not in ("row", "sink") and not depthwise_kernel:
+                continue
+            w = np.asarray(node.inputs[1].values)
+            axis = _in_axis(node) if it.kind == "sink" else (0 if depthwise_kernel else _out_axis(node))
+            per_feature = _positions(node) * w.size / max(w.shape[axis], 1)
+            features = len(it.features[c]) if it.kind == "sink" and it.features is not None else 1
+            total += per_feature * features
+    return total
+
+
+def _positions(node: gs.Node) -> float:
+    """Output positions per sample (spatial size for convs, leading dims for MatMul)."""
+    shape = node.outputs[0].shape
+    if not shape:
+        return 1.0
+    dims = shape[2:] if node.op in ("Conv", "ConvTranspose") else shape[1:-1]
+    return float(np.prod([d for d in dims if isinstance(d, int) and d > 0]))
 
 
 def _members_of(cg: ChannelGraph, root: int) -> list[tuple[str, int]]:
@@ -593,11 +622,14 @@ def _lazy_greedy(
     energy: dict[str, np.ndarray],
     total: dict[str, float],
     caps: dict[int, tuple[tuple, int]],
+    macs: dict[int, float],
 ) -> list[ClassInfo]:
-    """Pick ``target`` channels by increasing relative reconstruction error; costs only grow."""
+    """Pick ``target`` channels by increasing relative reconstruction error per MAC saved (so the
+    layers that lose least per unit of compute give most); costs only grow as channels go."""
 
     def cost(info: ClassInfo) -> float:
-        return sum(energy[t][c] / prec[t][c, c] / total[t] for t, c in info.members if t in prec and prec[t][c, c] > 0)
+        err = sum(energy[t][c] / prec[t][c, c] / total[t] for t, c in info.members if t in prec and prec[t][c, c] > 0)
+        return err / max(macs[info.root], 1.0)
 
     heap = [(cost(i), k, i) for k, i in enumerate(cands)]
     heapq.heapify(heap)
@@ -692,12 +724,17 @@ def _compensate(it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0
             per_out = col.reshape(col.shape[0], -1).sum(1) if col.ndim > 1 else col
         delta = c0[j] * per_out if delta is None else delta + c0[j] * per_out
     _set_const(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
-    if node.op in ("Conv", "Gemm") and delta is not None and np.any(delta):
+    if node.op in ("Conv", "Gemm", "MatMul") and delta is not None and np.any(delta):
         _add_bias(node, delta)
 
 
 def _add_bias(node: gs.Node, delta: np.ndarray) -> None:
-    """Add ``delta`` (one value per output channel) to a Conv or Gemm bias, creating it if needed."""
+    """Add ``delta`` (one value per output channel) to a layer's bias, creating it if needed.
+
+    MatMul has no bias input: its bias is the constant Add that follows, or a new Add."""
+    if node.op == "MatMul":
+        _add_matmul_bias(node, delta)
+        return
     idx = 2
     w = node.inputs[1]
     old = const_value(node.inputs[idx]) if len(node.inputs) > idx and node.inputs[idx].name else None
@@ -714,6 +751,26 @@ def _add_bias(node: gs.Node, delta: np.ndarray) -> None:
         node.inputs.append(gs.Constant(f"{w.name}_bias{next(_names)}", new))
     else:
         _set_const(node, idx, new)
+
+
+def _add_matmul_bias(node: gs.Node, delta: np.ndarray) -> None:
+    out = node.outputs[0]
+    readers = list({id(n): n for n in out.outputs}.values())
+    if len(readers) == 1 and readers[0].op == "Add":
+        add = readers[0]
+        j = 1 if add.inputs[0] is out else 0
+        old = const_value(add.inputs[j])
+        if old is not None and old.size == delta.size and old.ndim <= 1:
+            _set_const(add, j, (old.astype(np.float64) + delta).astype(old.dtype))
+            return
+    graph = _GRAPH[0]
+    mid = gs.Variable(f"{out.name}_unbiased{next(_names)}", dtype=out.dtype)
+    node.outputs[0] = mid
+    bias = gs.Constant(f"{node.inputs[1].name}_bias{next(_names)}", delta.astype(node.inputs[1].values.dtype))
+    graph.nodes.append(gs.Node("Add", f"{node.name}_bias{next(_names)}", inputs=[mid, bias], outputs=[out]))
+
+
+_GRAPH: list[gs.Graph] = []
 
 
 def _absorb_constant(it: Item, c: int, k: float) -> None:
