@@ -20,7 +20,7 @@ PASSES: dict[str, ModuleType] = {
 }
 
 #: Lossless rewrites, in order (``--exact``).
-EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "cleanup"]
+EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "merge-channels", "separate-depthwise", "cleanup"]
 #: What ``prune`` runs with no flags.
 DEFAULT_PIPELINE = EXACT_PIPELINE
 
