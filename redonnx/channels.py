@@ -38,9 +38,6 @@ UNARY = {
 }  # fmt: skip
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum"}
-#: ops through which a channel's positive scale passes: f(s x) = s f(x) for s > 0
-HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "MaxPool", "AveragePool",
-               "GlobalAveragePool", "GlobalMaxPool", "Concat", "Split", "Slice", "Pad", "Transpose"}  # fmt: skip
 
 
 @dataclass
@@ -321,8 +318,8 @@ def _channel_vector(c: np.ndarray, sp: Space, out_rank: int | None) -> str:
     if out_rank is None or c.ndim > out_rank:
         return "other"
     shape = (1,) * (out_rank - c.ndim) + c.shape
-    ax = sp.axis + (out_rank - (out_rank if sp.axis < out_rank else sp.axis + 1))
-    if all(d == 1 for i, d in enumerate(shape) if i != ax) and shape[ax] == sp.size:
+    ax = sp.axis
+    if ax < out_rank and all(d == 1 for i, d in enumerate(shape) if i != ax) and shape[ax] == sp.size:
         return "channel"
     return "other"
 

@@ -102,9 +102,7 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if ctx.options.get("merge_criterion", "reconstruct") == "reconstruct":
             _relaxed_removals(graph, cg, groups, plan, res, alpha, ctx.options)
     if plan.merges:
-        _GRAPH[:] = [graph]
         _apply(cg, infos, plan)
-        _GRAPH.clear()
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     return res
 
@@ -665,11 +663,11 @@ def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
     if plan.new_sources:
         _write_sources(cg, infos, plan.new_sources)
     for it, c, k in plan.absorb:
-        _absorb_constant(it, c, k)
+        _absorb_constant(cg.graph, it, c, k)
     for t, removed, kept, b, c0 in plan.recon:
         for it in cg.items.get(t, []):
             if it.kind == "sink":
-                _compensate(it, removed, kept, b, c0)
+                _compensate(cg.graph, it, removed, kept, b, c0)
     keeps = {t: [c for c in range(cg.spaces[t].size) if c not in target[t]] for t in target}
     done: set[tuple[int, str, int]] = set()
     for t in target:
@@ -705,7 +703,7 @@ def _write_sources(cg: ChannelGraph, infos: dict[int, ClassInfo], sources: dict[
                     _set_const(it.node, it.index, v)
 
 
-def _compensate(it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0: np.ndarray) -> None:
+def _compensate(graph: gs.Graph, it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0: np.ndarray) -> None:
     """The layer reads B a_kept + c in place of the removed channels: W_K += W_R B, bias += W_R c."""
     node = it.node
     w = np.array(node.inputs[1].values, dtype=np.float64)
@@ -725,15 +723,15 @@ def _compensate(it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0
         delta = c0[j] * per_out if delta is None else delta + c0[j] * per_out
     _set_const(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
     if node.op in ("Conv", "Gemm", "MatMul") and delta is not None and np.any(delta):
-        _add_bias(node, delta)
+        _add_bias(graph, node, delta)
 
 
-def _add_bias(node: gs.Node, delta: np.ndarray) -> None:
+def _add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     """Add ``delta`` (one value per output channel) to a layer's bias, creating it if needed.
 
     MatMul has no bias input: its bias is the constant Add that follows, or a new Add."""
     if node.op == "MatMul":
-        _add_matmul_bias(node, delta)
+        _add_matmul_bias(graph, node, delta)
         return
     idx = 2
     w = node.inputs[1]
@@ -753,7 +751,7 @@ def _add_bias(node: gs.Node, delta: np.ndarray) -> None:
         _set_const(node, idx, new)
 
 
-def _add_matmul_bias(node: gs.Node, delta: np.ndarray) -> None:
+def _add_matmul_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     out = node.outputs[0]
     readers = list({id(n): n for n in out.outputs}.values())
     if len(readers) == 1 and readers[0].op == "Add":
@@ -763,21 +761,17 @@ def _add_matmul_bias(node: gs.Node, delta: np.ndarray) -> None:
         if old is not None and old.size == delta.size and old.ndim <= 1:
             _set_const(add, j, (old.astype(np.float64) + delta).astype(old.dtype))
             return
-    graph = _GRAPH[0]
     mid = gs.Variable(f"{out.name}_unbiased{next(_names)}", dtype=out.dtype)
     node.outputs[0] = mid
     bias = gs.Constant(f"{node.inputs[1].name}_bias{next(_names)}", delta.astype(node.inputs[1].values.dtype))
     graph.nodes.append(gs.Node("Add", f"{node.name}_bias{next(_names)}", inputs=[mid, bias], outputs=[out]))
 
 
-_GRAPH: list[gs.Graph] = []
-
-
-def _absorb_constant(it: Item, c: int, k: float) -> None:
+def _absorb_constant(graph: gs.Graph, it: Item, c: int, k: float) -> None:
     """A constant input channel c of value k adds k * sum of its columns to the layer's bias."""
     cols = np.moveaxis(_sink_columns(it, c), _in_axis(it.node), 0)
     per_out = cols.sum(0) if it.features is not None else cols[0]
-    _add_bias(it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
+    _add_bias(graph, it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
 
 
 def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
