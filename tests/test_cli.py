@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import MODELS
 
 from redonnx.cli import main
+from redonnx.io import load_model
+from redonnx.runtime import run, session
 
 RESNET = MODELS / "digits_resnet.onnx"
 
@@ -54,3 +57,21 @@ def test_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", str(RESNET), str(RESNET), "--runs", "5", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(r["models"]) == 2 and r["speedup"] > 0
+
+
+def test_relaxed_merging_from_the_command_line(tmp_path: Path) -> None:
+    data = np.load(MODELS / "digits_test.npz")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=(data["x"][:64].astype(np.float32) / 16).reshape(64, 1, 8, 8))
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["prune", str(RESNET), "-o", str(out), "--passes", "fold-batchnorm,merge-channels,cleanup",
+            "--alpha", "0.1", "--calibration", str(calib), "--min-cosine", "0.9", "--report", str(rep)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(rep.read_text())
+    assert r["after"]["params"] < 0.95 * r["before"]["params"]
+    merge = next(p for p in r["passes"] if p["name"] == "merge-channels")
+    assert merge["counts"]["channels removed with reconstruction"] > 0
+    assert r["verification"]["min_cosine"] == 0.9
+    x = (data["x"][64:].astype(np.float32) / 16).reshape(-1, 1, 8, 8)
+    acc = np.mean(run(session(load_model(out).model), {"input": x})["logits"].argmax(1) == data["y"][64:])
+    assert acc > 0.9
