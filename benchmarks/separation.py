@@ -49,7 +49,7 @@ def latency_rows(base, runs: int) -> list[dict]:
     for label, rank_of in cases:
         m = variant(base, rank_of)
         forms = {"original": m}
-        for form in ("multiplier", "gather"):
+        for form in ("multiplier", "gather", "stacked"):
             out, _ = run_passes(m, ["separate-depthwise", "cleanup"], exact=True, options={"separate_form": form})
             forms[form] = out
         c0 = model_cost(m).macs

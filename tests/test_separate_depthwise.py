@@ -103,3 +103,17 @@ def test_resnet20_low_rank_variants(rank: int, min_saving: float) -> None:
     opsets = [(o.domain, o.version) for o in res.model.opset_import]
     assert opsets == [(o.domain, o.version) for o in m.opset_import]
     assert {n.op_type for n in res.model.graph.node} <= {n.op_type for n in m.graph.node} | {"Gather"}
+
+
+@pytest.mark.parametrize("ranks", [[2, 2, 2, 2], [1, 3, 1, 2]])
+def test_stacked_form_keeps_outputs(ranks: list[int]) -> None:
+    b = Builder()
+    rng = np.random.default_rng(3)
+    w = low_rank(rng.standard_normal((16, 4, 3, 3)).astype(np.float32), ranks)
+    y = b.op("Conv", ["x", b.const(w), b.rand(16)], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    m = b.model([("x", [2, 4, 7, 7])], [y])
+    out, res = separated(m, separate_form="stacked")
+    assert res.counts == {"convs separated (stacked)": 1}
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Conv") == max(ranks) + 1 and "Concat" in ops
+    assert_equivalent(m, out)

@@ -14,7 +14,10 @@ Two exact ONNX forms, both standard ops in the original opset:
 - ``multiplier``: a depthwise conv with channel multiplier m = max r_i (group = C_in), channels of
   lower rank padded with zero kernels; no Gather;
 - ``gather``: input channels repeated r_i times by a Gather, then a depthwise conv with one
-  kernel per basis vector (group = sum r_i): no padding waste.
+  kernel per basis vector (group = sum r_i): no padding waste;
+- ``stacked``: m plain depthwise convs (multiplier 1, the j-th basis kernel of every channel,
+  zero where r_i <= j) concatenated before the pointwise conv: the multiplier form's MACs, but
+  every depthwise conv stays on onnxruntime's fast multiplier-1 path.
 
 MACs per output position: C_out C_in prod(k) before, R prod(k) + C_out R after (R = C_in m or
 sum r_i). The cheaper form is used, and only where it lowers both MACs and parameters. Rank is
@@ -84,6 +87,7 @@ def costs(cout: int, cin: int, k: int, ranks: list[int]) -> dict[str, tuple[int,
         "original": (cout * cin * k, cout * cin * k),
         "multiplier": (cin * m * k + cout * cin * m, cin * m * k + cout * cin * m),
         "gather": (r * k + cout * r, r * k + cout * r),
+        "stacked": (cin * m * k + cout * cin * m, cin * m * k + cout * cin * m),
     }
 
 
@@ -92,8 +96,8 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     max_error = float(ctx.options.get("separate_error", 0.0))
     if not 0.0 <= max_error < 1.0:
         raise RedonnxError("--separate-error must be in [0, 1)")
-    if ctx.options.get("separate_form", "auto") not in ("auto", "multiplier", "gather"):
-        raise RedonnxError("separate_form must be auto, multiplier or gather")
+    if ctx.options.get("separate_form", "auto") not in ("auto", "multiplier", "gather", "stacked"):
+        raise RedonnxError("separate_form must be auto, multiplier, gather or stacked")
     for node in list(graph.nodes):
         why = _reason(node)
         if why:
@@ -150,7 +154,10 @@ def _rewrite(graph: gs.Graph, node: gs.Node, f: Factors, form: str, dtype: np.dt
     cout, cin = w.shape[0], w.shape[1]
     kshape = list(w.shape[2:])
     tag = f"{node.name or w.name}_sep{next(_ids)}"
-    if form == "multiplier":
+    if form == "stacked" and max(f.ranks) > 1:
+        _rewrite_stacked(graph, node, f, dtype, tag, kshape)
+        return
+    if form in ("multiplier", "stacked"):
         m = max(f.ranks)
         d = np.zeros((cin * m, int(np.prod(kshape))))
         p = np.zeros((cout, cin * m))
@@ -179,3 +186,30 @@ def _rewrite(graph: gs.Graph, node: gs.Node, f: Factors, form: str, dtype: np.dt
     node.outputs.clear()
     node.inputs.clear()
     graph.nodes.append(gs.Node("Conv", f"{tag}_pw", {"kernel_shape": [1] * len(kshape)}, pw_inputs, [out]))
+
+
+def _rewrite_stacked(graph: gs.Graph, node: gs.Node, f: Factors, dtype: np.dtype, tag: str, kshape: list[int]) -> None:
+    cout, cin = node.inputs[1].shape[0], node.inputs[1].shape[1]
+    m = max(f.ranks)
+    dw_attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
+    dw_attrs.update(group=int(cin), kernel_shape=kshape)
+    outs, p = [], np.zeros((cout, m * cin))
+    for j in range(m):
+        d = np.zeros((cin, int(np.prod(kshape))))
+        for i, (u, v) in enumerate(zip(f.u, f.v, strict=True)):
+            if j < len(v):
+                d[i] = v[j]
+                p[:, j * cin + i] = u[:, j]
+        out = gs.Variable(f"{tag}_dw{j}_out", dtype=node.outputs[0].dtype)
+        w = gs.Constant(f"{tag}_dw{j}_weight", d.reshape(cin, 1, *kshape).astype(dtype))
+        graph.nodes.append(gs.Node("Conv", f"{tag}_dw{j}", dict(dw_attrs), [node.inputs[0], w], [out]))
+        outs.append(out)
+    cat = gs.Variable(f"{tag}_stacked", dtype=node.outputs[0].dtype)
+    graph.nodes.append(gs.Node("Concat", f"{tag}_concat", {"axis": 1}, outs, [cat]))
+    pw_inputs = [cat, gs.Constant(f"{tag}_pw_weight", p.reshape(cout, -1, *([1] * len(kshape))).astype(dtype))]
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        pw_inputs.append(node.inputs[2])
+    final = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("Conv", f"{tag}_pw", {"kernel_shape": [1] * len(kshape)}, pw_inputs, [final]))
