@@ -80,6 +80,7 @@ class ChannelGraph:
     pins: dict[int, str] = field(default_factory=dict)  # element -> reason
     made: set[str] = field(default_factory=set)  # tensors whose producing node is modelled
     read: dict[int, set[str]] = field(default_factory=dict)  # node id -> channel tensors it models
+    flattened: set[str] = field(default_factory=set)  # Flatten outputs whose readers are sinks upstream
 
     # ---------------------------------------------------------------- union-find
 
@@ -261,6 +262,10 @@ def _visit_layer(cg: ChannelGraph, node: gs.Node) -> None:
             return
     rank = 2 if node.op == "Gemm" else _rank(x)
     if rank is None:
+        return
+    if x.name in cg.flattened:  # its rows are already sinks of the tensor before the Flatten
+        cg.add_space(out, m, max(rank, 2) - 1, made=True)
+        cg.add_item(Item("row", node, out.name))
         return
     out_rank = max(rank, 2)
     xs = cg.add_space(x, k, rank - 1) if not isinstance(x, gs.Constant) else None
@@ -586,6 +591,7 @@ def _flatten(cg: ChannelGraph, node: gs.Node) -> None:
     for r in readers:
         cg.add_item(Item("sink", r, xs.tensor.name, features=per_channel))
     cg.add_item(Item("op", node, xs.tensor.name))
+    cg.flattened.add(out.name)
 
 
 def _check_readers(cg: ChannelGraph, graph: gs.Graph, name: str, sp: Space) -> None:

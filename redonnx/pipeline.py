@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,18 +14,21 @@ import onnx
 
 import redonnx
 from redonnx import passes as passes_mod
+from redonnx.budget import SearchResult, search_alpha
 from redonnx.cost import ModelCost, model_cost
 from redonnx.graph import to_graph, to_model
 from redonnx.io import LoadedModel, load_model
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.verify import (
+    BUDGET_MIN_COSINE,
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     DEFAULT_SAMPLES,
     LOSSY_MIN_COSINE,
     LOSSY_RTOL,
+    Reference,
+    Tolerance,
     VerificationResult,
-    verify,
 )
 
 
@@ -40,6 +44,7 @@ class PruneResult:
     verification: VerificationResult | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    search: SearchResult | None = None
 
     @property
     def modified(self) -> bool:
@@ -62,21 +67,32 @@ class PruneResult:
             },
             "passes": [p.to_dict() for p in self.passes],
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "budget": self.search.to_dict() if self.search is not None else None,
             "notes": self.source.notes + self.notes,
             "seconds": round(self.seconds, 3),
         }
 
     def summary(self) -> str:
+        """A readable terminal summary; the full detail is in :meth:`report`."""
         r = self.report()
         b, a = r["before"], r["after"]
         lines = [p.summary() for p in self.passes]
+        for p in self.passes:
+            if p.declined:
+                shown = "; ".join(f"{d.node}: {d.reason}" for d in p.declined[:2])
+                more = f" (+{len(p.declined) - 2} more in --report)" if len(p.declined) > 2 else ""
+                lines.append(f"  {p.name} left {len(p.declined)} alone, e.g. {shown}{more}")
+        if self.search is not None:
+            s = self.search
+            lines.append(
+                f"budget: {s.goal} -> alpha {s.alpha:.3f} after {len(s.trials)} trials"
+                + ("" if s.met else " (NOT met)")
+            )
         lines.append(
             f"parameters {b['params']:,} -> {a['params']:,} ({r['removed']['params_pct']:.1f}% removed); "
-            f"MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({_fmt_pct(r['removed']['macs_pct'])} removed)"
+            f"MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({_fmt_pct(r['removed']['macs_pct'])} removed); "
+            f"deflated {b['deflated_bytes']:,} -> {a['deflated_bytes']:,} bytes"
         )
-        for p in self.passes:
-            for d in p.declined[:20]:
-                lines.append(f"  declined [{p.name}] {d.op} {d.node}: {d.reason}")
         if self.verification is not None:
             lines.append(self.verification.summary())
         return "\n".join(lines)
@@ -133,6 +149,32 @@ def run_passes(
     return to_model(graph, model, note=note), results
 
 
+DEFAULT_OPTIONS = {"hash_error": 0.02}  # default pipeline: hashing that changes no prediction measured
+
+
+def _tolerance(
+    lossy: bool,
+    atol: float | None,
+    rtol: float | None,
+    min_cosine: float | None,
+    min_agreement: float | None,
+    target_macs: float | None,
+    default_budget: bool,
+) -> Tolerance:
+    """Unset tolerances follow the passes (see :mod:`redonnx.verify`)."""
+    if not lossy:
+        return Tolerance(DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol,
+                         min_cosine, min_agreement)  # fmt: skip
+    explicit = any(v is not None for v in (rtol, min_cosine, min_agreement))
+    if target_macs is not None and not explicit:
+        return Tolerance(DEFAULT_ATOL if atol is None else atol, float("inf"))  # report only
+    cosine = min_cosine
+    if cosine is None and not explicit:
+        cosine = BUDGET_MIN_COSINE if default_budget else LOSSY_MIN_COSINE
+    return Tolerance(DEFAULT_ATOL if atol is None else atol, LOSSY_RTOL if rtol is None else rtol, cosine,
+                     min_agreement)  # fmt: skip
+
+
 def prune(
     source: LoadedModel | onnx.ModelProto | str | Path,
     *,
@@ -145,39 +187,49 @@ def prune(
     atol: float | None = None,
     rtol: float | None = None,
     min_cosine: float | None = None,
+    min_agreement: float | None = None,
+    target_macs: float | None = None,
     options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Rewrite a model with the chosen passes and verify it against the original.
 
-    Unset tolerances follow the passes: exact pipelines are held to atol 1e-6 / rtol 1e-4,
-    pipelines with a lossy pass to cosine >= 0.99 and rtol 0.5 (see :mod:`redonnx.verify`).
+    With no passes named, the default pipeline runs and relaxed merging takes as many channels as
+    the fidelity budget allows (output cosine >= 0.995 on the verification inputs unless a budget
+    is given), or as ``target_macs`` asks; exact pipelines are held to atol 1e-6 / rtol 1e-4.
     """
     t0 = time.perf_counter()
     if isinstance(source, onnx.ModelProto):
         source = LoadedModel(model=source)
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
+    names = passes if passes is not None else list(passes_mod.EXACT_PIPELINE if exact else passes_mod.DEFAULT_PIPELINE)
+    defaults = DEFAULT_OPTIONS if passes is None and not exact else {}
+    options = {**defaults, **(options or {}), "shapes": shapes}
+    chosen = passes_mod.resolve(names, exact=exact, options=options)
+    lossy = any(not passes_mod.is_exact(m, options) for m in chosen)
+    searching = (
+        "merge-channels" in names
+        and "alpha" not in options
+        and not exact
+        and (passes is None or target_macs is not None)
+    )
+    tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching)
     before = model_cost(source.model, shapes)
-    options = {**(options or {}), "shapes": shapes}
-    lossy = any(not passes_mod.is_exact(m, options) for m in passes_mod.resolve(passes, exact=exact, options=options))
-    atol = DEFAULT_ATOL if atol is None else atol
-    rtol = (LOSSY_RTOL if lossy else DEFAULT_RTOL) if rtol is None else rtol
-    if min_cosine is None and lossy:
-        min_cosine = LOSSY_MIN_COSINE
-    model, results = run_passes(source.model, passes, exact, options)
+    reference = Reference(source.model, inputs=inputs, shapes=shapes, samples=samples) if check or searching else None
+    search = None
+    if searching:
+        cut = names.index("merge-channels")
+        base, results = run_passes(source.model, names[:cut], exact, options)
+        model, tail, search = search_alpha(
+            base, names[cut:], options, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
+            target_macs=target_macs, shapes=shapes, progress=progress,
+        )  # fmt: skip
+        results += tail
+    else:
+        model, results = run_passes(source.model, names, exact, options)
     after = model_cost(model, shapes)
-    verification = None
-    if check:
-        verification = verify(
-            source.model,
-            model,
-            inputs=inputs,
-            shapes=shapes,
-            samples=samples,
-            atol=atol,
-            rtol=rtol,
-            min_cosine=min_cosine,
-        )
+    verification = reference.check(model, tol) if check else None
     return PruneResult(
         model=model,
         source=source,
@@ -186,4 +238,5 @@ def prune(
         after=after,
         verification=verification,
         seconds=time.perf_counter() - t0,
+        search=search,
     )

@@ -29,6 +29,7 @@ DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-4
 LOSSY_RTOL = 0.5
 LOSSY_MIN_COSINE = 0.99
+BUDGET_MIN_COSINE = 0.995  # default budget when prune chooses how much to remove
 DEFAULT_SAMPLES = 8
 
 
@@ -68,6 +69,7 @@ class VerificationResult:
     samples: int
     inputs: str
     min_cosine: float | None = None
+    min_agreement: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -98,13 +100,20 @@ class VerificationResult:
     def summary(self) -> str:
         head = "verification passed" if self.passed else "verification FAILED"
         cos = f", cosine >= {self.min_cosine:g}" if self.min_cosine is not None else ""
-        lines = [f"{head} (atol {self.atol:g}, rtol {self.rtol:g}{cos}, {self.inputs})"]
+        agr = f", top-1 agreement >= {self.min_agreement:g}" if self.min_agreement is not None else ""
+        lines = [f"{head} (atol {self.atol:g}, rtol {self.rtol:g}{cos}{agr}, {self.inputs})"]
         lines += ["  " + o.line() for o in self.outputs]
         return "\n".join(lines)
 
 
 def compare_arrays(
-    name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float, min_cosine: float | None = None
+    name: str,
+    ref: np.ndarray,
+    cand: np.ndarray,
+    atol: float,
+    rtol: float,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
 ) -> OutputComparison:
     """Statistics of ``cand`` against ``ref`` for one output."""
     if ref.shape != cand.shape:
@@ -128,9 +137,13 @@ def compare_arrays(
         mean_rel=float(rel.mean()) if rel.size else 0.0,
         ref_max_abs=ref_max,
         cosine=(cos := _cosine(r, c)),
-        top1_agreement=_top1(ref, cand),
+        top1_agreement=(top1 := _top1(ref, cand)),
         needed_rtol=needed,
-        passed=bool(max_abs <= atol + rtol * ref_max and (min_cosine is None or cos >= min_cosine)),
+        passed=bool(
+            max_abs <= atol + rtol * ref_max
+            and (min_cosine is None or cos >= min_cosine)
+            and (min_agreement is None or top1 is None or top1 >= min_agreement)
+        ),
     )
 
 
@@ -181,6 +194,63 @@ def _leading_dim_dynamic(vi: onnx.ValueInfoProto) -> bool:
     return bool(dims) and not dims[0].HasField("dim_value")
 
 
+@dataclass
+class Tolerance:
+    """What a candidate must meet, per output."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    min_cosine: float | None = None
+    min_agreement: float | None = None  # top-1 agreement, 2-D score outputs only
+
+
+class Reference:
+    """A reference model's outputs on fixed inputs, computed once, to check many candidates."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | LoadedModel | str | Path,
+        *,
+        inputs: dict[str, np.ndarray] | str | Path | None = None,
+        shapes: dict[str, list[int]] | None = None,
+        samples: int = DEFAULT_SAMPLES,
+        seed: int = 0,
+    ) -> None:
+        if samples < 1:
+            raise RedonnxError("--samples must be at least 1")
+        self.model = _as_proto(model)
+        self.samples = samples
+        self.batches, self.description = feeds_for(self.model, inputs, shapes, samples, seed)
+        self.outputs = _run_all(try_session(self.model, "reference"), self.batches, "reference")
+
+    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
+        """Run the candidate on the same inputs and compare every output."""
+        cand = _as_proto(candidate)
+        _check_interfaces(self.model, cand)
+        outs = _run_all(try_session(cand, "candidate"), self.batches, "candidate")
+        comps = [
+            compare_arrays(name, ref, outs[name], tol.atol, tol.rtol, tol.min_cosine, tol.min_agreement)
+            for name, ref in self.outputs.items()
+        ]
+        return VerificationResult(
+            comps, atol=tol.atol, rtol=tol.rtol, samples=self.samples, inputs=self.description,
+            min_cosine=tol.min_cosine, min_agreement=tol.min_agreement,
+        )  # fmt: skip
+
+
+def _run_all(sess, batches: list[dict[str, np.ndarray]], what: str) -> dict[str, np.ndarray]:
+    store: dict[str, list[np.ndarray]] = {}
+    for feeds in batches:
+        try:
+            outs = run(sess, feeds)
+        except Exception as exc:  # onnxruntime runtime errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
+        for k, v in outs.items():
+            store.setdefault(k, []).append(np.asarray(v))
+    return {k: _stack(v) for k, v in store.items()}
+
+
 def verify(
     reference: onnx.ModelProto | LoadedModel | str | Path,
     candidate: onnx.ModelProto | LoadedModel | str | Path,
@@ -191,31 +261,12 @@ def verify(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     min_cosine: float | None = None,
+    min_agreement: float | None = None,
     seed: int = 0,
 ) -> VerificationResult:
     """Run both models on the same inputs and compare every output."""
-    ref, cand = _as_proto(reference), _as_proto(candidate)
-    if samples < 1:
-        raise RedonnxError("--samples must be at least 1")
-    _check_interfaces(ref, cand)
-    batches, desc = feeds_for(ref, inputs, shapes, samples, seed)
-    ref_sess = try_session(ref, "reference")
-    cand_sess = try_session(cand, "candidate")
-    ref_out: dict[str, list[np.ndarray]] = {}
-    cand_out: dict[str, list[np.ndarray]] = {}
-    for feeds in batches:
-        for store, sess, what in ((ref_out, ref_sess, "reference"), (cand_out, cand_sess, "candidate")):
-            try:
-                outs = run(sess, feeds)
-            except Exception as exc:  # onnxruntime runtime errors
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
-            for k, v in outs.items():
-                store.setdefault(k, []).append(np.asarray(v))
-    comps = [
-        compare_arrays(name, _stack(ref_out[name]), _stack(cand_out[name]), atol, rtol, min_cosine) for name in ref_out
-    ]
-    return VerificationResult(comps, atol=atol, rtol=rtol, samples=samples, inputs=desc, min_cosine=min_cosine)
+    ref = Reference(reference, inputs=inputs, shapes=shapes, samples=samples, seed=seed)
+    return ref.check(candidate, Tolerance(atol, rtol, min_cosine, min_agreement))
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -23,8 +23,15 @@ PASSES: dict[str, ModuleType] = {
 
 #: Lossless rewrites, in order (``--exact``).
 EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "merge-channels", "separate-depthwise", "cleanup"]
-#: What ``prune`` runs with no flags.
-DEFAULT_PIPELINE = EXACT_PIPELINE
+#: What ``prune`` runs with no flags (relaxed merging sized by the fidelity budget).
+DEFAULT_PIPELINE = [
+    "fold-constants",
+    "fold-batchnorm",
+    "hash-weights",
+    "merge-channels",
+    "separate-depthwise",
+    "cleanup",
+]
 
 
 def is_exact(module: ModuleType, options: dict | None = None) -> bool:

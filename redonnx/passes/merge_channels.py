@@ -537,8 +537,14 @@ def _relaxed_removals(
     target = round(alpha * len(cands))
     if target < 1 or not sinks:
         return
-    stats = R.channel_stats(graph, {t: cg.spaces[t].axis for t in sinks}, options.get("calibration"),
-                            options.get("shapes"))  # fmt: skip
+    axes = {t: cg.spaces[t].axis for t in sinks}
+    cache = options.get("stats_cache")
+    key = tuple(sorted(axes.items()))
+    stats = cache.get(key) if cache is not None else None
+    if stats is None:
+        stats = R.channel_stats(graph, axes, options.get("calibration"), options.get("shapes"))
+        if cache is not None:
+            cache[key] = stats
     energy = {t: _column_energy(cg, t) for t in sinks}
     prec = {t: R.precision(stats[t].cov) for t in sinks}
     for drop, _keep, _s in plan.merges:  # exact merges already took these channels away
