@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="allow overwriting the input file")
     p.add_argument("--external-data", action="store_true", help="store weights beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--html", metavar="PAGE.html", help="write an HTML report with plots (needs matplotlib)")
+    p.add_argument("--bench", action="store_true", help="measure onnxruntime latency before and after")
+    g = p.add_argument_group("fidelity budget (default: output cosine >= 0.995 on the verification inputs)")
+    g.add_argument("--max-error", type=float, help="max |diff| as a fraction of max |ref|, per output")
+    g.add_argument("--min-agreement", type=float, help="top-1 agreement of 2-D score outputs (0..1)")
+    g.add_argument("--target-macs", type=float, metavar="P", help="remove at least P %% of the MACs instead")
     _common_inputs(p)
     _verify_args(p)
     _hash_args(p)
@@ -174,7 +180,9 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
-        os.replace(tmp, out)
+        from redonnx.io import publish
+
+        publish(Path(tmp), out)
     except OSError as exc:
         raise RedonnxError(f"{out}: cannot write: {exc.strerror or exc}") from None
 
@@ -206,8 +214,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from redonnx.runtime import load_npz_inputs
 
         options["calibration"] = load_npz_inputs(args.calibration, src.model)
-    result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), options=options, **_verify_kwargs(args))
+    kw = _verify_kwargs(args)
+    if args.max_error is not None:
+        kw["rtol"] = args.max_error
+    if args.target_macs is not None and not 0 < args.target_macs < 100:
+        raise RedonnxError("--target-macs must be a percentage between 0 and 100")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        raise RedonnxError("--min-agreement must be between 0 and 1")
+    density_dir = None
+    if args.html:
+        _check_writable(Path(args.html))
+        density_dir = tempfile.mkdtemp(prefix="redonnx-plots-")
+        options.setdefault("plot_dir", density_dir)
+        options.setdefault("plot_limit", 4)
+    progress = (lambda msg: print(f"  {msg}", file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
+    result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), options=options, progress=progress,
+                   min_agreement=args.min_agreement, target_macs=args.target_macs, **kw)  # fmt: skip
     report = result.report()
+    if args.bench:
+        from redonnx.report import latency
+
+        report["latency"] = latency(src.model, result.model, _shapes(args))
     report["output"] = str(out)
     ok = bool(result.verification)
     if ok:
@@ -216,10 +243,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report["output"] = None
     if args.report:
         write_json_atomic(args.report, report)
+    if args.html:
+        from redonnx.report import write_html
+
+        write_html(report, args.html, sorted(Path(density_dir).glob("*.png")) if density_dir else None)
     if args.json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         print(result.summary())
+        if "latency" in report:
+            lat = report["latency"]
+            print(
+                f"latency {lat['before_ms']:.3f} -> {lat['after_ms']:.3f} ms ({lat['speedup']:.2f}x, onnxruntime CPU)"
+            )
         print(f"wrote {out}" if ok else "verification failed: nothing written")
     return EXIT_OK if ok else EXIT_VERIFY
 

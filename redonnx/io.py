@@ -227,6 +227,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def publish(tmp: Path, out: Path) -> None:
+    """Usual permissions (umask), then an atomic rename into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     dup = onnx.ModelProto()
     dup.CopyFrom(model)
@@ -250,10 +258,10 @@ def _write_atomic(model: onnx.ModelProto, out: Path, folder: Path, external: boo
             )
             # The data file must be in place before the model that points to it.
             if (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, folder / data_name)
+                publish(tmpdir / data_name, folder / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
-        os.replace(tmp_model, out)
+        publish(tmp_model, out)
     except OSError as exc:
         raise RedonnxError(f"{out}: cannot write: {exc.strerror or exc}") from None
     finally:

@@ -141,7 +141,7 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         tensor.values = hashed
         res.layers.append(record)
         res.count("tensors hashed")
-        if cfg.plot_dir:
+        if cfg.plot_dir and res.counts["tensors hashed"] <= int(ctx.options.get("plot_limit", 10**9)):
             _plot(cfg.plot_dir, node, tensor, binned, hashing)
     if res.layers:
         res.counts["weights hashed"] = int(sum(r["n"] for r in res.layers))
