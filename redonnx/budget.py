@@ -44,6 +44,7 @@ class SearchResult:
     alpha: float
     trials: list[Trial] = field(default_factory=list)
     met: bool = True
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

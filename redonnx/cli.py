@@ -54,13 +54,14 @@ def _hash_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--merge-criterion", choices=["reconstruct", "paper"], help="relaxed rule (default reconstruct)")
     g.add_argument("--alpha-strategy", choices=["constant", "block"], help="paper rule: per-layer alpha")
     g.add_argument("--calibration", metavar="FILE.npz", help="inputs for channel statistics (default: synthetic)")
+    g.add_argument("--channel-multiple", type=int, help="keep channel counts multiples of N (8 suits onnxruntime CPU)")
     g = p.add_argument_group("separate-depthwise")
     g.add_argument("--separate-error", type=float, help="truncate per-channel ranks within this relative error")
 
 
 def _pass_options(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("tau", "tau_strategy", "hash_rule", "hash_error", "bandwidth", "grid", "plot_dir", "alpha",
-            "merge_criterion", "alpha_strategy", "separate_error")  # fmt: skip
+            "merge_criterion", "alpha_strategy", "separate_error", "channel_multiple")  # fmt: skip
     opts = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if args.hash_biases:
         opts["hash_biases"] = True

@@ -87,6 +87,7 @@ class PruneResult:
             lines.append(
                 f"budget: {s.goal} -> alpha {s.alpha:.3f} after {len(s.trials)} trials"
                 + ("" if s.met else " (NOT met)")
+                + "".join(f"; {n}" for n in s.notes)
             )
         lines.append(
             f"parameters {b['params']:,} -> {a['params']:,} ({r['removed']['params_pct']:.1f}% removed); "
@@ -175,6 +176,45 @@ def _tolerance(
                      min_agreement)  # fmt: skip
 
 
+def _budgeted(
+    model: onnx.ModelProto,
+    names: list[str],
+    exact: bool,
+    options: dict[str, Any],
+    reference: Reference,
+    tol: Tolerance,
+    target_macs: float | None,
+    progress: Callable[[str], None] | None,
+) -> tuple[onnx.ModelProto, list[PassResult], SearchResult]:
+    """Passes before merge-channels once, then the alpha search. If even alpha 0 is over the
+    budget, the lossy passes before merging (hashing) get milder settings, then are dropped."""
+    cut = names.index("merge-channels")
+    prefix = names[:cut]
+    attempts = [(prefix, options)]
+    if "hash-weights" in prefix and target_macs is None:
+        milder = {**options, "hash_error": float(options.get("hash_error", 0.06)) / 4}
+        attempts += [(prefix, milder), ([n for n in prefix if n != "hash-weights"], options)]
+    for i, (pre, opts) in enumerate(attempts):
+        base, results = run_passes(model, pre, exact, opts)
+        out, tail, search = search_alpha(
+            base, names[cut:], opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
+            target_macs=target_macs, shapes=opts.get("shapes"), progress=progress,
+        )  # fmt: skip
+        if search.met or i == len(attempts) - 1:
+            if i:
+                search.notes.append(_milder_note(pre, opts))
+            return out, results + tail, search
+        if progress:
+            progress("over budget before any merging: milder hashing")
+    raise AssertionError("unreachable")
+
+
+def _milder_note(prefix: list[str], opts: dict[str, Any]) -> str:
+    if "hash-weights" not in prefix:
+        return "hashing alone was over the budget: skipped"
+    return f"hashing alone was over the budget: bound lowered to {opts['hash_error']:g}"
+
+
 def prune(
     source: LoadedModel | onnx.ModelProto | str | Path,
     *,
@@ -219,13 +259,7 @@ def prune(
     reference = Reference(source.model, inputs=inputs, shapes=shapes, samples=samples) if check or searching else None
     search = None
     if searching:
-        cut = names.index("merge-channels")
-        base, results = run_passes(source.model, names[:cut], exact, options)
-        model, tail, search = search_alpha(
-            base, names[cut:], options, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
-            target_macs=target_macs, shapes=shapes, progress=progress,
-        )  # fmt: skip
-        results += tail
+        model, results, search = _budgeted(source.model, names, exact, options, reference, tol, target_macs, progress)
     else:
         model, results = run_passes(source.model, names, exact, options)
     after = model_cost(model, shapes)

@@ -49,6 +49,7 @@ ZERO_SAFE = {
     "GlobalMaxPool", "Concat", "Split", "Slice", "Pad", "Transpose", "ReduceMean", "ReduceMax", "ReduceSum",
     "ReduceMin", "Resize", "Upsample", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum",
 }  # fmt: skip
+CHANNEL_MULTIPLE = 1  # 8 keeps onnxruntime CPU convs on their blocked fast path
 HOMOGENEOUS = {
     "Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
     "GlobalMaxPool", "Concat", "Split", "Slice", "Pad", "Transpose", "ReduceMean", "ReduceMax", "ReduceSum",
@@ -554,6 +555,9 @@ def _relaxed_removals(
     total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
     macs = {i.root: _channel_macs(cg, i) for i in cands}
     chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), macs)
+    chosen = _round_to_multiple(chosen, groups, gone, int(options.get("channel_multiple", CHANNEL_MULTIPLE)))
+    if not chosen:
+        return
     removed: dict[str, list[int]] = defaultdict(list)
     for info in chosen:
         plan.merges.append((info.root, None, 0.0))
@@ -566,6 +570,25 @@ def _relaxed_removals(
         b, c0 = R.regression(stats[t], sorted(r), kept)
         plan.recon.append((t, sorted(r), kept, b, c0))
     res.count("channels removed with reconstruction", len(chosen))
+
+
+def _round_to_multiple(
+    chosen: list[ClassInfo], groups: dict[tuple, list[ClassInfo]], gone: set[int], multiple: int
+) -> list[ClassInfo]:
+    """Keep, per coupled group, only as many of the chosen (cheapest first) as leave a channel count
+    that is a multiple of ``multiple``: onnxruntime's CPU convolutions work in blocks of 8 channels,
+    and a count like 61 runs slower than 64 even with fewer MACs (benchmarks/suite.py)."""
+    if multiple <= 1:
+        return chosen
+    by_group: dict[tuple, list[ClassInfo]] = defaultdict(list)
+    for info in chosen:
+        by_group[info.key].append(info)
+    kept = []
+    for key, picks in by_group.items():
+        n = sum(i.root not in gone for i in groups[key])
+        final = -(-(n - len(picks)) // multiple) * multiple
+        kept += picks[: max(0, n - final)]
+    return kept
 
 
 def _channel_macs(cg: ChannelGraph, info: ClassInfo) -> float:

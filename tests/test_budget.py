@@ -1,0 +1,66 @@
+"""The default pipeline: relaxed merging sized by a fidelity budget or a MAC target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MODELS, cifar_batch, shared_model
+from onnx import numpy_helper
+
+from redonnx.io import load_model
+from redonnx.pipeline import prune, run_passes
+from redonnx.runtime import run, session
+
+RESNET = MODELS / "digits_resnet.onnx"
+
+
+def test_default_budget_is_met_and_searched() -> None:
+    res = prune(RESNET)
+    assert res.verification and res.verification.min_cosine == 0.995
+    s = res.search
+    assert s is not None and s.goal == "fidelity budget" and s.met
+    passing = [t.alpha for t in s.trials if t.passed]
+    assert s.alpha == max(passing)
+    assert all(not t.passed for t in s.trials if t.alpha > s.alpha + 1e-9) or s.alpha == max(t.alpha for t in s.trials)
+    assert res.after.params < res.before.params
+
+
+def test_stricter_budget_removes_less() -> None:
+    loose = prune(RESNET, min_cosine=0.98)
+    strict = prune(RESNET, min_cosine=0.9999)
+    assert loose.search.alpha >= strict.search.alpha
+    assert loose.after.params <= strict.after.params
+
+
+def test_target_macs_reports_fidelity() -> None:
+    res = prune(RESNET, target_macs=20)
+    assert res.search.goal == "20 % MACs" and res.search.met
+    assert res.report()["removed"]["macs_pct"] >= 20
+    assert res.verification.passed  # report only: no fidelity budget was given
+
+
+def test_channel_multiple_keeps_counts_aligned() -> None:
+    src = run_passes(load_model(RESNET).model, None, True)[0]
+    out, _ = run_passes(src, ["merge-channels", "cleanup"], False, {"alpha": 0.3, "channel_multiple": 8})
+    shapes = {t.name: numpy_helper.to_array(t).shape for t in out.graph.initializer}
+    couts = [shapes[n.input[1]][0] for n in out.graph.node if n.op_type == "Conv"]
+    assert all(c % 8 == 0 for c in couts)
+
+
+def test_resnet20_default_keeps_top1() -> None:
+    """Acceptance: default prune keeps top-1 within 0.5 points on the shared CIFAR-10 images."""
+    src = shared_model("cifar10/resnet20_bn.onnx")
+    res = prune(src)
+    assert res.verification
+    x, y = cifar_batch()
+    before = np.mean(run(session(res.source.model), {"input": x})["logits"].argmax(1) == y)
+    after = np.mean(run(session(res.model), {"input": x})["logits"].argmax(1) == y)
+    assert before - after <= 0.005
+    assert res.report()["removed"]["macs_pct"] > 3.0
+    assert res.seconds < 5.0  # the budget search stays quick (2 s target on an idle machine)
+
+
+@pytest.mark.parametrize("rel", ["tf/mlperf_tiny_fc_autoencoder.onnx", "pytorch/mtcnn_rnet.onnx"])
+def test_default_on_other_real_models(rel: str) -> None:
+    res = prune(shared_model(rel), samples=4)
+    assert res.verification, res.verification.summary()
