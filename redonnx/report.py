@@ -118,8 +118,8 @@ def _n(v: int | None) -> str:
     return f"{v:,}" if v is not None else "?"
 
 
-def _p(v: float | None) -> str:
-    return f"{v:.1f} %" if v is not None else "?"
+def _p(v: float | None, missing: str = "?") -> str:
+    return f"{v:.1f} %" if v is not None else missing
 
 
 def _budget_html(report: dict[str, Any]) -> list[str]:
@@ -127,7 +127,7 @@ def _budget_html(report: dict[str, Any]) -> list[str]:
     if not s:
         return []
     rows = "".join(
-        f"<tr><td>{t['alpha']:.3f}</td><td>{_p(t['macs_removed_pct'])}</td><td>{t['cosine']:.4f}</td>"
+        f"<tr><td>{t['alpha']:.3f}</td><td>{_p(t['macs_removed_pct'], '-')}</td><td>{t['cosine']:.4f}</td>"
         f"<td>{'ok' if t['passed'] else 'over'}</td></tr>"
         for t in s["trials"]
     )

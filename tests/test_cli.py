@@ -75,3 +75,17 @@ def test_relaxed_merging_from_the_command_line(tmp_path: Path) -> None:
     x = (data["x"][64:].astype(np.float32) / 16).reshape(-1, 1, 8, 8)
     acc = np.mean(run(session(load_model(out).model), {"input": x})["logits"].argmax(1) == data["y"][64:])
     assert acc > 0.9
+
+
+def test_html_report_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out, page, rep = tmp_path / "o.onnx", tmp_path / "r.html", tmp_path / "r.json"
+    assert main(["prune", str(RESNET), "-o", str(out), "--html", str(page), "--bench", "--report", str(rep)]) == 0
+    text = page.read_text()
+    for section in ("Budget", "Verification passed", "Passes", "Parameters removed per layer", "Layers"):
+        assert section in text
+    assert text.count("data:image/png;base64,") >= 3  # removed-parameter bars + density plots
+    r = json.loads(rep.read_text())
+    assert r["latency"]["before_ms"] > 0 and r["latency"]["speedup"] > 0
+    assert r["budget"]["goal"] == "fidelity budget"
+    assert "latency" in capsys.readouterr().out
