@@ -189,7 +189,11 @@ def _budgeted(
     """Passes before merge-channels once, then the alpha search. If even alpha 0 is over the
     budget, the lossy passes before merging (hashing) get milder settings, then are dropped."""
     cut = names.index("merge-channels")
-    prefix = names[:cut]
+    prefix, rest = names[:cut], names[cut + 1 :]
+    # exact passes after merging cannot change fidelity: run them once, after the search
+    later = [n for n in rest if n != "cleanup"] if all(passes_mod.is_exact(passes_mod.PASSES[n], options)
+                                                        for n in rest) else []  # fmt: skip
+    trial_passes = ["merge-channels", *[n for n in rest if n not in later]]
     attempts = [(prefix, options)]
     if "hash-weights" in prefix and target_macs is None:
         milder = {**options, "hash_error": float(options.get("hash_error", 0.06)) / 4}
@@ -197,12 +201,15 @@ def _budgeted(
     for i, (pre, opts) in enumerate(attempts):
         base, results = run_passes(model, pre, exact, opts)
         out, tail, search = search_alpha(
-            base, names[cut:], opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
+            base, trial_passes, opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
             target_macs=target_macs, shapes=opts.get("shapes"), progress=progress,
         )  # fmt: skip
         if search.met or i == len(attempts) - 1:
             if i:
                 search.notes.append(_milder_note(pre, opts))
+            if later:
+                out, after = run_passes(out, [*later, "cleanup"], exact, {**opts, "alpha": search.alpha})
+                tail += after
             return out, results + tail, search
         if progress:
             progress("over budget before any merging: milder hashing")
