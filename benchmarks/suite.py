@@ -83,15 +83,24 @@ def compression_rows(label, path, cifar_kw, shapes) -> list[dict]:
         import onnxsim
 
         sim, ok = onnxsim.simplify(src, overwrite_input_shapes=shapes or None)
-        rows.append(_row(label, "onnxsim simplify", src, sim, scorer, c0, shapes, ok))
+        rows.append(_safe_row(label, "onnxsim simplify", src, sim, scorer, c0, shapes, ok))
         target = rows[0]["MACs -%"]
         if target > 0.5:
             pruned, sp = onnxsim_at(run_passes(src, None, True)[0], target / 100, c0, shapes)
             if pruned is not None:
-                rows.append(_row(label, f"onnxsim L2 {sp:.3f}", src, pruned, scorer, c0, shapes, True))
+                rows.append(_safe_row(label, f"onnxsim L2 {sp:.3f}", src, pruned, scorer, c0, shapes, True))
     except ImportError:
         pass
     return rows
+
+
+def _safe_row(label, method, src, model, scorer, c0, shapes, ok) -> dict:
+    """A competitor's model may not even load in onnxruntime: record that instead of failing."""
+    try:
+        return _row(label, method, src, model, scorer, c0, shapes, ok)
+    except Exception as exc:  # onnxruntime rejects the model
+        return {"model": label, "method": method, "score": f"invalid model: {str(exc).splitlines()[0][:80]}",
+                "verified": False}  # fmt: skip
 
 
 def _row(label, method, src, model, scorer, c0, shapes, ok) -> dict:
