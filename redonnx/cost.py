@@ -67,7 +67,7 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = Non
     return ModelCost(
         layers=layers,
         params=_total_params(graph),
-        macs=sum(layer.macs or 0 for layer in layers) if concrete else None,
+        macs=sum(layer.macs or 0 for layer in layers) if macs_known else None,
         ops=dict(Counter(n.op_type for n in model.graph.node).most_common()),
         input_shapes=concrete,
         notes=notes,
@@ -90,6 +90,8 @@ def folded_graph(model: onnx.ModelProto, concrete: dict[str, list[int]]) -> tupl
         folded = gs.export_onnx(graph, do_type_check=False)
     except Exception:  # best effort: fall back to plain inference
         return graph, infer_shapes(static)
+    # initializers are no longer listed as inputs here; IR < 4 inference would not read them
+    folded.ir_version = max(folded.ir_version, 7)
     return graph, infer_shapes(folded)
 
 

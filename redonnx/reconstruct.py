@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from redonnx.runtime import random_inputs, run, session
+from redonnx.runtime import expects_pixels, random_inputs, run, session
 
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
 
@@ -83,6 +83,7 @@ def synthetic_inputs(
     """Seeded noise; image-like inputs get smooth noise (random at 1/4 resolution, upsampled and
     blurred), closer to natural images' spectrum than white noise: better channel statistics."""
     feeds = random_inputs(model, shapes, batch=batch, seed=seed)
+    pixels = expects_pixels(model)
     rng = np.random.default_rng(seed + 1)
     for name, x in feeds.items():
         spatial = [ax for ax in range(1, x.ndim) if x.shape[ax] >= 8]
@@ -93,7 +94,8 @@ def synthetic_inputs(
         for ax in spatial:
             y = np.repeat(y, -(-x.shape[ax] // y.shape[ax]), axis=ax).take(range(x.shape[ax]), axis=ax)
             y = (y + np.roll(y, 1, ax) + np.roll(y, -1, ax)) / 3.0
-        feeds[name] = (y / max(float(y.std()), 1e-12)).astype(x.dtype)
+        y = y / max(float(y.std()), 1e-12)
+        feeds[name] = (np.clip(127.5 + 60.0 * y, 0, 255) if pixels else y).astype(x.dtype)
     return feeds
 
 

@@ -22,7 +22,7 @@ import onnx
 
 from redonnx.errors import RedonnxError
 from redonnx.io import LoadedModel, load_model
-from redonnx.runtime import load_npz_inputs, random_inputs, run, try_session
+from redonnx.runtime import expects_pixels, load_npz_inputs, random_inputs, run, try_session
 from redonnx.shapes import graph_inputs
 
 DEFAULT_ATOL = 1e-6
@@ -182,11 +182,14 @@ def feeds_for(
     if inputs is not None:
         given = load_npz_inputs(inputs, model) if isinstance(inputs, (str, Path)) else inputs
         return [given], "given inputs"
+    pixels = expects_pixels(model)
+    kind = "uniform 0-255 (the first layer's weights suggest raw pixel inputs)" if pixels else "random"
     dynamic_batch = all(_leading_dim_dynamic(vi) for vi in graph_inputs(model)) and not shapes
     if dynamic_batch:
-        return [random_inputs(model, shapes, batch=samples, seed=seed)], f"{samples} random samples (seed {seed})"
-    batches = [random_inputs(model, shapes, batch=1, seed=seed + k) for k in range(samples)]
-    return batches, f"{samples} random batches (seed {seed})"
+        feeds = random_inputs(model, shapes, batch=samples, seed=seed, pixels=pixels)
+        return [feeds], f"{samples} {kind} samples (seed {seed})"
+    batches = [random_inputs(model, shapes, batch=1, seed=seed + k, pixels=pixels) for k in range(samples)]
+    return batches, f"{samples} {kind} batches (seed {seed})"
 
 
 def _leading_dim_dynamic(vi: onnx.ValueInfoProto) -> bool:
