@@ -90,7 +90,7 @@ class PruneResult:
                 + "".join(f"; {n}" for n in s.notes)
             )
         lines.append(
-            f"parameters {b['params']:,} -> {a['params']:,} ({r['removed']['params_pct']:.1f}% removed); "
+            f"parameters {b['params']:,} -> {a['params']:,} ({_fmt_pct(r['removed']['params_pct'])} removed); "
             f"MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({_fmt_pct(r['removed']['macs_pct'])} removed); "
             f"deflated {b['deflated_bytes']:,} -> {a['deflated_bytes']:,} bytes"
         )

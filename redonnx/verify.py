@@ -224,7 +224,15 @@ class Reference:
         self.model = _as_proto(model)
         self.samples = samples
         self.batches, self.description = feeds_for(self.model, inputs, shapes, samples, seed)
-        self.outputs = _run_all(try_session(self.model, "reference"), self.batches, "reference")
+        try:
+            self.outputs = _run_all(try_session(self.model, "reference"), self.batches, "reference")
+        except RedonnxError as exc:
+            if inputs is not None:
+                raise
+            raise RedonnxError(
+                f"{exc} (on random inputs; if the model needs valid values, e.g. a sample rate or token ids,"
+                " pass real inputs with --inputs file.npz)"
+            ) from None
 
     def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
         """Run the candidate on the same inputs and compare every output."""
