@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--html", metavar="PAGE.html", help="write an HTML report with plots (needs matplotlib)")
     p.add_argument("--bench", action="store_true", help="measure onnxruntime latency before and after")
+    p.add_argument("--no-verify", action="store_true", help="with --exact only: write without running onnxruntime")
     g = p.add_argument_group("fidelity budget (default: output cosine >= 0.995 on the verification inputs)")
     g.add_argument("--max-error", type=float, help="max |diff| as a fraction of max |ref|, per output")
     g.add_argument("--min-agreement", type=float, help="top-1 agreement of 2-D score outputs (0..1)")
@@ -222,6 +223,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise RedonnxError("--target-macs must be a percentage between 0 and 100")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise RedonnxError("--min-agreement must be between 0 and 1")
+    if args.no_verify and not args.exact:
+        raise RedonnxError("--no-verify needs --exact: lossy rewrites are only written once verified")
     density_dir = None
     if args.html:
         _check_writable(Path(args.html))
@@ -230,14 +233,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options.setdefault("plot_limit", 4)
     progress = (lambda msg: print(f"  {msg}", file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
     result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), options=options, progress=progress,
-                   min_agreement=args.min_agreement, target_macs=args.target_macs, **kw)  # fmt: skip
+                   min_agreement=args.min_agreement, target_macs=args.target_macs, check=not args.no_verify,
+                   **kw)  # fmt: skip
     report = result.report()
     if args.bench:
         from redonnx.report import latency
 
         report["latency"] = latency(src.model, result.model, _shapes(args))
     report["output"] = str(out)
-    ok = bool(result.verification)
+    ok = bool(result.verification) if result.verification is not None else True
+    if result.verification is None:
+        report["notes"].append("not verified (--no-verify): onnxruntime was not run")
     if ok:
         save_model(result.model, out, source=src, external_data=args.external_data or None, force=args.force)
     else:
@@ -257,6 +263,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(
                 f"latency {lat['before_ms']:.3f} -> {lat['after_ms']:.3f} ms ({lat['speedup']:.2f}x, onnxruntime CPU)"
             )
+        if result.verification is None:
+            print("NOT verified (--no-verify): lossless rewrites only, onnxruntime was not run")
         print(f"wrote {out}" if ok else "verification failed: nothing written")
     return EXIT_OK if ok else EXIT_VERIFY
 

@@ -14,7 +14,7 @@ from redonnx.errors import RedonnxError
 from redonnx.shapes import graph_inputs, resolve_input_shapes
 
 ORT_SIZE_LIMIT = 2**31 - 2**26
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # errors reach the user once, as our own one line
 
 
 def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
@@ -23,7 +23,7 @@ def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0) ->
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
