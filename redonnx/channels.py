@@ -214,37 +214,24 @@ def _visit_layer(cg: ChannelGraph, node: gs.Node) -> None:
     if not isinstance(w, gs.Constant):
         return
     x = node.inputs[0]
-    if node.op == "Conv":
+    if node.op in ("Conv", "ConvTranspose"):
         g = int(node.attrs.get("group", 1))
-        cout, cin_g = int(w.shape[0]), int(w.shape[1])
-        cin = cin_g * g
-        if g > 1 and g == cin and cin_g == 1 and cout == cin:
-            _depthwise(cg, node, cin)
-            return
+        if node.op == "Conv":
+            cout, cin = int(w.shape[0]), int(w.shape[1]) * g
+            if g > 1 and g == cin and cout == cin:  # one kernel per channel
+                _depthwise(cg, node, cin)
+                return
+        else:
+            cin, cout = int(w.shape[0]), int(w.shape[1]) * g
         xs = cg.add_space(x, cin, 1) if not isinstance(x, gs.Constant) else None
         cg.add_space(out, cout, 1, made=True)
         if xs:
             cg.reads(node, x)
         if g > 1:
+            reason = f"{node.name}: grouped {node.op} ({g} groups)"
             if xs:
-                cg.pin_tensor(x.name, f"{node.name}: grouped conv ({g} groups)")
-            cg.pin_tensor(out.name, f"{node.name}: grouped conv ({g} groups)")
-            return
-        if xs:
-            cg.add_item(Item("sink", node, x.name))
-        cg.add_item(Item("row", node, out.name))
-        return
-    if node.op == "ConvTranspose":
-        g = int(node.attrs.get("group", 1))
-        cin, cout = int(w.shape[0]), int(w.shape[1]) * g
-        xs = cg.add_space(x, cin, 1) if not isinstance(x, gs.Constant) else None
-        cg.add_space(out, cout, 1, made=True)
-        if xs:
-            cg.reads(node, x)
-        if g > 1:
-            if xs:
-                cg.pin_tensor(x.name, f"{node.name}: grouped ConvTranspose")
-            cg.pin_tensor(out.name, f"{node.name}: grouped ConvTranspose")
+                cg.pin_tensor(x.name, reason)
+            cg.pin_tensor(out.name, reason)
             return
         if xs:
             cg.add_item(Item("sink", node, x.name))

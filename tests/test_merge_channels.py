@@ -177,7 +177,7 @@ def test_pinned_channels_left_alone_with_reasons() -> None:
     out, res = merged(m)
     assert not res.counts
     reasons = " ".join(d.reason for d in res.declined)
-    assert "grouped conv" in reasons and "graph input" in reasons
+    assert "grouped Conv" in reasons and "graph input" in reasons
     assert_equivalent(m, out)
 
 

@@ -180,13 +180,19 @@ def _rewrite(graph: gs.Graph, node: gs.Node, f: Factors, form: str, dtype: np.dt
     dw_attrs.update(group=int(groups), kernel_shape=kshape)
     dw_w = gs.Constant(f"{tag}_dw_weight", d.reshape(len(d), 1, *kshape).astype(dtype))
     graph.nodes.append(gs.Node("Conv", f"{tag}_dw", dw_attrs, [src, dw_w], [mid]))
-    pw_inputs = [mid, gs.Constant(f"{tag}_pw_weight", p.reshape(cout, -1, *([1] * len(kshape))).astype(dtype))]
+    _pointwise(graph, node, mid, p, dtype, tag, len(kshape))
+
+
+def _pointwise(graph: gs.Graph, node: gs.Node, src: gs.Variable, p: np.ndarray, dtype, tag: str, dims: int) -> None:
+    """The 1x1 conv with coefficients ``p`` and the original bias takes over ``node``'s output."""
+    cout = p.shape[0]
+    pw_inputs = [src, gs.Constant(f"{tag}_pw_weight", p.reshape(cout, -1, *([1] * dims)).astype(dtype))]
     if len(node.inputs) > 2 and node.inputs[2].name:
         pw_inputs.append(node.inputs[2])
     out = node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()
-    graph.nodes.append(gs.Node("Conv", f"{tag}_pw", {"kernel_shape": [1] * len(kshape)}, pw_inputs, [out]))
+    graph.nodes.append(gs.Node("Conv", f"{tag}_pw", {"kernel_shape": [1] * dims}, pw_inputs, [out]))
 
 
 def _rewrite_stacked(graph: gs.Graph, node: gs.Node, f: Factors, dtype: np.dtype, tag: str, kshape: list[int]) -> None:
@@ -207,10 +213,4 @@ def _rewrite_stacked(graph: gs.Graph, node: gs.Node, f: Factors, dtype: np.dtype
         outs.append(out)
     cat = gs.Variable(f"{tag}_stacked", dtype=node.outputs[0].dtype)
     graph.nodes.append(gs.Node("Concat", f"{tag}_concat", {"axis": 1}, outs, [cat]))
-    pw_inputs = [cat, gs.Constant(f"{tag}_pw_weight", p.reshape(cout, -1, *([1] * len(kshape))).astype(dtype))]
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        pw_inputs.append(node.inputs[2])
-    final = node.outputs[0]
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes.append(gs.Node("Conv", f"{tag}_pw", {"kernel_shape": [1] * len(kshape)}, pw_inputs, [final]))
+    _pointwise(graph, node, cat, p, dtype, tag, len(kshape))
