@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from scipy.linalg import blas
 
 from redonnx.runtime import expects_pixels, random_inputs, run, session
 
@@ -102,16 +103,17 @@ def synthetic_inputs(
 def precision(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     """Inverse of a covariance with a small ridge (relative to its mean variance)."""
     lam = ridge * max(float(np.mean(np.diag(cov))), 1e-30)
-    return np.linalg.inv(cov + lam * np.eye(len(cov)))
+    return np.asfortranarray(np.linalg.inv(cov + lam * np.eye(len(cov))))
 
 
 def remove_from_precision(p: np.ndarray, r: int) -> np.ndarray:
     """Precision of the remaining variables' conditional model once r is no longer observed.
 
     Marginalising r out of the joint Gaussian: P' = P_-r,-r - P_-r,r P_r,-r / P_rr (r's row and
-    column are then ignored; they are set to zero with P_rr = inf semantics by the caller)."""
+    column are then ignored; they are set to zero with P_rr = inf semantics by the caller). ``p``
+    is updated in place (a symmetric matrix is its own Fortran-ordered transpose)."""
     col = p[:, r].copy()
-    out = p - np.outer(col, col) / p[r, r]
+    out = blas.dger(-1.0 / p[r, r], col, col, a=p, overwrite_a=True)  # in place: no C x C temporaries
     out[r, :] = 0.0
     out[:, r] = 0.0
     out[r, r] = np.inf

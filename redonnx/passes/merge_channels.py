@@ -738,20 +738,17 @@ def _compensate(graph: gs.Graph, it: Item, removed: list[int], kept: list[int], 
     w = np.array(node.inputs[1].values, dtype=np.float64)
     axis = _in_axis(node)
     wm = np.moveaxis(w, axis, 0)
-    idx = (lambda c: it.features[c]) if it.features is not None else (lambda c: c)
-    delta = None
-    for j, r in enumerate(removed):
-        col = wm[idx(r)].copy()
-        for k, ch in enumerate(kept):
-            if b[j, k] != 0:
-                wm[idx(ch)] += b[j, k] * col
-        if it.features is not None:  # [positions, outputs]
-            per_out = col.sum(0)
-        else:  # Conv [outputs, taps...] or Gemm/MatMul [outputs]
-            per_out = col.reshape(col.shape[0], -1).sum(1) if col.ndim > 1 else col
-        delta = c0[j] * per_out if delta is None else delta + c0[j] * per_out
+    if it.features is not None:  # rows per channel: [channels, positions, outputs]
+        cols = wm[it.features[removed]]
+        wm[it.features[kept]] += np.einsum("rk,rp...->kp...", b, cols)
+        delta = np.einsum("r,rp...->...", c0, cols)
+    else:  # Conv [C_in, outputs, taps...] or Gemm/MatMul [K, outputs]
+        cols = wm[removed]
+        wm[kept] += np.tensordot(b.T, cols, axes=1)
+        per_out = cols.reshape(len(removed), cols.shape[1], -1).sum(2) if cols.ndim > 2 else cols
+        delta = c0 @ per_out
     _set_const(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
-    if node.op in ("Conv", "Gemm", "MatMul") and delta is not None and np.any(delta):
+    if node.op in ("Conv", "Gemm", "MatMul") and np.any(delta):
         _add_bias(graph, node, delta)
 
 
