@@ -99,9 +99,13 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     for _key, members in groups.items():
         _exact_merges(cg, members, plan, res)
     if alpha > 0:
-        _relaxed_merges(cg, groups, plan, res, alpha, ctx.options)
-        if ctx.options.get("merge_criterion", "reconstruct") == "reconstruct":
+        criterion = ctx.options.get("merge_criterion", "reconstruct")
+        if criterion == "paper":
+            _paper_merges(groups, plan, res, alpha, ctx.options)
+        elif criterion == "reconstruct":
             _relaxed_removals(graph, cg, groups, plan, res, alpha, ctx.options)
+        else:
+            raise RedonnxError("--merge-criterion must be reconstruct or paper")
     if plan.merges:
         _apply(cg, infos, plan)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
@@ -459,19 +463,10 @@ def _in_axis(node: gs.Node) -> int:
     return 0  # ConvTranspose weight [C_in, ...], MatMul weight [K, M]
 
 
-def _relaxed_merges(
-    cg: ChannelGraph,
-    groups: dict[tuple, list[ClassInfo]],
-    plan: Plan,
-    res: PassResult,
-    alpha: float,
-    options: dict[str, Any],
+def _paper_merges(
+    groups: dict[tuple, list[ClassInfo]], plan: Plan, res: PassResult, alpha: float, options: dict[str, Any]
 ) -> None:
-    criterion = options.get("merge_criterion", "reconstruct")
-    if criterion not in ("reconstruct", "paper"):
-        raise RedonnxError("--merge-criterion must be reconstruct or paper")
-    if criterion != "paper":
-        return
+    """The paper's relaxed merging: per group, merge the closest rows (alpha of them), mean rows."""
     alphas = _layer_alphas(groups, alpha, options.get("alpha_strategy", "constant"))
     gone = {m[0] for m in plan.merges}
     for key, members in groups.items():
