@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -110,13 +111,22 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     return shapes
 
 
+SKELETON_ELEMENTS = 4096  # constants larger than this enter shape inference as typed inputs only
+
+
 def annotate_graph(graph: gs.Graph) -> int:
-    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference."""
+    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference.
+
+    Large constants are swapped for graph inputs of the same type and shape while the graph is
+    exported, so inference sees no weight data and nothing large is copied."""
+    swaps = _swap_large_constants(graph)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
         full = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # best effort: folding still works without shapes
+    except Exception:  # best effort: callers work without shapes
         return 0
+    finally:
+        _restore_constants(graph, swaps)
     infos = {vi.name: vi for vi in [*full.graph.value_info, *full.graph.output]}
     filled = 0
     for name, tensor in graph.tensors().items():
@@ -129,3 +139,25 @@ def annotate_graph(graph: gs.Graph) -> int:
         if tensor.dtype is None and vi.type.tensor_type.elem_type:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
     return filled
+
+
+def _swap_large_constants(graph: gs.Graph) -> list[tuple[gs.Node, int, gs.Constant, gs.Variable]]:
+    proxies: dict[int, gs.Variable] = {}
+    swaps = []
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > SKELETON_ELEMENTS:
+                proxy = proxies.get(id(t))
+                if proxy is None:
+                    proxy = proxies[id(t)] = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
+                    graph.inputs.append(proxy)
+                node.inputs[i] = proxy
+                swaps.append((node, i, t, proxy))
+    return swaps
+
+
+def _restore_constants(graph: gs.Graph, swaps: list[tuple[gs.Node, int, gs.Constant, gs.Variable]]) -> None:
+    proxies = {id(p) for *_, p in swaps}
+    for node, i, const, _ in swaps:
+        node.inputs[i] = const
+    graph.inputs[:] = [t for t in graph.inputs if id(t) not in proxies]

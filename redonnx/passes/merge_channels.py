@@ -116,18 +116,18 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
 
 
 def _channel_slice(values: np.ndarray, axis: int, c: int) -> np.ndarray:
-    return np.take(values, c, axis=axis).reshape(-1)
+    """Channel ``c`` along ``axis``, flattened, in float64 (slicing first: weights can be large)."""
+    return np.take(values, c, axis=axis).reshape(-1).astype(np.float64)
 
 
 def _row(node: gs.Node, c: int) -> np.ndarray:
     """Weights and bias of output channel ``c`` of a layer."""
-    w = np.asarray(node.inputs[1].values, np.float64)
+    w = np.asarray(node.inputs[1].values)
     bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    axis = _out_axis(node)
-    parts = [_channel_slice(w, axis, c)]
+    parts = [_channel_slice(w, _out_axis(node), c)]
     if bias is not None:
-        b = np.asarray(bias, np.float64).reshape(-1)
-        parts.append(b[c : c + 1] if b.size > 1 else b)
+        b = bias.reshape(-1)
+        parts.append((b[c : c + 1] if b.size > 1 else b).astype(np.float64))
     return np.concatenate(parts)
 
 
@@ -177,7 +177,7 @@ def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]]) -> 
                 scaled.append(_row(it.node, c))
                 zero_ok = zero_ok and not np.any(scaled[-1])
             elif it.kind == "param":
-                v = np.asarray(const_value(it.node.inputs[it.index]), np.float64)
+                v = const_value(it.node.inputs[it.index])
                 key.append(("param", it.node.name, it.index))
                 fixed.append(_channel_slice(v, _param_axis(v, cg.spaces[t].size), c))
                 zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c)
@@ -449,10 +449,9 @@ def _layer_alphas(groups: dict[tuple, list[ClassInfo]], alpha: float, strategy: 
 
 
 def _sink_columns(it: Item, c: int) -> np.ndarray:
-    w = np.asarray(it.node.inputs[1].values, np.float64)
-    axis = _in_axis(it.node)
+    w = np.asarray(it.node.inputs[1].values)
     idx = it.features[c] if it.features is not None else [c]
-    return np.take(w, idx, axis=axis)
+    return np.take(w, idx, axis=_in_axis(it.node)).astype(np.float64)
 
 
 def _in_axis(node: gs.Node) -> int:
