@@ -86,8 +86,8 @@ def search_alpha(
         alpha, goal = _bisect(lambda a: (trial(a)[3] or 0.0) >= target_macs, want_max=False), f"{target_macs:g} % MACs"
     else:
         alpha, goal = _bisect(lambda a: bool(trial(a)[2]), want_max=True), "fidelity budget"
-    model, results, v, _ = trial(alpha)
-    record = SearchResult(goal, alpha, met=bool(v) if target_macs is None else (trial(alpha)[3] or 0) >= target_macs)
+    model, results, v, removed = trial(alpha)
+    record = SearchResult(goal, alpha, met=bool(v) if target_macs is None else (removed or 0) >= target_macs)
     record.trials = [
         Trial(a, t[3], t[2].worst_cosine, t[2].min_top1, bool(t[2])) for a, t in sorted(trials.items())
     ]  # fmt: skip

@@ -81,6 +81,7 @@ class ChannelGraph:
     made: set[str] = field(default_factory=set)  # tensors whose producing node is modelled
     read: dict[int, set[str]] = field(default_factory=dict)  # node id -> channel tensors it models
     flattened: set[str] = field(default_factory=set)  # Flatten outputs whose readers are sinks upstream
+    _members: dict[int, list[tuple[str, int]]] | None = None  # classes(), computed once spaces are final
 
     # ---------------------------------------------------------------- union-find
 
@@ -149,7 +150,7 @@ class ChannelGraph:
 
     def members_of(self, root: int) -> list[tuple[str, int]]:
         """(tensor, channel) pairs of the class whose root is ``root``."""
-        if not hasattr(self, "_members"):
+        if self._members is None:
             self._members = self.classes()
         return self._members.get(root, [])
 

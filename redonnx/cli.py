@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from redonnx.errors import RedonnxError
+from redonnx.io import check_writable
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 
@@ -174,9 +175,7 @@ def _verify_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON next to ``path`` then rename, so a reader never sees half a file."""
     out = Path(path)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise RedonnxError(f"{out}: folder {folder} does not exist")
+    folder = check_writable(out)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".redonnx-", suffix=".json", dir=folder)
         with os.fdopen(fd, "w") as f:
@@ -208,9 +207,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     src = load_model(args.input)
     if not args.force and out.exists() and src.path and os.path.samefile(out, src.path):
         raise RedonnxError(f"{out}: refusing to overwrite the input model (use --force)")
-    _check_writable(out)
+    check_writable(out)
     if args.report:
-        _check_writable(Path(args.report))
+        check_writable(Path(args.report))
     options = _pass_options(args)
     if args.calibration:
         from redonnx.runtime import load_npz_inputs
@@ -227,7 +226,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise RedonnxError("--no-verify needs --exact: lossy rewrites are only written once verified")
     density_dir = None
     if args.html:
-        _check_writable(Path(args.html))
+        check_writable(Path(args.html))
         density_dir = tempfile.mkdtemp(prefix="redonnx-plots-")
         options.setdefault("plot_dir", density_dir)
         options.setdefault("plot_limit", 4)
@@ -267,16 +266,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print("NOT verified (--no-verify): lossless rewrites only, onnxruntime was not run")
         print(f"wrote {out}" if ok else "verification failed: nothing written")
     return EXIT_OK if ok else EXIT_VERIFY
-
-
-def _check_writable(out: Path) -> None:
-    folder = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise RedonnxError(f"{out}: is a directory")
-    if not folder.is_dir():
-        raise RedonnxError(f"{out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise RedonnxError(f"{out}: folder {folder} is not writable")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

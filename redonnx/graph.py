@@ -8,6 +8,8 @@ where IR < 4 requires them.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -156,3 +158,61 @@ def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
 
 def tensor_proto_value(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
+
+
+_fresh = itertools.count()
+
+
+def fresh_name(base: str) -> str:
+    """A tensor or node name derived from ``base`` that no exporter writes."""
+    return f"{base}_r{next(_fresh)}"
+
+
+def set_input_values(node: gs.Node, index: int, values: np.ndarray) -> None:
+    """Give ``node`` new constant values at input ``index``; a constant others read is copied first."""
+    t = node.inputs[index]
+    values = np.asarray(values, order="C")
+    if len(t.outputs) > 1:
+        node.inputs[index] = gs.Constant(fresh_name(t.name), values)
+    else:
+        t.values = values
+
+
+def add_to_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
+    """Add ``delta`` (one value per output channel) to a Conv, ConvTranspose or Gemm bias, creating
+    it if needed (Gemm's beta is folded in). MatMul has no bias input: its bias is the constant Add
+    that follows, or a new Add."""
+    if node.op == "MatMul":
+        _add_matmul_bias(graph, node, delta)
+        return
+    w = node.inputs[1]
+    old = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    base = np.zeros_like(delta) if old is None else np.broadcast_to(old.astype(np.float64).reshape(-1), delta.shape)
+    if node.op == "Gemm":
+        base = base * float(node.attrs.get("beta", 1.0))
+        node.attrs["beta"] = 1.0
+    new = (base + delta).astype(w.values.dtype)
+    if old is None:
+        bias = gs.Constant(fresh_name(f"{w.name}_bias"), new)
+        if len(node.inputs) > 2:  # an empty optional input
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+    else:
+        set_input_values(node, 2, new)
+
+
+def _add_matmul_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
+    out = node.outputs[0]
+    rs = readers(out)
+    if len(rs) == 1 and rs[0].op == "Add" and not is_graph_output(graph, out):
+        add = rs[0]
+        j = 1 if add.inputs[0] is out else 0
+        old = const_value(add.inputs[j])
+        if old is not None and old.size == delta.size and old.ndim <= 1:
+            set_input_values(add, j, (old.astype(np.float64) + delta).astype(old.dtype))
+            return
+    mid = gs.Variable(fresh_name(f"{out.name}_unbiased"), dtype=out.dtype)
+    node.outputs[0] = mid
+    bias = gs.Constant(fresh_name(f"{node.inputs[1].name}_bias"), delta.astype(node.inputs[1].values.dtype))
+    graph.nodes.append(gs.Node("Add", fresh_name(f"{node.name}_bias"), inputs=[mid, bias], outputs=[out]))

@@ -207,17 +207,23 @@ def save_model(
     out = Path(path)
     if source is not None and source.path is not None and not force and _same_file(out, source.path):
         raise RedonnxError(f"{out}: refusing to overwrite the input model (use --force)")
-    if out.exists() and out.is_dir():
-        raise RedonnxError(f"{out}: is a directory")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise RedonnxError(f"{out}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise RedonnxError(f"{out}: output folder {folder} is not writable")
+    folder = check_writable(out)
     if external_data is None:
         external_data = bool(source and source.external_data) or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     _write_atomic(model, out, folder, external_data)
     return out
+
+
+def check_writable(out: Path) -> Path:
+    """The folder ``out`` will be written in, after checking that writing there can work."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise RedonnxError(f"{out}: is a directory")
+    if not folder.is_dir():
+        raise RedonnxError(f"{out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise RedonnxError(f"{out}: folder {folder} is not writable")
+    return folder
 
 
 def _same_file(a: Path, b: Path) -> bool:

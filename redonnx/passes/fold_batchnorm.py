@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import const_value, is_graph_output, new_constant, sole_reader
+from redonnx.graph import add_to_bias, const_value, is_graph_output, new_constant, sole_reader
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.shapes import annotate_graph
 
@@ -366,7 +366,7 @@ def _forward_into(graph: gs.Graph, c: gs.Node, s: np.ndarray, t: np.ndarray) -> 
         extra = (1,) * (wv.ndim - 2)
         delta = (wv * t_oi.reshape(cout, cin_g, *extra)).reshape(cout, -1).sum(axis=1)
         w.values = (wv * s_oi.reshape(cout, cin_g, *extra)).astype(dtype)
-        _add_bias(graph, c, 2, delta, dtype)
+        add_to_bias(graph, c, delta)
         return
     alpha = float(c.attrs.get("alpha", 1.0)) if c.op == "Gemm" else 1.0
     trans = c.op == "Gemm" and c.attrs.get("transB", 0)
@@ -374,34 +374,4 @@ def _forward_into(graph: gs.Graph, c: gs.Node, s: np.ndarray, t: np.ndarray) -> 
     delta = alpha * (t @ kxm)
     kxm = kxm * s[:, None]
     w.values = (kxm.T if trans else kxm).astype(dtype)
-    if c.op == "Gemm":
-        beta = float(c.attrs.get("beta", 1.0))
-        old = const_value(c.inputs[2]) if len(c.inputs) > 2 and c.inputs[2].name else None
-        base = np.zeros_like(delta) if old is None else beta * np.broadcast_to(old.astype(np.float64), delta.shape)
-        c.attrs["beta"] = 1.0
-        _replace_input(graph, c, 2, base + delta, dtype)
-        return
-    out = c.outputs[0]
-    mid = gs.Variable(f"{out.name}_pre_bias", dtype=out.dtype)
-    c.outputs[0] = mid
-    bias = new_constant(graph, f"{w.name}_bias", delta.astype(dtype))
-    graph.nodes.append(gs.Node("Add", name=f"{c.name}_bias", inputs=[mid, bias], outputs=[out]))
-
-
-def _add_bias(graph: gs.Graph, c: gs.Node, idx: int, delta: np.ndarray, dtype: np.dtype) -> None:
-    old = const_value(c.inputs[idx]) if len(c.inputs) > idx and c.inputs[idx].name else None
-    base = np.zeros_like(delta) if old is None else old.astype(np.float64)
-    _replace_input(graph, c, idx, base + delta, dtype)
-
-
-def _replace_input(graph: gs.Graph, c: gs.Node, idx: int, values: np.ndarray, dtype: np.dtype) -> None:
-    if len(c.inputs) > idx and isinstance(c.inputs[idx], gs.Constant):
-        c.inputs[idx].values = values.astype(dtype)
-        return
-    const = new_constant(graph, f"{c.inputs[1].name}_bias", values.astype(dtype))
-    while len(c.inputs) < idx:
-        c.inputs.append(gs.Variable.empty())
-    if len(c.inputs) > idx:
-        c.inputs[idx] = const
-    else:
-        c.inputs.append(const)
+    add_to_bias(graph, c, delta)

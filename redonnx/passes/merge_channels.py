@@ -25,7 +25,6 @@ the importance-weighted mean.
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +35,7 @@ import onnx_graphsurgeon as gs
 from redonnx import reconstruct as R
 from redonnx.channels import ChannelGraph, Item, analyze
 from redonnx.errors import RedonnxError
-from redonnx.graph import const_value
+from redonnx.graph import add_to_bias, const_value, set_input_values
 from redonnx.passes.base import Decline, PassContext, PassResult
 from redonnx.shapes import annotate_graph
 
@@ -543,7 +542,7 @@ def _relaxed_removals(
     energy = {t: _column_energy(cg, t) for t in sinks}
     prec = {t: R.precision(stats[t].cov) for t in sinks}
     for drop, _keep, _s in plan.merges:  # exact merges already took these channels away
-        for t, c in _members_of(cg, drop):
+        for t, c in cg.members_of(drop):
             if t in prec and np.isfinite(prec[t][c, c]):
                 prec[t] = R.remove_from_precision(prec[t], c)
     total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
@@ -558,7 +557,7 @@ def _relaxed_removals(
         for t, c in info.members:
             if t in sinks:
                 removed[t].append(c)
-    dropped = {t: {c for d, _k, _s in plan.merges for tt, c in _members_of(cg, d) if tt == t} for t in removed}
+    dropped = {t: {c for d, _k, _s in plan.merges for tt, c in cg.members_of(d) if tt == t} for t in removed}
     for t, r in removed.items():
         kept = [c for c in range(cg.spaces[t].size) if c not in dropped[t]]
         b, c0 = R.regression(stats[t], sorted(r), kept)
@@ -609,10 +608,6 @@ def _positions(node: gs.Node) -> float:
         return 1.0
     dims = shape[2:] if node.op in ("Conv", "ConvTranspose") else shape[1:-1]
     return float(np.prod([d for d in dims if isinstance(d, int) and d > 0]))
-
-
-def _members_of(cg: ChannelGraph, root: int) -> list[tuple[str, int]]:
-    return cg.members_of(root)
 
 
 def _column_energy(cg: ChannelGraph, t: str) -> np.ndarray:
@@ -723,7 +718,7 @@ def _write_sources(cg: ChannelGraph, infos: dict[int, ClassInfo], sources: dict[
                     size = v[tuple(idx)].size
                     v[tuple(idx)] = fixed_vec[fpos : fpos + size].reshape(v[tuple(idx)].shape)
                     fpos += size
-                    _set_const(it.node, it.index, v)
+                    set_input_values(it.node, it.index, v)
 
 
 def _compensate(graph: gs.Graph, it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0: np.ndarray) -> None:
@@ -741,57 +736,16 @@ def _compensate(graph: gs.Graph, it: Item, removed: list[int], kept: list[int], 
         wm[kept] += np.tensordot(b.T, cols, axes=1)
         per_out = cols.reshape(len(removed), cols.shape[1], -1).sum(2) if cols.ndim > 2 else cols
         delta = c0 @ per_out
-    _set_const(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
+    set_input_values(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
     if node.op in ("Conv", "Gemm", "MatMul") and np.any(delta):
-        _add_bias(graph, node, delta)
-
-
-def _add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
-    """Add ``delta`` (one value per output channel) to a layer's bias, creating it if needed.
-
-    MatMul has no bias input: its bias is the constant Add that follows, or a new Add."""
-    if node.op == "MatMul":
-        _add_matmul_bias(graph, node, delta)
-        return
-    idx = 2
-    w = node.inputs[1]
-    old = const_value(node.inputs[idx]) if len(node.inputs) > idx and node.inputs[idx].name else None
-    if node.op == "Gemm":
-        beta = float(node.attrs.get("beta", 1.0))
-        base = np.zeros_like(delta) if old is None else beta * np.broadcast_to(old.reshape(-1), delta.shape)
-        node.attrs["beta"] = 1.0
-    else:
-        base = np.zeros_like(delta) if old is None else old.astype(np.float64)
-    new = (base + delta).astype(w.values.dtype)
-    if old is None:
-        while len(node.inputs) < idx:
-            node.inputs.append(gs.Variable.empty())
-        node.inputs.append(gs.Constant(f"{w.name}_bias{next(_names)}", new))
-    else:
-        _set_const(node, idx, new)
-
-
-def _add_matmul_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
-    out = node.outputs[0]
-    readers = list({id(n): n for n in out.outputs}.values())
-    if len(readers) == 1 and readers[0].op == "Add":
-        add = readers[0]
-        j = 1 if add.inputs[0] is out else 0
-        old = const_value(add.inputs[j])
-        if old is not None and old.size == delta.size and old.ndim <= 1:
-            _set_const(add, j, (old.astype(np.float64) + delta).astype(old.dtype))
-            return
-    mid = gs.Variable(f"{out.name}_unbiased{next(_names)}", dtype=out.dtype)
-    node.outputs[0] = mid
-    bias = gs.Constant(f"{node.inputs[1].name}_bias{next(_names)}", delta.astype(node.inputs[1].values.dtype))
-    graph.nodes.append(gs.Node("Add", f"{node.name}_bias{next(_names)}", inputs=[mid, bias], outputs=[out]))
+        add_to_bias(graph, node, delta)
 
 
 def _absorb_constant(graph: gs.Graph, it: Item, c: int, k: float) -> None:
     """A constant input channel c of value k adds k * sum of its columns to the layer's bias."""
     cols = np.moveaxis(_sink_columns(it, c), _in_axis(it.node), 0)
     per_out = cols.sum(0) if it.features is not None else cols[0]
-    _add_bias(graph, it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
+    add_to_bias(graph, it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
 
 
 def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
@@ -801,12 +755,12 @@ def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
     idx[axis] = c
     n = w[tuple(idx)].size
     w[tuple(idx)] = vec[:n].reshape(w[tuple(idx)].shape).astype(w.dtype)
-    _set_const(node, 1, w)
+    set_input_values(node, 1, w)
     if len(node.inputs) > 2 and node.inputs[2].name and vec.size > n:
         b = np.array(node.inputs[2].values, copy=True)
         if b.size > 1:
             b.reshape(-1)[c] = vec[n]
-            _set_const(node, 2, b)
+            set_input_values(node, 2, b)
 
 
 def _rewrite(
@@ -830,20 +784,7 @@ def _take(node: gs.Node, index: int, keep: list[int], axis: int, flat: bool = Fa
     v = np.asarray(node.inputs[index].values)
     if flat:
         v, axis = v.reshape(-1), 0
-    _set_const(node, index, np.take(v, keep, axis=axis))
-
-
-_names = itertools.count()
-
-
-def _set_const(node: gs.Node, index: int, values: np.ndarray) -> None:
-    """Give ``node`` new values at input ``index``; a constant other nodes read is copied first."""
-    t = node.inputs[index]
-    values = np.asarray(values, order="C")
-    if len(t.outputs) > 1:
-        node.inputs[index] = gs.Constant(f"{t.name}_merged{next(_names)}", values)
-    else:
-        t.values = values
+    set_input_values(node, index, np.take(v, keep, axis=axis))
 
 
 def _fold_columns(it: Item, keep: list[int], moves: dict[int, tuple[int | None, float]]) -> None:
@@ -861,7 +802,7 @@ def _fold_columns(it: Item, keep: list[int], moves: dict[int, tuple[int | None, 
         idx[axis] = dst
         w[tuple(idx)] += moved
     kept = np.sort(np.concatenate([feats[c] for c in keep])) if feats is not None else np.array(keep)
-    _set_const(node, 1, np.take(w, kept, axis=axis).astype(node.inputs[1].values.dtype))
+    set_input_values(node, 1, np.take(w, kept, axis=axis).astype(node.inputs[1].values.dtype))
 
 
 def _rewrite_op(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
@@ -872,7 +813,7 @@ def _rewrite_op(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) ->
         if "split" in node.attrs:
             node.attrs["split"] = sizes
         elif len(node.inputs) > 1 and node.inputs[1].name:
-            _set_const(node, 1, np.array(sizes, np.int64))
+            set_input_values(node, 1, np.array(sizes, np.int64))
     elif node.op == "Slice":
         _rewrite_slice(cg, node, keeps)
     elif node.op == "Pad":
@@ -880,11 +821,11 @@ def _rewrite_op(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) ->
     elif node.op == "Reshape":
         t = const_value(node.inputs[1])
         if t is not None and int(t[1]) != -1 and int(t[0]) != -1:
-            _set_const(node, 1, np.array([t[0], -1], dtype=t.dtype))
+            set_input_values(node, 1, np.array([t[0], -1], dtype=t.dtype))
         elif t is not None and int(t[1]) != -1:
             sp = cg.spaces[node.inputs[0].name]
             per_channel = int(t[1]) // sp.size
-            _set_const(node, 1, np.array([-1, per_channel * len(keeps[sp.tensor.name])], dtype=t.dtype))
+            set_input_values(node, 1, np.array([-1, per_channel * len(keeps[sp.tensor.name])], dtype=t.dtype))
 
 
 def _kept_before(keep: list[int], pos: int) -> int:
@@ -906,8 +847,8 @@ def _rewrite_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]])
     if "starts" in node.attrs:
         node.attrs["starts"], node.attrs["ends"] = starts, ends
     else:
-        _set_const(node, 1, np.array(starts, np.int64))
-        _set_const(node, 2, np.array(ends, np.int64))
+        set_input_values(node, 1, np.array(starts, np.int64))
+        set_input_values(node, 2, np.array(ends, np.int64))
 
 
 def _rewrite_pad(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
@@ -923,4 +864,4 @@ def _rewrite_pad(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -
     if "pads" in node.attrs:
         node.attrs["pads"] = pads
     else:
-        _set_const(node, 1, np.array(pads, np.int64))
+        set_input_values(node, 1, np.array(pads, np.int64))
