@@ -45,6 +45,7 @@ class PruneResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     search: SearchResult | None = None
+    _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def modified(self) -> bool:
@@ -52,7 +53,9 @@ class PruneResult:
 
     def report(self) -> dict[str, Any]:
         """The JSON report: sizes before/after, what each pass did and declined, verification."""
-        before, after = _sizes(self.source.model, self.before), _sizes(self.model, self.after)
+        if self._sizes is None:  # serializing and deflating both models is the costly part: once
+            self._sizes = (_sizes(self.source.model, self.before), _sizes(self.model, self.after))
+        before, after = self._sizes
         return {
             "tool": f"redonnx {redonnx.__version__}",
             "input": str(self.source.path) if self.source.path else None,
