@@ -26,9 +26,10 @@ from redonnx.graph import to_graph, to_model
 from redonnx.io import load_model
 from redonnx.passes import hash_weights
 from redonnx.passes.base import PassContext
-from redonnx.pipeline import deflated_size, run_passes
+from redonnx.pipeline import run_passes
 from redonnx.runtime import run, session
 from redonnx.verify import verify
+from redonnx.weights import deflated_size
 
 RESNET50 = (
     [(64, 3, 7, 7)]

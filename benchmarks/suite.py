@@ -29,8 +29,9 @@ from merging import Scorer, onnxsim_at
 from redonnx.bench import interleaved_times
 from redonnx.cost import model_cost
 from redonnx.io import load_model
-from redonnx.pipeline import deflated_size, prune, run_passes
+from redonnx.pipeline import prune, run_passes
 from redonnx.runtime import random_inputs, session
+from redonnx.weights import deflated_size
 
 MODELS = [
     ("digits_resnet (bundled)", ROOT / "models/digits_resnet.onnx", None, {}),

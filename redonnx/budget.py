@@ -21,6 +21,7 @@ from typing import Any
 
 import onnx
 
+from redonnx import weights
 from redonnx.cost import model_cost
 from redonnx.passes.base import PassResult
 from redonnx.verify import Reference, Tolerance, VerificationResult
@@ -87,6 +88,9 @@ def search_alpha(
     else:
         alpha, goal = _bisect(lambda a: bool(trial(a)[2]), want_max=True), "fidelity budget"
     model, results, v, removed = trial(alpha)
+    for a, t in trials.items():
+        if a != alpha:
+            weights.discard(t[0])  # lean candidates: free their scratch data files
     record = SearchResult(goal, alpha, met=bool(v) if target_macs is None else (removed or 0) >= target_macs)
     record.trials = [
         Trial(a, t[3], t[2].worst_cosine, t[2].min_top1, bool(t[2])) for a, t in sorted(trials.items())

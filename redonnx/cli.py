@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("redonnx: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # e.g. the disk filled up while writing scratch or output files
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"redonnx: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # never a traceback for users; REDONNX_DEBUG=1 shows it
         if os.environ.get("REDONNX_DEBUG"):
             raise
@@ -146,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    finally:
+        from redonnx.weights import SCRATCH
+
+        SCRATCH.close()  # lean exports' data files (large models) live only as long as the command
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
@@ -210,6 +218,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_writable(out)
     if args.report:
         check_writable(Path(args.report))
+    from redonnx.weights import SCRATCH
+
+    SCRATCH.use(out.parent)  # large models: scratch data files on the output's disk, not in /tmp
     options = _pass_options(args)
     if args.calibration:
         from redonnx.runtime import load_npz_inputs

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from redonnx.errors import RedonnxError
 from redonnx.graph import to_graph
-from redonnx.shapes import infer_shapes, resolve_input_shapes, with_input_shapes
+from redonnx.shapes import graph_shapes, infer_shapes, resolve_input_shapes
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -83,16 +83,13 @@ def folded_graph(model: onnx.ModelProto, concrete: dict[str, list[int]]) -> tupl
     from redonnx.passes import fold_constants
     from redonnx.passes.base import PassContext
 
-    static = with_input_shapes(model, concrete) if concrete else model
-    graph = to_graph(static)
+    graph = to_graph(model)
+    for t in graph.inputs:
+        if isinstance(t, gs.Variable) and t.name in concrete:
+            t.shape = list(concrete[t.name])
     fold_constants.run(graph, PassContext(opset=int(graph.opset)))
-    try:
-        folded = gs.export_onnx(graph, do_type_check=False)
-    except Exception:  # best effort: fall back to plain inference
-        return graph, infer_shapes(static)
-    # initializers are no longer listed as inputs here; IR < 4 inference would not read them
-    folded.ir_version = max(folded.ir_version, 7)
-    return graph, infer_shapes(folded)
+    shapes = graph_shapes(graph)
+    return graph, shapes or infer_shapes(model)
 
 
 def _total_params(graph: gs.Graph) -> int:

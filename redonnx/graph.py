@@ -13,9 +13,9 @@ import itertools
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 import redonnx
+from redonnx import weights
 from redonnx.errors import RedonnxError
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -27,8 +27,17 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         graph = gs.import_onnx(model)
     except Exception as exc:  # gs raises bare exceptions on exotic input
         raise RedonnxError(f"cannot import the graph: {exc}") from None
+    weights.lift_external(graph, weights.external_base(model))
     lift_constant_nodes(graph)
     return graph
+
+
+def export(graph: gs.Graph, lean: bool = False, **kw) -> onnx.ModelProto:
+    """``gs.export_onnx``; lean (weights in scratch data files, see :mod:`redonnx.weights`) when
+    asked, or when the graph reads weights from disk or holds more than ``weights.LEAN_BYTES``."""
+    if lean or weights.is_lean_graph(graph):
+        return weights.export_lean(graph, lambda g: gs.export_onnx(g, do_type_check=False, **kw))
+    return gs.export_onnx(graph, do_type_check=False, **kw)
 
 
 def lift_constant_nodes(graph: gs.Graph) -> int:
@@ -70,7 +79,9 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
 def to_model(graph: gs.Graph, source: onnx.ModelProto, note: str = "") -> onnx.ModelProto:
     """Export ``graph`` keeping ``source``'s IR version, opsets, metadata and functions."""
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(recurse_subgraphs=False)
-    model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(source.opset_import))
+    lean_source = weights.external_base(source) is not None  # a large model stays lean through the pipeline
+    model = export(graph, lean=lean_source, opset_imports=list(source.opset_import))
+    lean = {p.key: p.value for p in model.metadata_props if p.key in (weights.BASE_KEY, weights.SPILL_KEY)}
     model.ir_version = source.ir_version
     model.producer_name = source.producer_name
     model.producer_version = source.producer_version
@@ -81,10 +92,10 @@ def to_model(graph: gs.Graph, source: onnx.ModelProto, note: str = "") -> onnx.M
     model.functions.extend(source.functions)
     del model.metadata_props[:]
     for prop in source.metadata_props:
-        if prop.key != "redonnx":
+        if prop.key not in ("redonnx", weights.BASE_KEY, weights.SPILL_KEY):
             model.metadata_props.append(prop)
     tag = f"redonnx {redonnx.__version__}" + (f": {note}" if note else "")
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "redonnx": tag})
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "redonnx": tag, **lean})
     _drop_intermediate_value_info(model)
     if model.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
@@ -154,10 +165,6 @@ def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
         k += 1
         name = f"{base}_{k}"
     return gs.Constant(name, np.asarray(values, order="C"))
-
-
-def tensor_proto_value(t: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(t)
 
 
 _fresh = itertools.count()

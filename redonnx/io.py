@@ -17,6 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from redonnx import weights
 from redonnx.errors import RedonnxError
 
 MIN_OPSET = 7
@@ -64,11 +65,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise RedonnxError(f"{p}: cannot read: {exc.strerror or exc}") from None
     _check_header(model, p)
     external = _check_external_data(model, p.parent, p)
-    if external:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as exc:
-            raise RedonnxError(f"{p}: cannot load external data: {exc}") from None
+    if external:  # lean: weights stay in their files until a pass reads them (see redonnx.weights)
+        weights.set_external_base(model, p.parent.resolve())
     loaded = LoadedModel(model=model, path=p, external_data=external)
     validate_structure(model, p)
     _note_legacy(loaded)
@@ -86,30 +84,10 @@ def _check_header(model: onnx.ModelProto, p: Path) -> None:
         raise RedonnxError(f"{p}: opset {opset} is not supported (supported: {MIN_OPSET} to {newest})")
 
 
-def _iter_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_graphs(g)
-
-
-def _iter_tensors(model: onnx.ModelProto):
-    for g in _iter_graphs(model.graph):
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-
-
 def _check_external_data(model: onnx.ModelProto, base: Path, p: Path) -> bool:
     """Check every external tensor's file exists and is long enough; True if any is external."""
     found = False
-    for t in _iter_tensors(model):
+    for t in weights.iter_tensors(model):
         if not external_data_helper.uses_external_data(t):
             continue
         found = True
@@ -209,7 +187,11 @@ def save_model(
         raise RedonnxError(f"{out}: refusing to overwrite the input model (use --force)")
     folder = check_writable(out)
     if external_data is None:
-        external_data = bool(source and source.external_data) or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = (
+            bool(source and source.external_data)
+            or weights.external_base(model) is not None
+            or weights.model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+        )
     _write_atomic(model, out, folder, external_data)
     return out
 
@@ -241,31 +223,21 @@ def publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    dup = onnx.ModelProto()
-    dup.CopyFrom(model)
-    return dup
-
-
 def _write_atomic(model: onnx.ModelProto, out: Path, folder: Path, external: bool) -> None:
     tmpdir = Path(tempfile.mkdtemp(prefix=".redonnx-", dir=folder))
     try:
         tmp_model = tmpdir / out.name
         data_name = out.name + ".data"
         if external:
-            model = _copy(model)  # saving as external data rewrites tensors in place
-            onnx.save_model(
-                model,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
+            weights.write_external(model, tmp_model, data_name)
             # The data file must be in place before the model that points to it.
             if (tmpdir / data_name).exists():
                 publish(tmpdir / data_name, folder / data_name)
         else:
+            if weights.external_base(model) is not None:
+                if weights.model_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+                    raise RedonnxError(f"{out}: the model is over 2 GB; it can only be saved with external data")
+                model = weights.inline_copy(model)
             onnx.save_model(model, str(tmp_model))
         publish(tmp_model, out)
     except OSError as exc:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
+from redonnx import weights
 from redonnx.errors import RedonnxError
 from redonnx.shapes import graph_inputs, resolve_input_shapes
 
@@ -27,13 +27,15 @@ def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0) ->
     if threads:
         opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
+    base = weights.external_base(model)
+    if base is not None:  # lean model: onnxruntime reads the weights from their files
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     if model.ByteSize() < ORT_SIZE_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="redonnx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="redonnx-", dir=weights.SCRATCH.folder()) as tmp:
         path = Path(tmp) / "model.onnx"
-        dup = onnx.ModelProto()
-        dup.CopyFrom(model)  # saving as external data rewrites tensors in place
-        onnx.save_model(dup, str(path), save_as_external_data=True, location="model.onnx.data")
+        weights.write_external(model, path, "model.onnx.data")  # streams, no copy of the weights
         return ort.InferenceSession(str(path), opts, providers=providers)
 
 
@@ -104,13 +106,13 @@ def expects_pixels(model: onnx.ModelProto) -> bool:
               and len(vi.type.tensor_type.shape.dim) == 4}  # fmt: skip
     if not images:
         return False
-    weights = {t.name: t for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     frontier, seen = set(images), set()
     for node in model.graph.node:  # nodes are in topological order
         if not frontier & set(node.input):
             continue
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in weights:
-            w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+            w = weights.tensor_array(inits[node.input[1]], weights.external_base(model)).astype(np.float64)
             gain = float(w.std() * np.sqrt(np.prod(w.shape[1:])))
             return gain < PIXEL_GAIN
         if node.op_type in ("Transpose", "Cast", "Identity", "Pad", "Reshape") and node.output[0] not in seen:

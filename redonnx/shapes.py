@@ -114,20 +114,44 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
 SKELETON_ELEMENTS = 4096  # constants larger than this enter shape inference as typed inputs only
 
 
-def annotate_graph(graph: gs.Graph) -> int:
-    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference.
+def _infer_skeleton(graph: gs.Graph) -> onnx.GraphProto | None:
+    """onnx shape inference over ``graph``, or None if it fails.
 
     Large constants are swapped for graph inputs of the same type and shape while the graph is
     exported, so inference sees no weight data and nothing large is copied."""
     swaps = _swap_large_constants(graph)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
-        full = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        model.ir_version = max(model.ir_version, 7)  # IR < 4 inference would not read initializers
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True).graph
     except Exception:  # best effort: callers work without shapes
-        return 0
+        return None
     finally:
         _restore_constants(graph, swaps)
-    infos = {vi.name: vi for vi in [*full.graph.value_info, *full.graph.output]}
+
+
+def graph_shapes(graph: gs.Graph) -> dict[str, Shape]:
+    """Shapes of every tensor onnx can infer in ``graph`` (empty if inference fails)."""
+    g = _infer_skeleton(graph)
+    if g is None:
+        return {}
+    shapes: dict[str, Shape] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        s = declared_shape(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            shapes[t.name] = list(t.shape)
+    return shapes
+
+
+def annotate_graph(graph: gs.Graph) -> int:
+    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference."""
+    g = _infer_skeleton(graph)
+    if g is None:
+        return 0
+    infos = {vi.name: vi for vi in [*g.value_info, *g.output]}
     filled = 0
     for name, tensor in graph.tensors().items():
         vi = infos.get(name)

@@ -218,3 +218,34 @@ def test_relaxed_merging_is_lossy_and_bounded() -> None:
     assert res.verification is not None and res.verification.min_cosine == 0.99
     with pytest.raises(Exception, match="lossy"):
         run_passes(src, ["merge-channels"], exact=True, options={"alpha": 0.1})
+
+
+def test_relaxed_merging_of_a_bias_free_matmul_chain() -> None:
+    """Compensation gives a MatMul a new bias Add; when that layer's own outputs are cut in the same
+    pass, the bias must be cut with them (it once kept its full length: onnxruntime refused it)."""
+    b = Builder(3)
+    x = "x"
+    for i in range(4):
+        x = b.op("MatMul", [x, b.const((b.rng.standard_normal((64, 64)) / 8).astype(np.float32))])
+        if i < 3:
+            x = b.op("Relu", [x])
+    model = b.model([("x", ["N", 64])], [x])
+    res = prune(model, passes=["merge-channels"], options={"alpha": 0.3})
+    assert res.verification is not None and res.after.params < res.before.params
+    adds = [n for n in res.model.graph.node if n.op_type == "Add"]
+    assert adds, "compensation should have added biases"
+    assert_equivalent(model, res.model, rtol=0.5, min_cosine=0.9)
+
+
+def test_multiples_of_one_channel_fold_into_one() -> None:
+    """a = 2 b and b = 3 c (through Relu): two channels go, their columns scaled into the kept one."""
+    b = Builder(4)
+    w = b.rng.standard_normal((8, 6)).astype(np.float32)
+    w[:, 1] = 3 * w[:, 2]
+    w[:, 0] = 2 * w[:, 1]
+    h = b.op("Relu", [b.op("MatMul", ["x", b.const(w)])])
+    y = b.op("MatMul", [h, b.rand(6, 5)])
+    model = b.model([("x", ["N", 8])], [y])
+    res = prune(model, passes=["merge-channels"], exact=True)
+    assert res.after.params == res.before.params - 2 * 8 - 2 * 5
+    assert_equivalent(model, res.model)

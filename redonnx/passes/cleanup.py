@@ -12,11 +12,10 @@ If/Loop/Scan bodies are left untouched.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from redonnx import weights
 from redonnx.graph import const_value, is_graph_output, replace_uses
 from redonnx.passes.base import PassContext, PassResult
 
@@ -95,10 +94,8 @@ def _share_duplicates(graph: gs.Graph) -> int:
             continue
         if any(id(n) not in main for n in tensor.outputs):
             continue  # read inside an If/Loop/Scan body: left untouched
-        values = np.asarray(tensor.values, order="C")
-        key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
-        keep = first.setdefault(key, tensor)
-        if keep is not tensor and np.array_equal(keep.values, values, equal_nan=True):
+        keep = first.setdefault(weights.digest(tensor), tensor)  # streamed from disk if not loaded
+        if keep is not tensor and np.array_equal(keep.values, tensor.values, equal_nan=True):
             replace_uses(tensor, keep)
             shared += 1
     return shared

@@ -19,6 +19,7 @@ import redonnx.runtime  # noqa: F401  (quiets onnxruntime's logger)
 from redonnx.graph import lift_constant_nodes
 from redonnx.passes.base import Decline, PassContext, PassResult
 from redonnx.shapes import annotate_graph
+from redonnx.weights import ExternalValues
 
 name = "fold-constants"
 exact = True
@@ -28,6 +29,8 @@ DEFAULT_SIZE_LIMIT = 16 * 2**20
 def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     res = PassResult(name)
     annotate_graph(graph)
+    graph.toposort(recurse_subgraphs=False)
+    _load_folded_weights(graph)
     limit = int(ctx.options.get("fold_size_limit", DEFAULT_SIZE_LIMIT))
     before = len(graph.nodes)
     graph.toposort(recurse_subgraphs=False)
@@ -49,6 +52,18 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     res.count("nodes folded", max(0, before - len(graph.nodes)))
     return res
+
+
+def _load_folded_weights(graph: gs.Graph) -> None:
+    """Read weights that folding will consume (e.g. DequantizeLinear of int8 weights) into memory:
+    onnxruntime, which evaluates the folded nodes, cannot see weights still on disk."""
+    const = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for node in graph.nodes:
+        if node.inputs and all(not t.name or t.name in const for t in node.inputs):
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues):
+                    t.values  # noqa: B018  (loads the values)
+            const.update(t.name for t in node.outputs)
 
 
 def _quiet_gs() -> None:

@@ -24,6 +24,7 @@ the importance-weighted mean.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -62,16 +63,26 @@ def is_exact(options: dict[str, Any]) -> bool:
 
 @dataclass
 class ClassInfo:
+    """A channel class's sources, summarized: its rows are read again only when needed (weights can
+    be larger than memory allows twice), so the class keeps hashes of them."""
+
     root: int
     members: list[tuple[str, int]]
     key: tuple
-    scaled: np.ndarray  # layer rows (scale with the channel)
-    fixed: np.ndarray  # per-channel parameters (must be equal)
+    sig: bytes  # hash of the layer rows (scale with the channel) and per-channel parameters (must be equal)
+    direction: bytes | None  # hash of the unit-norm rows rounded to 6 decimals, and the parameters
+    norm: float  # of the layer rows
+    scaled_size: int
     nodes: list[gs.Node]  # nodes that produce the member tensors
+    cg: ChannelGraph = field(repr=False)
     zero_item: bool = False  # some member is zero padding
     zero_ok: bool = False  # every source is zero and every op on the way maps 0 to 0
     sourced: bool = False  # has at least one layer row or padding source
     constants: dict[str, float | None] = field(default_factory=dict)  # tensor -> constant value
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The layer rows and the per-channel parameters, in float64."""
+        return _source_vectors(self.cg, self.members)
 
 
 @dataclass
@@ -119,11 +130,30 @@ def _channel_slice(values: np.ndarray, axis: int, c: int) -> np.ndarray:
     return np.take(values, c, axis=axis).reshape(-1).astype(np.float64)
 
 
-def _row(node: gs.Node, c: int) -> np.ndarray:
+class _Rows:
+    """Output-channel rows of the last layer read, channel-major (columns of a MatMul weight
+    are strided: slicing them one at a time is slow on large layers)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, np.ndarray] = {}
+
+    def get(self, node: gs.Node) -> np.ndarray:
+        w = np.asarray(node.inputs[1].values)
+        axis = _out_axis(node)
+        if axis == 0:
+            return w.reshape(w.shape[0], -1)
+        if id(node) not in self._cache:
+            if self._cache:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[id(node)] = np.ascontiguousarray(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1)
+        return self._cache[id(node)]
+
+
+def _row(node: gs.Node, c: int, rows: _Rows | None = None) -> np.ndarray:
     """Weights and bias of output channel ``c`` of a layer."""
     w = np.asarray(node.inputs[1].values)
     bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    parts = [_channel_slice(w, _out_axis(node), c)]
+    parts = [rows.get(node)[c].astype(np.float64) if rows is not None else _channel_slice(w, _out_axis(node), c)]
     if bias is not None:
         b = bias.reshape(-1)
         parts.append((b[c : c + 1] if b.size > 1 else b).astype(np.float64))
@@ -148,6 +178,7 @@ def _param_axis(values: np.ndarray, size: int) -> int:
 def _class_infos(cg: ChannelGraph) -> tuple[dict[int, ClassInfo], dict[int, str]]:
     pinned = cg.pinned_roots()
     infos: dict[int, ClassInfo] = {}
+    rows = _Rows()
     for root, members in cg.classes().items():
         if root in pinned:
             continue
@@ -155,14 +186,36 @@ def _class_infos(cg: ChannelGraph) -> tuple[dict[int, ClassInfo], dict[int, str]
         if len(set(tensors)) != len(tensors):
             pinned[root] = f"{tensors[0]}: a class holds two channels of one tensor"
             continue
-        infos[root] = _class_info(cg, root, members)
+        infos[root] = _class_info(cg, root, members, rows)
     return infos, pinned
 
 
-def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]]) -> ClassInfo:
-    key: list[tuple] = [("tensors", tuple(sorted(t for t, _ in members)))]
+def _source_vectors(
+    cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A class's layer rows and per-channel parameters, concatenated in member order (float64)."""
     scaled: list[np.ndarray] = []
     fixed: list[np.ndarray] = []
+    for t, c in sorted(members):
+        for it in cg.items.get(t, []):
+            if it.kind == "row":
+                scaled.append(_row(it.node, c, rows))
+            elif it.kind == "param":
+                v = const_value(it.node.inputs[it.index])
+                fixed.append(_channel_slice(v, _param_axis(v, cg.spaces[t].size), c))
+    return (np.concatenate(scaled) if scaled else np.zeros(0)), (np.concatenate(fixed) if fixed else np.zeros(0))
+
+
+def _digest(*parts: np.ndarray) -> bytes:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(np.ascontiguousarray(p).tobytes())
+        h.update(b"|")
+    return h.digest()
+
+
+def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows) -> ClassInfo:
+    key: list[tuple] = [("tensors", tuple(sorted(t for t, _ in members)))]
     nodes: list[gs.Node] = []
     zero_item = False
     zero_ok = True
@@ -173,33 +226,35 @@ def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]]) -> 
         for it in cg.items.get(t, []):
             if it.kind == "row":
                 key.append(("row", it.node.name))
-                scaled.append(_row(it.node, c))
-                zero_ok = zero_ok and not np.any(scaled[-1])
             elif it.kind == "param":
-                v = const_value(it.node.inputs[it.index])
                 key.append(("param", it.node.name, it.index))
-                fixed.append(_channel_slice(v, _param_axis(v, cg.spaces[t].size), c))
                 zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c)
             elif it.kind == "zero" and it.lo <= c < it.hi:
                 key.append(("zero", it.node.name))
                 zero_item = True
-    zero_ok = zero_ok and all(_op_keeps_zero(n) for n in nodes)
-    constants = _constants(cg, members) if any(k[0] == "row" for k in key) else {}
+    scaled, fixed = _source_vectors(cg, members, rows)
+    has_rows = any(k[0] == "row" for k in key)
+    zero_ok = zero_ok and not np.any(scaled) and all(_op_keeps_zero(n) for n in nodes)
+    norm = float(np.linalg.norm(scaled))
+    constants = _constants(cg, members, rows) if has_rows else {}
     return ClassInfo(
         root,
         members,
         tuple(key),
-        np.concatenate(scaled) if scaled else np.zeros(0),
-        np.concatenate(fixed) if fixed else np.zeros(0),
-        nodes,
+        sig=_digest(scaled, fixed),
+        direction=_digest(np.round(scaled / norm, 6), fixed) if norm > 0 else None,
+        norm=norm,
+        scaled_size=scaled.size,
+        nodes=nodes,
+        cg=cg,
         zero_item=zero_item,
         zero_ok=zero_ok,
-        sourced=bool(scaled) or zero_item,
+        sourced=has_rows or zero_item,
         constants=constants,
     )
 
 
-def _constants(cg: ChannelGraph, members: list[tuple[str, int]]) -> dict[str, float | None]:
+def _constants(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows | None = None) -> dict[str, float | None]:
     """The constant value of the channel in each member tensor (None where it varies).
 
     A layer row with zero weights makes its bias a constant channel; element-wise ops map
@@ -209,11 +264,13 @@ def _constants(cg: ChannelGraph, members: list[tuple[str, int]]) -> dict[str, fl
     order = {id(n): i for i, n in enumerate(cg.graph.nodes)}
     value: dict[str, float | None] = {}
     for t in sorted(at, key=lambda name: order.get(id(cg.producer(name)), -1)):
-        value[t] = _const_of(cg, t, at[t], value, at)
+        value[t] = _const_of(cg, t, at[t], value, at, rows)
     return value
 
 
-def _const_of(cg: ChannelGraph, t: str, c: int, value: dict[str, float | None], at: dict[str, int]) -> float | None:
+def _const_of(
+    cg: ChannelGraph, t: str, c: int, value: dict[str, float | None], at: dict[str, int], rows: _Rows | None
+) -> float | None:
     for it in cg.items.get(t, []):
         if it.kind == "zero" and it.lo <= c < it.hi:
             return 0.0
@@ -221,7 +278,7 @@ def _const_of(cg: ChannelGraph, t: str, c: int, value: dict[str, float | None], 
     if n is None:
         return None
     if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1:
-        row = _row(n, c)
+        row = _row(n, c, rows)
         nw = np.asarray(n.inputs[1].values).size // cg.spaces[t].size
         return float(row[nw]) if not np.any(row[:nw]) and row.size > nw else (0.0 if not np.any(row) else None)
     ins = [value.get(x.name) if x.name in at else _scalar_param(cg, n, x, t, c) for x in n.inputs if x.name]
@@ -237,7 +294,7 @@ def _scalar_param(cg: ChannelGraph, n: gs.Node, x: gs.Tensor, t: str, c: int) ->
     if v.size == 1:
         return float(v.reshape(-1)[0])
     if v.size == cg.spaces[t].size or cg.spaces[t].size in v.shape:
-        return float(_channel_slice(np.asarray(v, np.float64), _param_axis(v, cg.spaces[t].size), c)[0])
+        return float(_channel_slice(np.asarray(v), _param_axis(v, cg.spaces[t].size), c)[0])
     return None
 
 
@@ -280,7 +337,7 @@ def _eval(n: gs.Node, ins: list[float | None], c: int) -> float | None:
         return float((x - m) * g / np.sqrt(var + float(n.attrs.get("epsilon", 1e-5))) + b)
     if op == "Conv":  # depthwise
         pads = any(int(p) for p in n.attrs.get("pads", [0]))
-        w = float(np.sum(np.asarray(n.inputs[1].values, np.float64)[c]))
+        w = float(np.sum(np.asarray(n.inputs[1].values)[c], dtype=np.float64))
         b = ins[2] if len(ins) > 2 and ins[2] is not None else 0.0
         return b if x == 0 else (None if pads else x * w + b)
     return None
@@ -401,14 +458,18 @@ def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan, res: P
             plan.absorb.extend(absorb)
             res.count("constant channels removed" if absorb else "zero channels removed")
             continue
-        sig = info.scaled.tobytes() + b"|" + info.fixed.tobytes()
-        keep = keep_by_sig.get(sig)
-        if keep is not None:
+        keep = keep_by_sig.get(info.sig)
+        if keep is not None and _same_vectors(keep, info):
             plan.merges.append((info.root, keep.root, 1.0))
             res.count("identical channels merged")
             continue
-        keep_by_sig[sig] = info
+        keep_by_sig.setdefault(info.sig, info)
     _scaled_merges(list(keep_by_sig.values()), plan, res)
+
+
+def _same_vectors(a: ClassInfo, b: ClassInfo) -> bool:
+    """Confirm a hash match: equal rows and parameters."""
+    return all(np.array_equal(x, y) for x, y in zip(a.vectors(), b.vectors(), strict=True))
 
 
 def _scaled_merges(infos: list[ClassInfo], plan: Plan, res: PassResult) -> None:
@@ -416,19 +477,16 @@ def _scaled_merges(infos: list[ClassInfo], plan: Plan, res: PassResult) -> None:
 
     Candidates meet on their unit-norm rows rounded to 6 decimals (linear time, where comparing
     all pairs would cost C^2 d); each pair is then confirmed to 1e-6."""
-    by_dir: dict[bytes, tuple[ClassInfo, float]] = {}
+    by_dir: dict[bytes, ClassInfo] = {}
     for info in infos:
-        norm = float(np.linalg.norm(info.scaled))
-        if norm == 0 or not _homogeneous(info):
+        if info.direction is None or not _homogeneous(info):
             continue
-        key = np.round(info.scaled / norm, 6).tobytes() + b"|" + info.fixed.tobytes()
-        prev = by_dir.get(key)
-        if prev is None:
-            by_dir[key] = (info, norm)
+        keep = by_dir.setdefault(info.direction, info)
+        if keep is info:
             continue
-        keep, keep_norm = prev
-        s = norm / keep_norm
-        if np.allclose(info.scaled, s * keep.scaled, rtol=1e-6, atol=1e-9 * norm):
+        s = info.norm / keep.norm
+        (a, fa), (b, fb) = info.vectors(), keep.vectors()
+        if np.allclose(a, s * b, rtol=1e-6, atol=1e-9 * info.norm) and np.array_equal(fa, fb):
             plan.merges.append((info.root, keep.root, float(s)))
             res.count("scaled channels merged")
 
@@ -472,7 +530,7 @@ def _paper_merges(
         n_merge = round(alphas[key] * len(alive))
         if n_merge < 1 or len(alive) < 2:
             continue
-        vecs = np.stack([np.concatenate([i.scaled, i.fixed]) for i in alive])
+        vecs = np.stack([np.concatenate(i.vectors()) for i in alive])
         for comp in _greedy_components(vecs, n_merge):
             _merge_component([alive[k] for k in comp], vecs[comp], plan)
             res.count("similar channels merged", len(comp) - 1)
@@ -680,12 +738,13 @@ def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
             target[t][c] = (keep_at.get(t), s)
     if plan.new_sources:
         _write_sources(cg, infos, plan.new_sources)
+    biases = _Biases()
     for it, c, k in plan.absorb:
-        _absorb_constant(cg.graph, it, c, k)
+        _absorb_constant(it, c, k, biases)
     for t, removed, kept, b, c0 in plan.recon:
         for it in cg.items.get(t, []):
             if it.kind == "sink":
-                _compensate(cg.graph, it, removed, kept, b, c0)
+                _compensate(it, removed, kept, b, c0, biases)
     keeps = {t: [c for c in range(cg.spaces[t].size) if c not in target[t]] for t in target}
     done: set[tuple[int, str, int]] = set()
     for t in target:
@@ -695,15 +754,32 @@ def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
                 continue
             done.add(mark)
             _rewrite(cg, it, keeps, target)
+    biases.apply(cg.graph, keeps)  # after the cuts: a new MatMul bias Add is not in the channel graph
     for t in target:  # shapes are stale now; onnxruntime infers them again
         cg.spaces[t].tensor.shape = None
+
+
+class _Biases:
+    """Bias changes of layers, added once their own output channels have been cut."""
+
+    def __init__(self) -> None:
+        self._deltas: dict[int, tuple[gs.Node, np.ndarray]] = {}
+
+    def add(self, node: gs.Node, delta: np.ndarray) -> None:
+        prev = self._deltas.get(id(node))
+        self._deltas[id(node)] = (node, delta if prev is None else prev[1] + delta)
+
+    def apply(self, graph: gs.Graph, keeps: dict[str, list[int]]) -> None:
+        for node, delta in self._deltas.values():
+            keep = keeps.get(node.outputs[0].name)
+            add_to_bias(graph, node, delta[keep] if keep is not None else delta)
 
 
 def _write_sources(cg: ChannelGraph, infos: dict[int, ClassInfo], sources: dict[int, np.ndarray]) -> None:
     """Relaxed merging: the kept channel takes the averaged sources, read back in _class_info's order."""
     for root, vec in sources.items():
         info = infos[root]
-        scaled_vec, fixed_vec = vec[: info.scaled.size], vec[info.scaled.size :]
+        scaled_vec, fixed_vec = vec[: info.scaled_size], vec[info.scaled_size :]
         spos = fpos = 0
         for t, c in sorted(info.members):
             for it in cg.items.get(t, []):
@@ -721,7 +797,7 @@ def _write_sources(cg: ChannelGraph, infos: dict[int, ClassInfo], sources: dict[
                     set_input_values(it.node, it.index, v)
 
 
-def _compensate(graph: gs.Graph, it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0: np.ndarray) -> None:
+def _compensate(it: Item, removed: list[int], kept: list[int], b: np.ndarray, c0: np.ndarray, biases: _Biases) -> None:
     """The layer reads B a_kept + c in place of the removed channels: W_K += W_R B, bias += W_R c."""
     node = it.node
     w = np.array(node.inputs[1].values, dtype=np.float64)
@@ -738,14 +814,14 @@ def _compensate(graph: gs.Graph, it: Item, removed: list[int], kept: list[int], 
         delta = c0 @ per_out
     set_input_values(node, 1, np.moveaxis(wm, 0, axis).astype(node.inputs[1].values.dtype))
     if node.op in ("Conv", "Gemm", "MatMul") and np.any(delta):
-        add_to_bias(graph, node, delta)
+        biases.add(node, delta)
 
 
-def _absorb_constant(graph: gs.Graph, it: Item, c: int, k: float) -> None:
+def _absorb_constant(it: Item, c: int, k: float, biases: _Biases) -> None:
     """A constant input channel c of value k adds k * sum of its columns to the layer's bias."""
     cols = np.moveaxis(_sink_columns(it, c), _in_axis(it.node), 0)
     per_out = cols.sum(0) if it.features is not None else cols[0]
-    add_to_bias(graph, it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
+    biases.add(it.node, k * (per_out.reshape(per_out.shape[0], -1).sum(1) if per_out.ndim > 1 else per_out))
 
 
 def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
@@ -788,21 +864,33 @@ def _take(node: gs.Node, index: int, keep: list[int], axis: int, flat: bool = Fa
 
 
 def _fold_columns(it: Item, keep: list[int], moves: dict[int, tuple[int | None, float]]) -> None:
+    """Drop the merged input columns of a consumer; a merged channel's columns (times its factor)
+    are added to its target's, in float64, one target at a time (weights can be large)."""
     node = it.node
-    w = np.array(node.inputs[1].values, dtype=np.float64, copy=True)
+    orig = np.asarray(node.inputs[1].values)
     axis = _in_axis(node)
     feats = it.features
-    for drop, (to, s) in moves.items():
-        if to is None:
-            continue
-        src = feats[drop] if feats is not None else [drop]
-        dst = feats[to] if feats is not None else [to]
-        moved = np.take(w, src, axis=axis) * s
-        idx = [slice(None)] * w.ndim
-        idx[axis] = dst
-        w[tuple(idx)] += moved
+    cols = (lambda c: list(feats[c])) if feats is not None else (lambda c: [c])
     kept = np.sort(np.concatenate([feats[c] for c in keep])) if feats is not None else np.array(keep)
-    set_input_values(node, 1, np.take(w, kept, axis=axis).astype(node.inputs[1].values.dtype))
+    out = np.take(orig, kept, axis=axis)
+    om, outm = np.moveaxis(orig, axis, 0), np.moveaxis(out, axis, 0)
+    where = {int(k): i for i, k in enumerate(kept)}
+    into: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for drop, (to, s) in moves.items():
+        for _ in range(len(moves)):  # the target was merged on: follow it
+            if to is None or to not in moves:
+                break
+            to, s2 = moves[to]
+            s *= s2
+        if to is not None:
+            into[to].append((drop, s))
+    for to, sources in into.items():
+        dst = cols(to)
+        acc = om[dst].astype(np.float64)
+        for drop, s in sources:
+            acc += om[cols(drop)].astype(np.float64) * s
+        outm[[where[d] for d in dst]] = acc.astype(orig.dtype)
+    set_input_values(node, 1, out)
 
 
 def _rewrite_op(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:

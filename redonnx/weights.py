@@ -1,0 +1,481 @@
+"""Large weights kept on disk: *lean* models whose tensors are external-data references.
+
+Loading a model that uses external data gives a lean ``ModelProto``: its tensors keep their
+references (no weight bytes in memory) and the folder they are relative to is recorded in the
+model's metadata under :data:`BASE_KEY`. ``to_graph`` turns each large external tensor into an
+:class:`ExternalValues` constant that reads its bytes from the file only when a pass asks for
+them. Exporting a graph whose source was lean, or that holds more than :data:`LEAN_BYTES`, is lean
+too: weights a pass loaded or rewrote are written to a data file in a scratch folder and the
+constant is pointed at it (the in-memory array is dropped); untouched weights keep pointing at the
+source file, hard-linked into the scratch folder. onnxruntime reads lean models from their
+serialized (small) proto plus the folder; saving streams every tensor into the output's data file
+in chunks. A prune then holds about one copy of the weights at a time (the passes' working copy,
+or one onnxruntime session) instead of the source, working copy, exported candidate, serialized
+bytes and onnxruntime's copy an in-memory pipeline holds at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from redonnx.errors import RedonnxError
+
+BASE_KEY = "redonnx:external_base"
+SPILL_KEY = "redonnx:spill"
+#: Graphs holding more constant bytes than this are exported lean (lowered in tests).
+LEAN_BYTES = 512 * 2**20
+#: External tensors smaller than this are read into memory when the graph is imported.
+INLINE_BYTES = 64 * 2**10
+#: Tensors at least this large go to the data file when a model is saved with external data.
+EXTERNAL_MIN_BYTES = 1024
+ALIGN = 4096
+CHUNK = 16 * 2**20
+
+
+# ---------------------------------------------------------------- lean models
+
+
+def external_base(model: onnx.ModelProto) -> Path | None:
+    """The folder a lean model's external tensors are relative to, or None for in-memory models."""
+    for prop in model.metadata_props:
+        if prop.key == BASE_KEY:
+            return Path(prop.value)
+    return None
+
+
+def set_external_base(model: onnx.ModelProto, folder: Path | None, spill: str | None = None) -> None:
+    """Record (or with None, forget) where a lean model's external tensors live."""
+    keep = [p for p in model.metadata_props if p.key not in (BASE_KEY, SPILL_KEY)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    if folder is not None:
+        model.metadata_props.add(key=BASE_KEY, value=str(folder))
+        if spill:
+            model.metadata_props.add(key=SPILL_KEY, value=spill)
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graphs(g)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer and tensor attribute, in subgraphs too."""
+    for g in iter_graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return external_data_helper.uses_external_data(t)
+
+
+def external_range(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+    """File, offset and length of an external tensor's bytes."""
+    info = external_data_helper.ExternalDataInfo(t)
+    path = base / info.location
+    offset = int(info.offset or 0)
+    length = int(info.length) if info.length else path.stat().st_size - offset
+    return path, offset, length
+
+
+def tensor_array(t: onnx.TensorProto, base: Path | None) -> np.ndarray:
+    """The values of ``t``, read from its external file if it has one."""
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    if base is None:
+        raise RedonnxError(f"tensor {t.name!r} is stored externally but its folder is unknown")
+    path, offset, length = external_range(t, base)
+    dtype = _plain_dtype(t)
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if dtype is None or count * dtype.itemsize != length:
+        dup = onnx.TensorProto()
+        dup.CopyFrom(t)
+        external_data_helper.load_external_data_for_tensor(dup, str(base))
+        dup.data_location = onnx.TensorProto.DEFAULT
+        del dup.external_data[:]
+        return numpy_helper.to_array(dup)
+    return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
+
+
+def _plain_dtype(t: onnx.TensorProto) -> np.dtype | None:
+    """Numpy dtype whose bytes are the tensor's raw bytes (plain numbers), else None."""
+    plain = {
+        onnx.TensorProto.FLOAT: np.float32,
+        onnx.TensorProto.DOUBLE: np.float64,
+        onnx.TensorProto.FLOAT16: np.float16,
+        onnx.TensorProto.INT8: np.int8,
+        onnx.TensorProto.UINT8: np.uint8,
+        onnx.TensorProto.INT16: np.int16,
+        onnx.TensorProto.UINT16: np.uint16,
+        onnx.TensorProto.INT32: np.int32,
+        onnx.TensorProto.UINT32: np.uint32,
+        onnx.TensorProto.INT64: np.int64,
+        onnx.TensorProto.UINT64: np.uint64,
+        onnx.TensorProto.BOOL: np.bool_,
+    }
+    dtype = plain.get(t.data_type)
+    return np.dtype(dtype).newbyteorder("<") if dtype is not None else None
+
+
+def model_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model on disk: the proto plus its external tensors."""
+    base = external_base(model)
+    total = model.ByteSize()
+    if base is not None:
+        total += sum(external_range(t, base)[2] for t in iter_tensors(model) if is_external(t))
+    return total
+
+
+#: Above this size the deflated size is estimated from a sample of 1 MiB blocks (64 MiB in all).
+DEFLATE_EXACT_BYTES = 64 * 2**20
+_BLOCK = 2**20
+
+
+def deflate_estimated(model: onnx.ModelProto) -> bool:
+    return model_nbytes(model) > DEFLATE_EXACT_BYTES
+
+
+def deflated_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model (proto and external tensors) after deflate at level 6, the paper's size
+    measure. Above :data:`DEFLATE_EXACT_BYTES` every k-th 1 MiB block is compressed and the total
+    scaled up (deflating gigabytes would take minutes; the ratio is what the report shows)."""
+    total = model_nbytes(model)
+    step = max(1, total // (64 * _BLOCK)) if total > DEFLATE_EXACT_BYTES else 1
+    z = zlib.compressobj(6)
+    out = seen = 0
+    for i, block in enumerate(_blocks(model)):
+        if i % step == 0:
+            out += len(z.compress(block))
+            seen += len(block)
+    out += len(z.flush())
+    return out if step == 1 else round(out * total / max(seen, 1))
+
+
+def _blocks(model: onnx.ModelProto) -> Iterator[bytes]:
+    """The model's bytes (proto, then external tensors) in blocks of at most 1 MiB."""
+    proto = model.SerializeToString()
+    for k in range(0, len(proto), _BLOCK):
+        yield proto[k : k + _BLOCK]
+    base = external_base(model)
+    if base is None:
+        return
+    for t in iter_tensors(model):
+        if is_external(t):
+            path, offset, length = external_range(t, base)
+            for chunk in read_chunks(path, offset, length):
+                for k in range(0, len(chunk), _BLOCK):
+                    yield chunk[k : k + _BLOCK]
+
+
+def read_chunks(path: Path, offset: int, length: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(CHUNK, length))
+            if not chunk:
+                raise RedonnxError(f"{path}: external data file is shorter than the model says")
+            length -= len(chunk)
+            yield chunk
+
+
+def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a lean model with every tensor's bytes in the proto (for small models only)."""
+    base = external_base(model)
+    dup = onnx.ModelProto()
+    dup.CopyFrom(model)
+    if base is not None:
+        for t in iter_tensors(dup):
+            if is_external(t):
+                data = b"".join(read_chunks(*external_range(t, base)))
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = data
+        set_external_base(dup, None)
+    return dup
+
+
+def _pad(f, align: int = ALIGN) -> int:
+    pos = f.tell()
+    if pos % align:
+        f.write(b"\0" * (align - pos % align))
+    return f.tell()
+
+
+def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=key, value=value)
+
+
+def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Save ``model`` to ``path`` with every tensor of 1 KiB or more in ``path.parent/data_name``.
+
+    Streams tensor by tensor: in-memory tensors are moved out and put back, external ones are
+    copied in chunks from their current files. The caller's model is left as it was."""
+    base = external_base(model)
+    restore: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
+    try:
+        with open(path.parent / data_name, "wb") as f:
+            for t in iter_tensors(model):
+                if is_external(t):
+                    if base is None:
+                        raise RedonnxError(f"tensor {t.name!r} is stored externally but its folder is unknown")
+                    src = external_range(t, base)
+                    saved = _snapshot(t)
+                    offset = _pad(f)
+                    for chunk in read_chunks(*src):
+                        f.write(chunk)
+                elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
+                    saved = _snapshot(t)
+                    offset = _pad(f)
+                    f.write(t.raw_data)
+                else:
+                    continue
+                restore.append((t, saved))
+                _set_location(t, data_name, offset, f.tell() - offset)
+        props = [(p.key, p.value) for p in model.metadata_props]
+        set_external_base(model, None)
+        try:
+            onnx.save_model(model, str(path))
+        finally:
+            del model.metadata_props[:]
+            for k, v in props:
+                model.metadata_props.add(key=k, value=v)
+    finally:
+        for t, saved in restore:
+            t.CopyFrom(saved)
+
+
+def _snapshot(t: onnx.TensorProto) -> onnx.TensorProto:
+    saved = onnx.TensorProto()
+    saved.CopyFrom(t)
+    return saved
+
+
+# ---------------------------------------------------------------- graphs over lean models
+
+
+class ExternalValues(LazyValues):
+    """A constant's values in an external data file, read when first asked for."""
+
+    def __init__(self, tensor: onnx.TensorProto, base: Path) -> None:
+        super().__init__(tensor)
+        self.base = base
+        self.path, self.offset, self.length = external_range(tensor, base)
+
+    def load(self) -> np.ndarray:
+        return tensor_array(self.tensor, self.base)
+
+    def digest(self) -> str:
+        h = hashlib.sha1()
+        for chunk in read_chunks(self.path, self.offset, self.length):
+            h.update(chunk)
+        return h.hexdigest()
+
+    def __str__(self) -> str:
+        return f"ExternalValues (shape={self.shape}, dtype={self.dtype}, file={self.path.name})"
+
+
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    return [graph, *graph.subgraphs(recursive=True)]
+
+
+def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    seen: set[int] = set()
+    for g in all_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+
+
+def lift_external(graph: gs.Graph, base: Path | None) -> int:
+    """Point imported external constants at their files; small ones are read right away.
+    Returns how many stay on disk until a pass asks for them."""
+    lazy = 0
+    for c in _constants(graph):
+        vals = c._values
+        if not isinstance(vals, LazyValues) or not is_external(vals.tensor):
+            continue
+        if base is None:
+            raise RedonnxError(f"tensor {c.name!r} is stored externally but its folder is unknown")
+        c.data_location = None
+        c._values = ExternalValues(vals.tensor, base)
+        if c._values.length < INLINE_BYTES:
+            c._values = c._values.load()
+        else:
+            lazy += 1
+    return lazy
+
+
+def graph_nbytes(graph: gs.Graph) -> int:
+    """Bytes of every constant in the graph (loaded or not)."""
+    return sum(int(c._values.nbytes) for c in _constants(graph))
+
+
+def is_lean_graph(graph: gs.Graph) -> bool:
+    """Should ``graph`` be exported lean: any weight still on disk, or too much in memory?"""
+    consts = list(_constants(graph))
+    if any(isinstance(c._values, ExternalValues) for c in consts):
+        return True
+    return sum(int(c._values.nbytes) for c in consts) > LEAN_BYTES
+
+
+def digest(c: gs.Constant) -> str:
+    """A content hash of a constant, streamed from disk when it is not loaded."""
+    try:
+        kind = f"{np.dtype(c.dtype).str}{tuple(c.shape)}"
+    except TypeError:
+        kind = f"{c.dtype}{tuple(c.shape)}"
+    if isinstance(c._values, ExternalValues):
+        return kind + c._values.digest()
+    return kind + hashlib.sha1(np.ascontiguousarray(c.values).tobytes()).hexdigest()
+
+
+class Scratch:
+    """The folder lean exports write their data files in; removed when the process ends."""
+
+    def __init__(self) -> None:
+        self.parent: str | None = os.environ.get("REDONNX_TMPDIR") or None
+        self._folder: Path | None = None
+        self._links: dict[Path, str] = {}
+        self._count = itertools.count()
+
+    def folder(self) -> Path:
+        if self._folder is None or not self._folder.is_dir():
+            self._folder = Path(tempfile.mkdtemp(prefix=".redonnx-scratch-", dir=self.parent)).resolve()
+            self._links = {}
+            atexit.register(shutil.rmtree, self._folder, True)
+        return self._folder
+
+    def use(self, parent: str | os.PathLike | None) -> None:
+        """Put scratch files under ``parent`` (the CLI uses the output folder: same disk, no /tmp)."""
+        self.close()
+        self.parent = str(parent) if parent is not None else None
+
+    def close(self) -> None:
+        """Remove the scratch folder; lean models pointing into it are no longer readable."""
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._folder = None
+        self._links = {}
+        self.parent = os.environ.get("REDONNX_TMPDIR") or None
+
+    def new_data_file(self) -> Path:
+        return self.folder() / f"w{next(self._count)}.data"
+
+    def place(self, path: Path) -> str | None:
+        """A name in the scratch folder for the existing data file ``path`` (hard link), or None."""
+        folder = self.folder()
+        path = path.resolve()
+        if path.parent == folder:
+            return path.name
+        if path not in self._links:
+            name = f"src{len(self._links)}.data"
+            try:
+                os.link(path, folder / name)
+            except OSError:
+                return None  # another disk: the caller copies the bytes
+            self._links[path] = name
+        return self._links[path]
+
+    def owns(self, folder: Path) -> bool:
+        return self._folder is not None and folder == self._folder
+
+
+SCRATCH = Scratch()
+
+
+def export_lean(graph: gs.Graph, export) -> onnx.ModelProto:
+    """``export(graph)`` with every constant of 1 KiB or more referenced from a scratch data file.
+
+    Loaded or rewritten weights are written out and the graph's constants now read from that file,
+    so the arrays are freed; untouched external weights are referenced where they are."""
+    folder = SCRATCH.folder()
+    data = SCRATCH.new_data_file()
+    with open(data, "wb") as f:
+        for c in _constants(graph):
+            vals = c._values
+            if isinstance(vals, ExternalValues):
+                name = SCRATCH.place(vals.path)
+                if name is not None:
+                    ref = _external_ref(vals.tensor, name, vals.offset, vals.length)
+                else:
+                    offset = _pad(f)
+                    for chunk in read_chunks(vals.path, vals.offset, vals.length):
+                        f.write(chunk)
+                    ref = _external_ref(vals.tensor, data.name, offset, vals.length)
+            else:
+                ref = _spill(c, f, data.name)
+                if ref is None:
+                    continue
+            c.data_location = None
+            c._values = ExternalValues(ref, folder)
+    model = export(graph)
+    set_external_base(model, folder, spill=data.name)
+    return model
+
+
+def _external_ref(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    ref = onnx.TensorProto()
+    ref.name = t.name
+    ref.data_type = t.data_type
+    ref.dims.extend(t.dims)
+    _set_location(ref, location, offset, length)
+    return ref
+
+
+def _spill(c: gs.Constant, f, location: str) -> onnx.TensorProto | None:
+    """Write a constant's bytes to ``f``; None when it is small or not plain numbers."""
+    if isinstance(c._values, LazyValues):
+        t = c._values.tensor
+        if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES:
+            return None
+        offset = _pad(f)
+        f.write(t.raw_data)
+        return _external_ref(t, location, offset, len(t.raw_data))
+    values = np.asarray(c._values)
+    if values.nbytes < EXTERNAL_MIN_BYTES or values.dtype.kind not in "biuf":
+        return None
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    offset = _pad(f)
+    f.write(memoryview(values).cast("B"))
+    t = onnx.TensorProto()
+    t.name = c.name
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    t.dims.extend(values.shape)
+    return _external_ref(t, location, offset, values.nbytes)
+
+
+def discard(model: onnx.ModelProto) -> None:
+    """Delete the scratch data file a lean export wrote (for candidates that were not kept)."""
+    base = external_base(model)
+    spill = next((p.value for p in model.metadata_props if p.key == SPILL_KEY), None)
+    if base is not None and spill and SCRATCH.owns(base):
+        (base / spill).unlink(missing_ok=True)
