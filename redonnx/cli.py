@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="PAGE.html", help="write an HTML report with plots (needs matplotlib)")
     p.add_argument("--bench", action="store_true", help="measure onnxruntime latency before and after")
     p.add_argument("--no-verify", action="store_true", help="with --exact only: write without running onnxruntime")
-    g = p.add_argument_group("fidelity budget (default: output cosine >= 0.995 on the verification inputs)")
+    g = p.add_argument_group("fidelity budget (default: output cosine >= 0.998 on the verification inputs)")
     g.add_argument("--max-error", type=float, help="max |diff| as a fraction of max |ref|, per output")
     g.add_argument("--min-agreement", type=float, help="top-1 agreement of 2-D score outputs (0..1)")
     g.add_argument("--target-macs", type=float, metavar="P", help="remove at least P %% of the MACs instead")

@@ -243,7 +243,7 @@ def prune(
     """Rewrite a model with the chosen passes and verify it against the original.
 
     With no passes named, the default pipeline runs and relaxed merging takes as many channels as
-    the fidelity budget allows (output cosine >= 0.995 on the verification inputs unless a budget
+    the fidelity budget allows (output cosine >= 0.998 on the verification inputs unless a budget
     is given), or as ``target_macs`` asks; exact pipelines are held to atol 1e-6 / rtol 1e-4.
     """
     t0 = time.perf_counter()

@@ -11,7 +11,9 @@ covariance) of the tensor's channels. That is the cost of removing r; it grows a
 go, which a rank-1 update of P tracks (P <- P - P[:, r] P[r, :] / P_rr on the remaining channels).
 
 Statistics come from running the model in onnxruntime on synthetic inputs (seeded normal noise,
-no data needed) or on calibration inputs the user passes.
+no data needed) or on calibration inputs the user passes. The synthetic inputs use their own seed
+(:data:`STATS_SEED`), never one of verification's, so a budget is checked on inputs the
+reconstruction was not fitted to.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from scipy.linalg import blas
 
 from redonnx.graph import export
 from redonnx.runtime import expects_pixels, random_inputs, run, session
+from redonnx.shapes import resolve_input_shapes
 
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
+STATS_SEED = 100_003  # synthetic statistics never reuse a verification seed (0, 1, ... samples - 1)
 
 
 @dataclass
@@ -46,10 +50,13 @@ def channel_stats(
     axes: dict[str, int],
     feeds: dict[str, np.ndarray] | None = None,
     shapes: dict[str, list[int]] | None = None,
-    batch: int = 16,
+    batch: int | None = None,
     seed: int = 0,
 ) -> dict[str, Stats]:
-    """Mean and covariance over channels (axis ``axes[name]``) of the named tensors."""
+    """Mean and covariance over channels (axis ``axes[name]``) of the named tensors.
+
+    Synthetic inputs: 64 images (every pixel position is a sample) or, for inputs without spatial
+    dimensions, up to 1024 vectors, within 2**20 input values."""
     model = export(graph)  # lean for large graphs: weights are not copied into the proto
     del model.graph.value_info[:]
     known = {o.name for o in model.graph.output}
@@ -57,8 +64,10 @@ def channel_stats(
         if name not in known:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     if feeds is None:
-        per_sample = max(int(np.prod([d for d in _input_dims(model, shapes)])), 1)
-        feeds = synthetic_inputs(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, batch)), seed=seed)
+        dims = resolve_input_shapes(model, shapes)
+        per_sample = max(int(np.prod([d for v in dims.values() for d in v])), 1)
+        cap = batch or (64 if any(len(v) >= 4 for v in dims.values()) else 1024)
+        feeds = synthetic_inputs(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, cap)), seed=STATS_SEED + seed)
     outs = run(session(model), feeds)
     rng = np.random.default_rng(seed)
     stats = {}
@@ -71,12 +80,6 @@ def channel_stats(
         xc = x - mean
         stats[name] = Stats(mean, xc.T @ xc / max(len(x) - 1, 1))
     return stats
-
-
-def _input_dims(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> list[int]:
-    from redonnx.shapes import resolve_input_shapes
-
-    return [d for dims in resolve_input_shapes(model, shapes).values() for d in dims]
 
 
 def synthetic_inputs(

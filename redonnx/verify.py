@@ -29,7 +29,7 @@ DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-4
 LOSSY_RTOL = 0.5
 LOSSY_MIN_COSINE = 0.99
-BUDGET_MIN_COSINE = 0.995  # default budget when prune chooses how much to remove
+BUDGET_MIN_COSINE = 0.998  # default budget when prune chooses how much to remove (see README: why 0.998)
 DEFAULT_SAMPLES = 8
 
 

@@ -42,3 +42,27 @@ def test_predictable_channel_removed_with_compensation() -> None:
     out, (res, _) = run_passes(m, ["merge-channels", "cleanup"], exact=False, options={"alpha": 0.25})
     assert res.counts == {"channels removed with reconstruction": 1}
     assert_equivalent(m, out, rtol=1e-3)
+
+
+def test_statistics_never_use_the_verification_inputs(monkeypatch) -> None:
+    """The budget is checked on inputs the reconstruction was not fitted to: for vector inputs
+    the synthetic statistics once were the verification samples themselves (same seed)."""
+    from redonnx.verify import feeds_for
+
+    b = Builder(5)
+    h = b.op("Relu", [b.op("MatMul", ["x", b.rand(32, 24)])])
+    model = b.model([("x", ["N", 32])], [b.op("MatMul", [h, b.rand(24, 4)])])
+    seen: list[np.ndarray] = []
+    real = R.synthetic_inputs
+
+    def spy(*args, **kw):
+        feeds = real(*args, **kw)
+        seen.append(feeds["x"])
+        return feeds
+
+    monkeypatch.setattr(R, "synthetic_inputs", spy)
+    run_passes(model, ["merge-channels"], exact=False, options={"alpha": 0.2})
+    assert seen and len(seen[0]) >= 256  # vectors: many samples, not 16
+    verification = np.concatenate([f["x"] for f in feeds_for(model, None, None, 8, 0)[0]])
+    rows = {r.tobytes() for r in seen[0]}
+    assert not any(v.tobytes() in rows for v in verification)
