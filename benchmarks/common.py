@@ -57,3 +57,42 @@ def write_json(name: str, data: Any) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return out
+
+
+def run_measured(cmd: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds, exit code, output and its peak RSS in MB.
+
+    The peak is the child's own VmHWM, polled from /proc: the rusage maxrss of a child on Linux
+    starts at its parent's peak (it is kept across fork and exec), which would report the
+    benchmark script's memory instead of redonnx's."""
+    import subprocess
+    import threading
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def poll() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak[0] = max(peak[0], int(line.split()[1]))
+            except OSError:
+                break
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return {"seconds": time.perf_counter() - t0, "peak_MB": peak[0] / 1024, "exit": "timeout",
+                "stdout": out, "stderr": err}  # fmt: skip
+    watcher.join()
+    return {"seconds": time.perf_counter() - t0, "peak_MB": peak[0] / 1024, "exit": proc.returncode,
+            "stdout": out, "stderr": err}  # fmt: skip

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-from common import table, write_json
+from common import run_measured, table, write_json
 from onnx import TensorProto, helper
 
 ALIGN = 4096
@@ -70,17 +68,10 @@ def build(layers: int, width: int, seed: int = 0) -> Path:
 
 def run(args: list[str]) -> dict:
     """Wall time, peak RSS and exit code of one `redonnx` process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "redonnx.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    return {
-        "seconds": round(time.perf_counter() - t0, 1),
-        "peak_MB": round(usage.ru_maxrss / 1024),
-        "exit": os.waitstatus_to_exitcode(status),
-        "last_line": (out.strip().splitlines() or [""])[-1] if not err.strip() else err.strip().splitlines()[-1],
-    }
+    r = run_measured([sys.executable, "-m", "redonnx.cli", *args])
+    lines = (r["stderr"].strip() or r["stdout"].strip()).splitlines()
+    return {"seconds": round(r["seconds"], 1), "peak_MB": round(r["peak_MB"]), "exit": r["exit"],
+            "last_line": lines[-1] if lines else ""}  # fmt: skip
 
 
 def weight_bytes(path: Path) -> int:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, SHARED, table, write_json
+from common import RESULTS, ROOT, SHARED, run_measured, table, write_json
 from merging import Scorer, onnxsim_at
 
 from redonnx.bench import interleaved_times
@@ -59,12 +56,8 @@ def tool_cost(path: Path, shapes: dict, exact: bool) -> dict:
     """Wall time and peak RSS of one `redonnx prune` process."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "redonnx.cli", "prune", str(path), "-o", f"{tmp}/o.onnx", *shape_args(shapes)]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd + (["--exact"] if exact else []), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_MB": usage.ru_maxrss / 1024, "exit": os.waitstatus_to_exitcode(status)}
+        r = run_measured(cmd + (["--exact"] if exact else []))
+    return {"seconds": r["seconds"], "peak_MB": r["peak_MB"], "exit": r["exit"]}
 
 
 def latency_ratio(before, after, shapes: dict, runs: int = 100) -> float:

@@ -23,7 +23,8 @@ from redonnx.errors import RedonnxError
 from redonnx.graph import to_graph
 from redonnx.shapes import graph_shapes, infer_shapes, resolve_input_shapes
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
+_AS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # dynamic quantization: same shapes and MACs
 
 
 @dataclass
@@ -96,9 +97,18 @@ def _total_params(graph: gs.Graph) -> int:
     total = 0
     for t in graph.tensors().values():
         size = int(np.prod(t.shape)) if isinstance(t, gs.Constant) else 0
-        if size > 1 and t.outputs and np.dtype(t.dtype).kind == "f":
+        if size > 1 and t.outputs and _is_weight_dtype(t.dtype):
             total += size
     return total
+
+
+def _is_weight_dtype(dtype: Any) -> bool:
+    """Floats, and 8-bit integers (quantized weights); not int64 shapes or indices."""
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        return False
+    return d.kind == "f" or (d.kind in "iu" and d.itemsize == 1)
 
 
 def _known(shape: list | None) -> list[int] | None:
@@ -110,8 +120,9 @@ def _known(shape: list | None) -> list[int] | None:
 def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
     w = node.inputs[1] if len(node.inputs) > 1 else None
     const_w = isinstance(w, gs.Constant)
-    params = sum(int(np.prod(t.shape)) for t in node.inputs[1:3] if isinstance(t, gs.Constant))
-    if node.op == "MatMul" and not const_w:
+    biases = node.inputs[2:3] if node.op in ("Conv", "ConvTranspose", "Gemm") else []
+    params = sum(int(np.prod(t.shape)) for t in [w, *biases] if isinstance(t, gs.Constant))
+    if node.op in ("MatMul", "MatMulInteger") and not const_w:
         params = 0
     wshape = [int(d) for d in w.shape] if const_w else []
     out = _known(shapes.get(node.outputs[0].name)) if node.outputs else None
@@ -128,7 +139,7 @@ def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
         groups=groups,
         candidate=const_w,
     )
-    if node.op == "Conv" and const_w and groups > 1:
+    if _AS.get(node.op, node.op) == "Conv" and const_w and groups > 1:
         layer.note = "depthwise" if groups == wshape[0] and wshape[1] == 1 else f"grouped ({groups})"
     if not const_w:
         layer.note = "weight computed at run time"
@@ -136,15 +147,16 @@ def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
 
 
 def _macs(node: gs.Node, w: list[int] | None, inp: list[int] | None, out: list[int] | None) -> int | None:
+    op = _AS.get(node.op, node.op)
     if not w:
-        if node.op == "MatMul" and inp and out:
+        if op == "MatMul" and inp and out:
             return int(np.prod(out)) * inp[-1]
         return None
-    if node.op == "Conv":
+    if op == "Conv":
         return int(np.prod(out)) * int(np.prod(w[1:])) if out else None
-    if node.op == "ConvTranspose":
+    if op == "ConvTranspose":
         return int(np.prod(inp)) * int(np.prod(w[1:])) if inp else None
-    if node.op == "Gemm":
+    if op == "Gemm":
         k = w[1] if node.attrs.get("transB", 0) else w[0]
         return int(np.prod(out)) * k if out else None
     return int(np.prod(out)) * w[0] if out else None

@@ -71,3 +71,17 @@ def test_real_models_fold_their_constant_nodes() -> None:
     out, _ = run_passes(mobile, ["fold-constants"], exact=True)
     assert not any(n.op_type == "Constant" for n in out.graph.node)
     assert_equivalent(mobile, out)
+
+
+def test_one_unevaluable_constant_node_does_not_stop_the_rest() -> None:
+    """A custom-domain op on constants cannot run in onnxruntime; the other constant arithmetic
+    still folds (the partitioned fallback), and the custom op is left as it is."""
+    b = Builder()
+    odd = b.op("Mystery", [b.const(np.ones(4, np.float32))], domain="custom.example")
+    shape = b.op("Concat", [b.const(np.array([2], np.int64)), b.const(np.array([-1], np.int64))], axis=0)
+    y = b.op("Reshape", ["x", shape])
+    model = b.model([("x", [2, 4])], [y, odd])
+    model.opset_import.append(onnx.helper.make_opsetid("custom.example", 1))
+    graph_out, _ = run_passes(model, ["fold-constants"], exact=True)
+    ops = [n.op_type for n in graph_out.graph.node]
+    assert "Concat" not in ops and "Mystery" in ops

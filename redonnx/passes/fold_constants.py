@@ -16,7 +16,7 @@ import logging
 import onnx_graphsurgeon as gs
 
 import redonnx.runtime  # noqa: F401  (quiets onnxruntime's logger)
-from redonnx.graph import lift_constant_nodes
+from redonnx.graph import fresh_name, lift_constant_nodes
 from redonnx.passes.base import Decline, PassContext, PassResult
 from redonnx.shapes import annotate_graph
 from redonnx.weights import ExternalValues
@@ -33,18 +33,9 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     _load_folded_weights(graph)
     limit = int(ctx.options.get("fold_size_limit", DEFAULT_SIZE_LIMIT))
     before = len(graph.nodes)
-    graph.toposort(recurse_subgraphs=False)
     _quiet_gs()
     try:
-        graph.fold_constants(
-            fold_shapes=True,
-            recurse_subgraphs=False,
-            partitioning="basic",
-            error_ok=True,
-            flatten_subgraphs=False,
-            size_threshold=limit,
-            recurse_functions=False,
-        )
+        _fold(graph, limit)
     except Exception as exc:  # gs surfaces onnxruntime failures as bare exceptions
         res.declined.append(Decline("<graph>", "", f"constant folding failed, skipped: {exc}"))
         return res
@@ -52,6 +43,46 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     res.count("nodes folded", max(0, before - len(graph.nodes)))
     return res
+
+
+def _fold(graph: gs.Graph, limit: int) -> None:
+    """All constant nodes in one onnxruntime run; if onnxruntime fails on any of them, again
+    partitioned so the rest still fold (partitioning copies the graph per partition: minutes on
+    graphs with hundreds of constant subgraphs, so it is only the fallback)."""
+    kw = dict(fold_shapes=True, recurse_subgraphs=False, flatten_subgraphs=False, size_threshold=limit,
+              recurse_functions=False)  # fmt: skip
+    graph.toposort(recurse_subgraphs=False)
+    shielded = _shield_custom_ops(graph)
+    try:
+        graph.fold_constants(partitioning=None, error_ok=False, **kw)
+    except Exception:  # one node onnxruntime cannot evaluate
+        graph.toposort(recurse_subgraphs=False)
+        graph.fold_constants(partitioning="basic", error_ok=True, **kw)
+    finally:
+        _unshield(graph, shielded)
+
+
+def _shield_custom_ops(graph: gs.Graph) -> list[tuple[gs.Node, int, gs.Constant, gs.Variable]]:
+    """Custom-domain nodes never fold (onnxruntime has no kernel for them): their constant inputs
+    become placeholder graph inputs while folding runs."""
+    swaps = []
+    for node in graph.nodes:
+        if node.domain in (None, "", "ai.onnx"):
+            continue
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant):
+                proxy = gs.Variable(fresh_name(t.name), dtype=t.dtype, shape=list(t.shape))
+                graph.inputs.append(proxy)
+                node.inputs[i] = proxy
+                swaps.append((node, i, t, proxy))
+    return swaps
+
+
+def _unshield(graph: gs.Graph, swaps: list[tuple[gs.Node, int, gs.Constant, gs.Variable]]) -> None:
+    proxies = {id(p) for *_, p in swaps}
+    for node, i, const, _ in swaps:
+        node.inputs[i] = const
+    graph.inputs[:] = [t for t in graph.inputs if id(t) not in proxies]
 
 
 def _load_folded_weights(graph: gs.Graph) -> None:
