@@ -127,7 +127,7 @@ def _infer_skeleton(graph: gs.Graph) -> onnx.GraphProto | None:
     except Exception:  # best effort: callers work without shapes
         return None
     finally:
-        _restore_constants(graph, swaps)
+        restore_constants(graph, swaps)
 
 
 def graph_shapes(graph: gs.Graph) -> dict[str, Shape]:
@@ -165,23 +165,34 @@ def annotate_graph(graph: gs.Graph) -> int:
     return filled
 
 
-def _swap_large_constants(graph: gs.Graph) -> list[tuple[gs.Node, int, gs.Constant, gs.Variable]]:
+Swap = tuple[gs.Node, int, gs.Constant, gs.Variable]
+
+
+def swap_constants(graph: gs.Graph, pick, rename: bool = False) -> list[Swap]:
+    """Replace the constant inputs that ``pick(node, constant)`` selects by graph inputs of the same
+    type and shape (named like the constant, or freshly when ``rename``); undo with
+    :func:`restore_constants`."""
     proxies: dict[int, gs.Variable] = {}
     swaps = []
     for node in graph.nodes:
         for i, t in enumerate(node.inputs):
-            if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > SKELETON_ELEMENTS:
+            if isinstance(t, gs.Constant) and pick(node, t):
                 proxy = proxies.get(id(t))
                 if proxy is None:
-                    proxy = proxies[id(t)] = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
+                    name = f"{t.name}_placeholder_{len(proxies)}" if rename else t.name
+                    proxy = proxies[id(t)] = gs.Variable(name, dtype=t.dtype, shape=list(t.shape))
                     graph.inputs.append(proxy)
                 node.inputs[i] = proxy
                 swaps.append((node, i, t, proxy))
     return swaps
 
 
-def _restore_constants(graph: gs.Graph, swaps: list[tuple[gs.Node, int, gs.Constant, gs.Variable]]) -> None:
+def restore_constants(graph: gs.Graph, swaps: list[Swap]) -> None:
     proxies = {id(p) for *_, p in swaps}
     for node, i, const, _ in swaps:
         node.inputs[i] = const
     graph.inputs[:] = [t for t in graph.inputs if id(t) not in proxies]
+
+
+def _swap_large_constants(graph: gs.Graph) -> list[Swap]:
+    return swap_constants(graph, lambda _node, t: int(np.prod(t.shape)) > SKELETON_ELEMENTS)

@@ -334,11 +334,6 @@ def lift_external(graph: gs.Graph, base: Path | None) -> int:
     return lazy
 
 
-def graph_nbytes(graph: gs.Graph) -> int:
-    """Bytes of every constant in the graph (loaded or not)."""
-    return sum(int(c._values.nbytes) for c in _constants(graph))
-
-
 def is_lean_graph(graph: gs.Graph) -> bool:
     """Should ``graph`` be exported lean: any weight still on disk, or too much in memory?"""
     consts = list(_constants(graph))

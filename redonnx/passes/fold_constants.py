@@ -16,9 +16,9 @@ import logging
 import onnx_graphsurgeon as gs
 
 import redonnx.runtime  # noqa: F401  (quiets onnxruntime's logger)
-from redonnx.graph import fresh_name, lift_constant_nodes
+from redonnx.graph import lift_constant_nodes
 from redonnx.passes.base import Decline, PassContext, PassResult
-from redonnx.shapes import annotate_graph
+from redonnx.shapes import annotate_graph, restore_constants, swap_constants
 from redonnx.weights import ExternalValues
 
 name = "fold-constants"
@@ -52,37 +52,16 @@ def _fold(graph: gs.Graph, limit: int) -> None:
     kw = dict(fold_shapes=True, recurse_subgraphs=False, flatten_subgraphs=False, size_threshold=limit,
               recurse_functions=False)  # fmt: skip
     graph.toposort(recurse_subgraphs=False)
-    shielded = _shield_custom_ops(graph)
+    # custom-domain nodes never fold (onnxruntime has no kernel): their constant inputs become
+    # placeholder inputs while folding runs
+    shielded = swap_constants(graph, lambda node, _t: node.domain not in (None, "", "ai.onnx"), rename=True)
     try:
         graph.fold_constants(partitioning=None, error_ok=False, **kw)
     except Exception:  # one node onnxruntime cannot evaluate
         graph.toposort(recurse_subgraphs=False)
         graph.fold_constants(partitioning="basic", error_ok=True, **kw)
     finally:
-        _unshield(graph, shielded)
-
-
-def _shield_custom_ops(graph: gs.Graph) -> list[tuple[gs.Node, int, gs.Constant, gs.Variable]]:
-    """Custom-domain nodes never fold (onnxruntime has no kernel for them): their constant inputs
-    become placeholder graph inputs while folding runs."""
-    swaps = []
-    for node in graph.nodes:
-        if node.domain in (None, "", "ai.onnx"):
-            continue
-        for i, t in enumerate(node.inputs):
-            if isinstance(t, gs.Constant):
-                proxy = gs.Variable(fresh_name(t.name), dtype=t.dtype, shape=list(t.shape))
-                graph.inputs.append(proxy)
-                node.inputs[i] = proxy
-                swaps.append((node, i, t, proxy))
-    return swaps
-
-
-def _unshield(graph: gs.Graph, swaps: list[tuple[gs.Node, int, gs.Constant, gs.Variable]]) -> None:
-    proxies = {id(p) for *_, p in swaps}
-    for node, i, const, _ in swaps:
-        node.inputs[i] = const
-    graph.inputs[:] = [t for t in graph.inputs if id(t) not in proxies]
+        restore_constants(graph, shielded)
 
 
 def _load_folded_weights(graph: gs.Graph) -> None:
