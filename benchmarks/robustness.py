@@ -149,9 +149,29 @@ def main() -> None:
             r = prune_once(model, exact)
             rows.append({"model": f"{model.parent.name}/{model.name}", "mode": "--exact" if exact else "default", **r})
             print(f"{model.name} {'exact' if exact else 'default'}: exit {r['exit']}", file=sys.stderr, flush=True)
-    print(table(rows, ["model", "mode", "exit", "traceback", "params_pct", "macs_pct", "cosine", "written",
-                       "message"]))  # fmt: skip
-    print(f"wrote {write_json('robustness', rows)}")
+    text = summary(rows)
+    print(text)
+    (Path(__file__).parent / "ROBUSTNESS.md").write_text(text + "\n")
+    print(f"wrote {write_json('robustness', rows)} and benchmarks/ROBUSTNESS.md")
+
+
+COLS = ["model", "mode", "exit", "traceback", "params_pct", "macs_pct", "cosine", "written", "message"]
+
+
+def summary(rows: list[dict]) -> str:
+    """The committed record: counts, then one row per model and mode."""
+    tracebacks = sum(bool(r.get("traceback")) for r in rows)
+    written = sum(bool(r.get("written")) for r in rows)
+    refused = sum(r.get("exit") == 2 for r in rows)
+    head = (
+        "# Robustness: real models, default `prune` and `prune --exact`\n\n"
+        "Written by `python benchmarks/robustness.py` (fresh process per run, `--samples 2`). "
+        "exit 0: verified model written; 1: verification failed, nothing written; 2: refused with the "
+        "one-line reason in `message`. params/MACs: % removed; cosine: worst output cosine.\n\n"
+        f"{len(rows)} runs on {len(rows) // 2} models: {written} written, {refused} refused, "
+        f"{tracebacks} tracebacks.\n\n"
+    )
+    return head + table(rows, COLS)
 
 
 if __name__ == "__main__":

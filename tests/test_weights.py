@@ -150,3 +150,16 @@ def test_exact_prune_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert peak < 1.5 * size, f"peak {peak / 2**20:.1f} MiB for {size / 2**20:.1f} MiB of weights"
     assert_equivalent(load_model(src).model, load_model(tmp_path / "o.onnx").model)
+
+
+def test_output_on_another_disk_copies_instead_of_linking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hard links fail across file systems: untouched weights are then copied into the scratch file."""
+
+    def no_link(*_a, **_k):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(weights.os, "link", no_link)
+    src = save_external(mlp(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--passes", "cleanup"]) == 0
+    assert_equivalent(mlp(), load_model(out).model, rtol=0)
