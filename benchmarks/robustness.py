@@ -128,7 +128,7 @@ def prune_once(model: Path, exact: bool) -> dict:
             return {"exit": "timeout"}
         row = {"exit": proc.returncode, "traceback": "Traceback" in proc.stderr}
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        row["message"] = err[-1][:150] if err else ""
+        row["message"] = err[-1] if err else ""
         report = Path(tmp) / "r.json"
         if report.exists():
             r = json.loads(report.read_text())
@@ -171,7 +171,13 @@ def summary(rows: list[dict]) -> str:
         f"{len(rows)} runs on {len(rows) // 2} models: {written} written, {refused} refused, "
         f"{tracebacks} tracebacks.\n\n"
     )
-    return head + table(rows, COLS)
+    shown = [{**r, "message": _ends(r.get("message", ""))} for r in rows]
+    return head + table(shown, COLS)
+
+
+def _ends(msg: str, keep: int = 90) -> str:
+    """Start and end of a long message (the end holds the hint, e.g. pass --inputs)."""
+    return msg if len(msg) <= 2 * keep else f"{msg[:keep]} ... {msg[-keep:]}"
 
 
 if __name__ == "__main__":

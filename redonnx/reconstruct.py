@@ -27,7 +27,7 @@ from scipy.linalg import blas
 
 from redonnx.graph import export
 from redonnx.runtime import expects_pixels, random_inputs, run, session
-from redonnx.shapes import resolve_input_shapes
+from redonnx.shapes import graph_inputs, resolve_input_shapes
 
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
 STATS_SEED = 100_003  # synthetic statistics never reuse a verification seed (0, 1, ... samples - 1)
@@ -68,18 +68,44 @@ def channel_stats(
         per_sample = max(int(np.prod([d for v in dims.values() for d in v])), 1)
         cap = batch or (64 if any(len(v) >= 4 for v in dims.values()) else 1024)
         feeds = synthetic_inputs(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, cap)), seed=STATS_SEED + seed)
-    outs = run(session(model), feeds)
-    rng = np.random.default_rng(seed)
+    rows = _sample_rows(session(model), feeds, axes, np.random.default_rng(seed), _batch_is_free(model))
     stats = {}
-    for name, axis in axes.items():
-        x = np.moveaxis(np.asarray(outs[name], np.float64), axis, -1)
-        x = x.reshape(-1, x.shape[-1])
-        if len(x) > MAX_ROWS:
-            x = x[rng.choice(len(x), MAX_ROWS, replace=False)]
+    for name, x in rows.items():
         mean = x.mean(0)
         xc = x - mean
         stats[name] = Stats(mean, xc.T @ xc / max(len(x) - 1, 1))
     return stats
+
+
+CHUNKS = 16  # the statistics' inputs run in up to this many pieces: one piece's activations in memory
+
+
+def _batch_is_free(model: onnx.ModelProto) -> bool:
+    """Can the inputs be fed in smaller batches (every input's first dimension is dynamic)?"""
+    dims = [vi.type.tensor_type.shape.dim for vi in graph_inputs(model)]
+    return bool(dims) and all(d and not d[0].HasField("dim_value") for d in dims)
+
+
+def _sample_rows(sess, feeds: dict[str, np.ndarray], axes: dict[str, int], rng, split: bool) -> dict[str, np.ndarray]:
+    """Up to MAX_ROWS rows (channel vectors at sampled positions) of every named tensor, in float64.
+
+    The batch runs in pieces and each piece contributes its share of rows, so memory holds one
+    piece's activations (all requested tensors of a few images), not the whole batch's."""
+    sizes = {len(v) if np.ndim(v) else 0 for v in feeds.values()}
+    n = sizes.pop() if split and len(sizes) == 1 else 1
+    pieces = np.array_split(np.arange(n), min(n, CHUNKS)) if n > 1 else [None]
+    quota = -(-MAX_ROWS // len(pieces))
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in axes}
+    for idx in pieces:
+        outs = run(sess, feeds if idx is None else {k: v[idx] for k, v in feeds.items()})
+        for name, axis in axes.items():
+            x = np.moveaxis(np.asarray(outs[name]), axis, -1)
+            x = x.reshape(-1, x.shape[-1])
+            if len(x) > quota:
+                x = x[np.sort(rng.choice(len(x), quota, replace=False))]
+            kept[name].append(x.astype(np.float64))
+        del outs
+    return {name: np.concatenate(parts) for name, parts in kept.items()}
 
 
 def synthetic_inputs(
