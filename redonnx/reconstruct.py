@@ -18,7 +18,7 @@ reconstruction was not fitted to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -39,10 +39,18 @@ class Stats:
 
     mean: np.ndarray
     cov: np.ndarray
+    _precision: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def second_moment(self) -> np.ndarray:
         return np.diag(self.cov) + self.mean**2
+
+    def precision(self) -> np.ndarray:
+        """A fresh copy of the precision matrix (callers downdate it in place); the inverse is
+        computed once per statistics, not once per budget trial."""
+        if self._precision is None:
+            self._precision = precision(self.cov)
+        return self._precision.copy(order="F")
 
 
 def channel_stats(

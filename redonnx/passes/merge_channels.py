@@ -102,7 +102,8 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise RedonnxError("--alpha must be in [0, 1)")
     annotate_graph(graph)
     cg = analyze(graph)
-    infos, pinned = _class_infos(cg)
+    cache = ctx.options.get("stats_cache")  # the budget search: every trial starts from the same model
+    infos, pinned = _class_infos(cg, cache.setdefault("class_sources", {}) if cache is not None else None)
     _report_pins(res, pinned)
     groups = _parallel_groups(infos)
     plan = Plan()
@@ -175,7 +176,8 @@ def _param_axis(values: np.ndarray, size: int) -> int:
     return axes[-1] if axes else 0
 
 
-def _class_infos(cg: ChannelGraph) -> tuple[dict[int, ClassInfo], dict[int, str]]:
+def _class_infos(cg: ChannelGraph, memo: dict | None = None) -> tuple[dict[int, ClassInfo], dict[int, str]]:
+    """Every unpinned class, summarized; ``memo`` keeps the row summaries between budget trials."""
     pinned = cg.pinned_roots()
     infos: dict[int, ClassInfo] = {}
     rows = _Rows()
@@ -186,7 +188,7 @@ def _class_infos(cg: ChannelGraph) -> tuple[dict[int, ClassInfo], dict[int, str]
         if len(set(tensors)) != len(tensors):
             pinned[root] = f"{tensors[0]}: a class holds two channels of one tensor"
             continue
-        infos[root] = _class_info(cg, root, members, rows)
+        infos[root] = _class_info(cg, root, members, rows, memo)
     return infos, pinned
 
 
@@ -214,7 +216,9 @@ def _digest(*parts: np.ndarray) -> bytes:
     return h.digest()
 
 
-def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows) -> ClassInfo:
+def _class_info(
+    cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows, memo: dict | None = None
+) -> ClassInfo:
     key: list[tuple] = [("tensors", tuple(sorted(t for t, _ in members)))]
     nodes: list[gs.Node] = []
     zero_item = False
@@ -232,19 +236,23 @@ def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]], row
             elif it.kind == "zero" and it.lo <= c < it.hi:
                 key.append(("zero", it.node.name))
                 zero_item = True
-    scaled, fixed = _source_vectors(cg, members, rows)
     has_rows = any(k[0] == "row" for k in key)
-    zero_ok = zero_ok and not np.any(scaled) and all(_op_keeps_zero(n) for n in nodes)
-    norm = float(np.linalg.norm(scaled))
-    constants = _constants(cg, members, rows) if has_rows else {}
+    mkey = tuple(sorted(members))
+    summary = memo.get(mkey) if memo is not None else None
+    if summary is None:
+        summary = _summarize_sources(cg, members, rows, has_rows)
+        if memo is not None:
+            memo[mkey] = summary
+    sig, direction, norm, size, nonzero, constants = summary
+    zero_ok = zero_ok and not nonzero and all(_op_keeps_zero(n) for n in nodes)
     return ClassInfo(
         root,
         members,
         tuple(key),
-        sig=_digest(scaled, fixed),
-        direction=_digest(np.round(scaled / norm, 6), fixed) if norm > 0 else None,
+        sig=sig,
+        direction=direction,
         norm=norm,
-        scaled_size=scaled.size,
+        scaled_size=size,
         nodes=nodes,
         cg=cg,
         zero_item=zero_item,
@@ -252,6 +260,15 @@ def _class_info(cg: ChannelGraph, root: int, members: list[tuple[str, int]], row
         sourced=has_rows or zero_item,
         constants=constants,
     )
+
+
+def _summarize_sources(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows, has_rows: bool) -> tuple:
+    """Hashes, norm, size and non-zeroness of a class's rows, and its constant values."""
+    scaled, fixed = _source_vectors(cg, members, rows)
+    norm = float(np.linalg.norm(scaled))
+    direction = _digest(np.round(scaled / norm, 6), fixed) if norm > 0 else None
+    constants = _constants(cg, members, rows) if has_rows else {}
+    return _digest(scaled, fixed), direction, norm, scaled.size, bool(np.any(scaled)), constants
 
 
 def _constants(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows | None = None) -> dict[str, float | None]:
@@ -598,7 +615,7 @@ def _relaxed_removals(
         if cache is not None:
             cache[key] = stats
     energy = {t: _column_energy(cg, t) for t in sinks}
-    prec = {t: R.precision(stats[t].cov) for t in sinks}
+    prec = {t: stats[t].precision() for t in sinks}
     for drop, _keep, _s in plan.merges:  # exact merges already took these channels away
         for t, c in cg.members_of(drop):
             if t in prec and np.isfinite(prec[t][c, c]):
