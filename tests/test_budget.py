@@ -58,6 +58,13 @@ def test_resnet20_default_keeps_top1() -> None:
     assert before - after <= 0.005
     assert res.report()["removed"]["macs_pct"] > 3.0
     assert res.seconds < 5.0  # the budget search stays quick (2 s target on an idle machine)
+    assert any("not multiples of 8" in n for n in res.notes)  # 16 -> 13 channels: the user is told
+    assert "note: " in res.summary()
+
+
+def test_aligned_prune_has_no_alignment_note() -> None:
+    res = prune(shared_model("cifar10/resnet20_bn.onnx"), options={"channel_multiple": 8})
+    assert res.verification and not res.notes
 
 
 @pytest.mark.parametrize("rel", ["tf/mlperf_tiny_fc_autoencoder.onnx", "pytorch/mtcnn_rnet.onnx"])
