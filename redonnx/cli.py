@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("redonnx: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `redonnx ... | head`: stop quietly, as tools killed by SIGPIPE do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # e.g. the disk filled up while writing scratch or output files
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"redonnx: error: {where}{exc.strerror or exc}", file=sys.stderr)

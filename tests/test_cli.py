@@ -90,3 +90,21 @@ def test_html_report_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert r["latency"]["before_ms"] > 0 and r["latency"]["speedup"] > 0
     assert r["budget"]["goal"] == "fidelity budget"
     assert "latency" in capsys.readouterr().out
+
+
+def test_output_cut_short_by_a_pipe_is_quiet() -> None:
+    """`redonnx inspect model | head -1`: the reader is gone; no error line, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import MODELS
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has exited before anything is written: every write fails
+    try:
+        proc = subprocess.run([sys.executable, "-m", "redonnx.cli", "inspect", str(MODELS / "digits_resnet.onnx")],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 141
