@@ -88,7 +88,7 @@ def _check_external_data(model: onnx.ModelProto, base: Path, p: Path) -> bool:
     """Check every external tensor's file exists and is long enough; True if any is external."""
     found = False
     for t in weights.iter_tensors(model):
-        if not external_data_helper.uses_external_data(t):
+        if not weights.is_external(t):
             continue
         found = True
         info = external_data_helper.ExternalDataInfo(t)

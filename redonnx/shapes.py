@@ -81,19 +81,6 @@ def resolve_input_shapes(
     return out
 
 
-def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs have the given static shapes (weights shared by copy)."""
-    dup = onnx.ModelProto()
-    dup.CopyFrom(model)
-    for vi in dup.graph.input:
-        if vi.name in shapes:
-            shape = vi.type.tensor_type.shape
-            shape.ClearField("dim")
-            for d in shapes[vi.name]:
-                shape.dim.add().dim_value = d
-    return dup
-
-
 def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes of every tensor onnx can infer (empty for models it cannot handle)."""
     try:
@@ -119,7 +106,7 @@ def _infer_skeleton(graph: gs.Graph) -> onnx.GraphProto | None:
 
     Large constants are swapped for graph inputs of the same type and shape while the graph is
     exported, so inference sees no weight data and nothing large is copied."""
-    swaps = _swap_large_constants(graph)
+    swaps = swap_constants(graph, lambda _node, t: int(np.prod(t.shape)) > SKELETON_ELEMENTS)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
         model.ir_version = max(model.ir_version, 7)  # IR < 4 inference would not read initializers
@@ -192,7 +179,3 @@ def restore_constants(graph: gs.Graph, swaps: list[Swap]) -> None:
     for node, i, const, _ in swaps:
         node.inputs[i] = const
     graph.inputs[:] = [t for t in graph.inputs if id(t) not in proxies]
-
-
-def _swap_large_constants(graph: gs.Graph) -> list[Swap]:
-    return swap_constants(graph, lambda _node, t: int(np.prod(t.shape)) > SKELETON_ELEMENTS)

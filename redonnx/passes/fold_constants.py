@@ -48,10 +48,9 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
 def _fold(graph: gs.Graph, limit: int) -> None:
     """All constant nodes in one onnxruntime run; if onnxruntime fails on any of them, again
     partitioned so the rest still fold (partitioning copies the graph per partition: minutes on
-    graphs with hundreds of constant subgraphs, so it is only the fallback)."""
+    graphs with hundreds of constant subgraphs, so it is only the fallback). ``graph`` is toposorted."""
     kw = dict(fold_shapes=True, recurse_subgraphs=False, flatten_subgraphs=False, size_threshold=limit,
               recurse_functions=False)  # fmt: skip
-    graph.toposort(recurse_subgraphs=False)
     # custom-domain nodes never fold (onnxruntime has no kernel): their constant inputs become
     # placeholder inputs while folding runs
     shielded = swap_constants(graph, lambda node, _t: node.domain not in (None, "", "ai.onnx"), rename=True)
