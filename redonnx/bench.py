@@ -25,7 +25,7 @@ def bench_models(
 ) -> dict[str, Any]:
     """Latency of each model on the same inputs; runs alternate between models to share noise."""
     models = [load_model(p).model for p in paths]
-    sessions = [session(m, optimize=optimize, threads=threads) for m in models]
+    sessions = [session(m, optimize=optimize, threads=threads, spin=True) for m in models]
     feeds = random_inputs(models[0], shapes, batch=batch, seed=0)
     times = interleaved_times(sessions, feeds, runs=runs, warmup=warmup)
     rows = []

@@ -12,15 +12,22 @@ import numpy as np
 import onnx
 
 import redonnx
+from redonnx import input_model, weights
 from redonnx import passes as passes_mod
-from redonnx import weights
+from redonnx import realism as realism_mod
 from redonnx.budget import SearchResult, search_alpha
 from redonnx.cost import ModelCost, model_cost
+from redonnx.errors import RedonnxError
 from redonnx.graph import to_graph, to_model
+from redonnx.input_model import InputModel, given_shapes
 from redonnx.io import LoadedModel, load_model
 from redonnx.passes.base import PassContext, PassResult
+from redonnx.realism import Realism
+from redonnx.reconstruct import draw_stats_inputs
+from redonnx.runtime import load_npz_inputs
 from redonnx.verify import (
     BUDGET_MIN_COSINE,
+    CAUTIOUS_MIN_COSINE,
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     DEFAULT_SAMPLES,
@@ -45,6 +52,7 @@ class PruneResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     search: SearchResult | None = None
+    evidence: Evidence | None = None
     _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -71,12 +79,14 @@ class PruneResult:
             "passes": [p.to_dict() for p in self.passes],
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "budget": self.search.to_dict() if self.search is not None else None,
+            **(self.evidence.to_dict() if self.evidence is not None else {}),
             "notes": self.source.notes + self.notes,
             "seconds": round(self.seconds, 3),
         }
 
-    def summary(self) -> str:
-        """A readable terminal summary; the full detail is in :meth:`report`."""
+    def summary(self, command: str | None = None) -> str:
+        """A readable terminal summary; the full detail is in :meth:`report`. ``command``: how the
+        user ran us (for the advice to pass real inputs)."""
         r = self.report()
         b, a = r["before"], r["after"]
         lines = [p.summary() for p in self.passes]
@@ -98,6 +108,9 @@ class PruneResult:
             f"deflated {'~' if a['deflated_estimated'] else ''}{b['deflated_bytes']:,} -> {a['deflated_bytes']:,} bytes"
         )
         lines += [f"note: {n}" for n in self.notes]
+        if self.evidence is not None:
+            src = self.source.path or "IN.onnx"
+            lines += self.evidence.summary_lines(command or f"redonnx prune {src} -o OUT.onnx")
         if self.verification is not None:
             lines.append(self.verification.summary())
         return "\n".join(lines)
@@ -133,6 +146,74 @@ def _sizes(model: onnx.ModelProto, cost: ModelCost) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Evidence:
+    """What the synthetic inputs are, and how realistic they look to the model's BatchNorm layers."""
+
+    inputs: InputModel
+    given: bool
+    realism: Realism | None = None
+    calibration: bool = False
+    tightened: float | None = None  # the default budget's cosine, when tightened for want of realism
+
+    @property
+    def corrections(self) -> list | None:
+        return self.realism.corrections if self.realism is not None and not self.calibration else None
+
+    @property
+    def cautious(self) -> bool:
+        """Synthetic verification whose realism is poor or cannot be measured (no BatchNorm)."""
+        return not self.given and (self.realism is None or self.realism.poor)
+
+    def why_cautious(self) -> str:
+        if self.realism is None or self.realism.overall is None:
+            return "the realism of synthetic inputs cannot be measured (no BatchNorm statistics)"
+        return f"synthetic inputs look unlike the data (realism {self.realism.overall:.2f} < {realism_mod.POOR:g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": {**self.inputs.to_dict(), "verified_on": "given inputs" if self.given else "synthetic inputs"},
+            "realism": self.realism.to_dict() if self.realism is not None else None,
+        }
+
+    def summary_lines(self, command: str) -> list[str]:
+        lines = [f"inputs: {self.inputs.source}: {self.inputs.describe()}"]
+        if self.realism is not None:
+            fixed = (f"; channel statistics measured with the activations corrected to the running statistics of "
+                     f"{len(self.realism.corrections)} BatchNorm layers") if self.corrections else ""  # fmt: skip
+            lines.append(f"synthetic {self.realism.describe()}{fixed}")
+        if self.tightened is not None:
+            lines.append(f"budget tightened to cosine >= {self.tightened:g}: {self.why_cautious()}")
+        if (self.cautious and self.tightened is not None) or (self.realism is not None and self.realism.poor):
+            lines.append(f"for evidence on your data, verify on real inputs: {command} --inputs real.npz "
+                         f"(arrays {self.inputs.npz_hint()})")  # fmt: skip
+        return lines
+
+
+def _evidence(
+    model: onnx.ModelProto,
+    given: dict[str, np.ndarray] | None,
+    shapes: dict[str, list[int]] | None,
+    options: dict[str, Any],
+    lossy: bool,
+) -> Evidence:
+    """The input model, and for lossy pipelines the realism of its draws and their corrections."""
+    im = input_model.from_given(model, given) if given is not None else input_model.infer(model, shapes)
+    ev = Evidence(im, given is not None, calibration=options.get("calibration") is not None)
+    if lossy and not im.missing_values() and realism_mod.bn_points(model):
+        try:
+            feeds = draw_stats_inputs(model, shapes, im, seed=REALISM_SEED)
+            ev.realism = realism_mod.assess(model, feeds)
+        except RedonnxError:
+            raise
+        except Exception:
+            ev.realism = None
+    return ev
+
+
+REALISM_SEED = 1  # draws for the realism check: neither the statistics' nor verification's samples
+
+
 def run_passes(
     model: onnx.ModelProto, names: list[str] | None, exact: bool, options: dict[str, Any] | None = None
 ) -> tuple[onnx.ModelProto, list[PassResult]]:
@@ -161,8 +242,10 @@ def _tolerance(
     min_agreement: float | None,
     target_macs: float | None,
     default_budget: bool,
+    cautious: bool = False,
 ) -> Tolerance:
-    """Unset tolerances follow the passes (see :mod:`redonnx.verify`)."""
+    """Unset tolerances follow the passes (see :mod:`redonnx.verify`); the default budget is
+    tightened when the synthetic inputs cannot be shown to look like the data (``cautious``)."""
     if not lossy:
         return Tolerance(DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol,
                          min_cosine, min_agreement)  # fmt: skip
@@ -171,7 +254,7 @@ def _tolerance(
         return Tolerance(DEFAULT_ATOL if atol is None else atol, float("inf"))  # report only
     cosine = min_cosine
     if cosine is None and not explicit:
-        cosine = BUDGET_MIN_COSINE if default_budget else LOSSY_MIN_COSINE
+        cosine = (CAUTIOUS_MIN_COSINE if cautious else BUDGET_MIN_COSINE) if default_budget else LOSSY_MIN_COSINE
     return Tolerance(DEFAULT_ATOL if atol is None else atol, LOSSY_RTOL if rtol is None else rtol, cosine,
                      min_agreement)  # fmt: skip
 
@@ -252,6 +335,10 @@ def prune(
         source = LoadedModel(model=source)
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
+    if isinstance(inputs, (str, Path)):
+        inputs = load_npz_inputs(inputs, source.model)
+    if inputs is not None and not shapes:
+        shapes = given_shapes(source.model, inputs)  # the given arrays fix every dimension
     names = passes if passes is not None else list(passes_mod.EXACT_PIPELINE if exact else passes_mod.DEFAULT_PIPELINE)
     defaults = DEFAULT_OPTIONS if passes is None and not exact else {}
     options = {**defaults, **(options or {}), "shapes": shapes}
@@ -263,9 +350,15 @@ def prune(
         and not exact
         and (passes is None or target_macs is not None)
     )
-    tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching)
+    evidence = _evidence(source.model, inputs, shapes, options, lossy or searching)
+    options.update(input_model=evidence.inputs, corrections=evidence.corrections)
+    tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching,
+                     evidence.cautious)  # fmt: skip
+    if tol.min_cosine == CAUTIOUS_MIN_COSINE:
+        evidence.tightened = tol.min_cosine
     before = model_cost(source.model, shapes)
-    reference = Reference(source.model, inputs=inputs, shapes=shapes, samples=samples) if check or searching else None
+    reference = (Reference(source.model, inputs=inputs, shapes=shapes, samples=samples, input_model=evidence.inputs)
+                 if check or searching else None)  # fmt: skip
     search = None
     if searching:
         model, results, search = _budgeted(source.model, names, exact, options, reference, tol, target_macs, progress)
@@ -284,6 +377,7 @@ def prune(
         seconds=time.perf_counter() - t0,
         search=search,
         notes=[aligned] if aligned else [],
+        evidence=evidence,
     )
 
 

@@ -26,7 +26,10 @@ import onnx_graphsurgeon as gs
 from scipy.linalg import blas
 
 from redonnx.graph import export
-from redonnx.runtime import expects_pixels, random_inputs, run, session
+from redonnx.input_model import InputModel
+from redonnx.input_model import infer as infer_inputs
+from redonnx.realism import Correction, intervene
+from redonnx.runtime import run, session
 from redonnx.shapes import graph_inputs, resolve_input_shapes
 
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
@@ -60,22 +63,25 @@ def channel_stats(
     shapes: dict[str, list[int]] | None = None,
     batch: int | None = None,
     seed: int = 0,
+    input_model: InputModel | None = None,
+    corrections: list[Correction] | None = None,
 ) -> dict[str, Stats]:
     """Mean and covariance over channels (axis ``axes[name]``) of the named tensors.
 
-    Synthetic inputs: 64 images (every pixel position is a sample) or, for inputs without spatial
-    dimensions, up to 1024 vectors, within 2**20 input values."""
+    Synthetic inputs (drawn by ``input_model``, inferred from the graph when None): 64 images
+    (every pixel position is a sample) or, for inputs without spatial dimensions, up to 1024
+    vectors, within 2**20 input values. ``corrections`` (:mod:`redonnx.realism`) are inserted
+    first, so the statistics are those of activations at their BatchNorm running moments."""
     model = export(graph)  # lean for large graphs: weights are not copied into the proto
     del model.graph.value_info[:]
+    if corrections:
+        model = intervene(model, corrections)
     known = {o.name for o in model.graph.output}
     for name in axes:
         if name not in known:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     if feeds is None:
-        dims = resolve_input_shapes(model, shapes)
-        per_sample = max(int(np.prod([d for v in dims.values() for d in v])), 1)
-        cap = batch or (64 if any(len(v) >= 4 for v in dims.values()) else 1024)
-        feeds = synthetic_inputs(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, cap)), seed=STATS_SEED + seed)
+        feeds = draw_stats_inputs(model, shapes, input_model, batch, seed)
     rows = _sample_rows(session(model), feeds, axes, np.random.default_rng(seed), _batch_is_free(model))
     stats = {}
     for name, x in rows.items():
@@ -83,6 +89,22 @@ def channel_stats(
         xc = x - mean
         stats[name] = Stats(mean, xc.T @ xc / max(len(x) - 1, 1))
     return stats
+
+
+def draw_stats_inputs(
+    model: onnx.ModelProto,
+    shapes: dict[str, list[int]] | None,
+    input_model: InputModel | None = None,
+    batch: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The statistics' synthetic inputs: their own seed, 64 images or up to 1024 vectors, within
+    2**20 input values."""
+    dims = resolve_input_shapes(model, shapes)
+    per_sample = max(int(np.prod([d for v in dims.values() for d in v[1:]])), 1)
+    cap = batch or (64 if any(len(v) >= 4 for v in dims.values()) else 1024)
+    im = input_model if input_model is not None else infer_inputs(model, shapes)
+    return im.draw(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, cap)), seed=STATS_SEED + seed)
 
 
 CHUNKS = 16  # the statistics' inputs run in up to this many pieces: one piece's activations in memory
@@ -114,28 +136,6 @@ def _sample_rows(sess, feeds: dict[str, np.ndarray], axes: dict[str, int], rng, 
             kept[name].append(x.astype(np.float64))
         del outs
     return {name: np.concatenate(parts) for name, parts in kept.items()}
-
-
-def synthetic_inputs(
-    model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int = 4, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Seeded noise; image-like inputs get smooth noise (random at 1/4 resolution, upsampled and
-    blurred), closer to natural images' spectrum than white noise: better channel statistics."""
-    feeds = random_inputs(model, shapes, batch=batch, seed=seed)
-    pixels = expects_pixels(model)
-    rng = np.random.default_rng(seed + 1)
-    for name, x in feeds.items():
-        spatial = [ax for ax in range(1, x.ndim) if x.shape[ax] >= 8]
-        if x.dtype.kind != "f" or x.ndim != 4 or len(spatial) != 2:
-            continue
-        low_shape = [d if ax not in spatial else max(d // 4, 1) for ax, d in enumerate(x.shape)]
-        y = rng.standard_normal(low_shape)
-        for ax in spatial:
-            y = np.repeat(y, -(-x.shape[ax] // y.shape[ax]), axis=ax).take(range(x.shape[ax]), axis=ax)
-            y = (y + np.roll(y, 1, ax) + np.roll(y, -1, ax)) / 3.0
-        y = y / max(float(y.std()), 1e-12)
-        feeds[name] = (np.clip(127.5 + 60.0 * y, 0, 255) if pixels else y).astype(x.dtype)
-    return feeds
 
 
 def precision(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:

@@ -42,7 +42,8 @@ def latency(before, after, shapes=None, runs: int = 50) -> dict[str, float]:
     import statistics
 
     feeds = random_inputs(before, shapes, batch=1, seed=0)
-    t = interleaved_times([session(before, optimize=True), session(after, optimize=True)], feeds, runs=runs)
+    t = interleaved_times([session(before, optimize=True, spin=True), session(after, optimize=True, spin=True)], feeds,
+                          runs=runs)
     b, a = statistics.median(t[0]), statistics.median(t[1])
     return {"before_ms": b, "after_ms": a, "speedup": b / a if a else float("inf"), "runs": runs}
 

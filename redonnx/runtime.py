@@ -17,9 +17,15 @@ ORT_SIZE_LIMIT = 2**31 - 2**26
 ort.set_default_logger_severity(4)  # errors reach the user once, as our own one line
 
 
-def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session; graph optimizations off unless ``optimize``."""
+def session(
+    model: onnx.ModelProto, optimize: bool = False, threads: int = 0, spin: bool = False
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session; graph optimizations off unless ``optimize``. Idle threads do not
+    spin unless ``spin`` (as deployed sessions do, for latency): our sessions run in turn with
+    other sessions and numpy, which spinning threads would slow down."""
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -53,14 +53,14 @@ def test_statistics_never_use_the_verification_inputs(monkeypatch) -> None:
     h = b.op("Relu", [b.op("MatMul", ["x", b.rand(32, 24)])])
     model = b.model([("x", ["N", 32])], [b.op("MatMul", [h, b.rand(24, 4)])])
     seen: list[np.ndarray] = []
-    real = R.synthetic_inputs
+    real = R.draw_stats_inputs
 
     def spy(*args, **kw):
         feeds = real(*args, **kw)
         seen.append(feeds["x"])
         return feeds
 
-    monkeypatch.setattr(R, "synthetic_inputs", spy)
+    monkeypatch.setattr(R, "draw_stats_inputs", spy)
     run_passes(model, ["merge-channels"], exact=False, options={"alpha": 0.2})
     assert seen and len(seen[0]) >= 256  # vectors: many samples, not 16
     verification = np.concatenate([f["x"] for f in feeds_for(model, None, None, 8, 0)[0]])

@@ -37,6 +37,7 @@ class PassResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     declined: list[Decline] = field(default_factory=list)
     seconds: float = 0.0
+    kept: dict[str, list[int]] = field(default_factory=dict)  # tensor -> channels kept (channel passes)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -48,6 +49,7 @@ class PassResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("kept")  # per-channel indices: for the pipeline, too long for a report
         d["seconds"] = round(self.seconds, 4)
         return d
 

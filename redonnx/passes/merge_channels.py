@@ -118,7 +118,7 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         else:
             raise RedonnxError("--merge-criterion must be reconstruct or paper")
     if plan.merges:
-        _apply(cg, infos, plan)
+        res.kept = _apply(cg, infos, plan)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     return res
 
@@ -611,7 +611,8 @@ def _relaxed_removals(
     key = tuple(sorted(axes.items()))
     stats = cache.get(key) if cache is not None else None
     if stats is None:
-        stats = R.channel_stats(graph, axes, options.get("calibration"), options.get("shapes"))
+        stats = R.channel_stats(graph, axes, options.get("calibration"), options.get("shapes"),
+                                input_model=options.get("input_model"), corrections=options.get("corrections"))
         if cache is not None:
             cache[key] = stats
     energy = {t: _column_energy(cg, t) for t in sinks}
@@ -746,8 +747,9 @@ def _lazy_greedy(
 # ------------------------------------------------------------------ rewriting
 
 
-def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
-    """Drop merged channels from every tensor and rewrite every item that indexes them."""
+def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> dict[str, list[int]]:
+    """Drop merged channels from every tensor and rewrite every item that indexes them; returns
+    the channels each cut tensor keeps (indices into its channels before the cut)."""
     target: dict[str, dict[int, tuple[int | None, float]]] = defaultdict(dict)
     for drop, keep, s in plan.merges:
         keep_at = {t: c for t, c in infos[keep].members} if keep is not None else {}
@@ -774,6 +776,7 @@ def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> None:
     biases.apply(cg.graph, keeps)  # after the cuts: a new MatMul bias Add is not in the channel graph
     for t in target:  # shapes are stale now; onnxruntime infers them again
         cg.spaces[t].tensor.shape = None
+    return keeps
 
 
 class _Biases:
