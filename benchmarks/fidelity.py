@@ -76,6 +76,10 @@ def real_data(name: str, n: int) -> tuple[dict[str, np.ndarray] | None, np.ndarr
     return None, None, "drawn as inferred (seed 99)"
 
 
+def as_float32(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+
+
 def models() -> list[tuple[str, onnx.ModelProto, dict]]:
     out = []
     for name, rel, shapes in [
@@ -103,8 +107,10 @@ def outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     parts = []
     names = list(feeds)
     n = len(feeds[names[0]])
-    for i in range(0, n, 64):
-        parts.append(next(iter(run(sess, {k: v[i : i + 64].astype(np.float32) for k, v in feeds.items()}).values())))
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    step = dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else 64
+    for i in range(0, n, step):
+        parts.append(next(iter(run(sess, {k: v[i : i + step] for k, v in feeds.items()}).values())))
     return np.concatenate(parts).astype(np.float64)
 
 
@@ -119,6 +125,7 @@ def measure(name: str, model: onnx.ModelProto, shapes: dict, n: int) -> dict:
     seconds = time.perf_counter() - t0
     rep = res.report()
     feeds, y, what = real_data(name, n)
+    feeds = as_float32(feeds) if feeds is not None else None
     if feeds is None:
         feeds = res.evidence.inputs.draw(model, shapes or None, batch=64, seed=99)
     a, b = outputs(model, feeds), outputs(res.model, feeds)
@@ -154,10 +161,14 @@ def main() -> None:
             continue
         rows.append(measure(name, model, shapes, args.images))
         print(f"{name}: done in {rows[-1]['seconds']:.1f} s", file=sys.stderr)
+    for r in rows:
+        for k in ("synthetic cosine", "real cosine"):
+            r[k] = f"{r[k]:.5f}" if isinstance(r.get(k), float) else r.get(k)
+        r["realism"] = f"{r['realism']:.3f}" if r.get("realism") is not None else "unknown"
     cols = ["model", "inputs inferred", "realism", "MACs -%", "synthetic cosine", "real cosine", "top-1 before",
             "top-1 after", "agreement", "real data", "verified"]  # fmt: skip
-    print(table(rows, cols))
     print(f"\nwritten {write_json('fidelity', rows)}")
+    print(table(rows, cols))
 
 
 if __name__ == "__main__":

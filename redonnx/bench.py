@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from redonnx.io import load_model
-from redonnx.runtime import random_inputs, session
+from redonnx.runtime import session
 
 
 def bench_models(
@@ -22,11 +22,13 @@ def bench_models(
     batch: int = 1,
     threads: int = 0,
     optimize: bool = True,
+    inputs: dict[str, np.ndarray] | str | Path | None = None,
 ) -> dict[str, Any]:
-    """Latency of each model on the same inputs; runs alternate between models to share noise."""
+    """Latency of each model on the same inputs (the first ``batch`` given samples, or valid ones
+    drawn as :mod:`redonnx.input_model` infers them); runs alternate between models to share noise."""
     models = [load_model(p).model for p in paths]
     sessions = [session(m, optimize=optimize, threads=threads, spin=True) for m in models]
-    feeds = random_inputs(models[0], shapes, batch=batch, seed=0)
+    feeds = bench_feeds(models[0], inputs, shapes, batch)
     times = interleaved_times(sessions, feeds, runs=runs, warmup=warmup)
     rows = []
     for p, ts in zip(paths, times, strict=True):
@@ -43,6 +45,19 @@ def bench_models(
     if len(rows) == 2:
         out["speedup"] = rows[0]["median_ms"] / rows[1]["median_ms"]
     return out
+
+
+def bench_feeds(
+    model, inputs: dict[str, np.ndarray] | str | Path | None, shapes: dict[str, list[int]] | None, batch: int = 1
+) -> dict[str, np.ndarray]:
+    """Valid inputs for timing: given samples, or drawn by the inferred input model."""
+    from redonnx.input_model import infer
+    from redonnx.sizes import settle
+
+    given, shapes, _ = settle(model, inputs, shapes)
+    if given is not None:
+        return {k: v[:batch] if np.ndim(v) else v for k, v in given.items()}
+    return infer(model, shapes).draw(model, shapes, batch=batch, seed=0)
 
 
 def interleaved_times(

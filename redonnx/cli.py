@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime default)")
+    p.add_argument("--inputs", metavar="FILE.npz", help="inputs to time on (default: valid ones drawn as inferred)")
     p.add_argument("--json", action="store_true")
     _common_inputs(p)
     return parser
@@ -252,7 +253,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.bench:
         from redonnx.report import latency
 
-        report["latency"] = latency(src.model, result.model, _shapes(args))
+        feeds = result.evidence.inputs.draw(src.model, result.before.input_shapes, batch=1, seed=0)
+        report["latency"] = latency(src.model, result.model, feeds)
     report["output"] = str(out)
     ok = bool(result.verification) if result.verification is not None else True
     if result.verification is None:
@@ -270,7 +272,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
-        print(result.summary())
+        print(result.summary(command=f"redonnx prune {args.input} -o {args.output}"))
         if "latency" in report:
             lat = report["latency"]
             print(
@@ -292,7 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=_json_default))
     else:
-        print(result.summary())
+        print(result.summary(command=f"redonnx prune {args.input} -o {args.output}"))
     return EXIT_OK if result else EXIT_VERIFY
 
 
@@ -316,9 +318,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
         raise RedonnxError("--runs and --batch must be positive, --warmup not negative")
     paths = [p for p in (args.input, args.input2) if p]
-    result = bench_models(
-        paths, shapes=_shapes(args), runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads
-    )
+    if args.inputs and not Path(args.inputs).is_file():
+        raise RedonnxError(f"--inputs {args.inputs}: no such file")
+    result = bench_models(paths, shapes=_shapes(args), runs=args.runs, warmup=args.warmup, batch=args.batch,
+                          threads=args.threads, inputs=args.inputs)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2, default=_json_default))
     else:

@@ -15,16 +15,16 @@ import redonnx
 from redonnx import input_model, weights
 from redonnx import passes as passes_mod
 from redonnx import realism as realism_mod
+from redonnx import sizes as sizes_mod
 from redonnx.budget import SearchResult, search_alpha
 from redonnx.cost import ModelCost, model_cost
 from redonnx.errors import RedonnxError
 from redonnx.graph import to_graph, to_model
-from redonnx.input_model import InputModel, given_shapes
+from redonnx.input_model import InputModel
 from redonnx.io import LoadedModel, load_model
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.realism import Realism
 from redonnx.reconstruct import draw_stats_inputs
-from redonnx.runtime import load_npz_inputs
 from redonnx.verify import (
     BUDGET_MIN_COSINE,
     CAUTIOUS_MIN_COSINE,
@@ -155,6 +155,7 @@ class Evidence:
     realism: Realism | None = None
     calibration: bool = False
     tightened: float | None = None  # the default budget's cosine, when tightened for want of realism
+    sizes: str = ""  # dynamic dimensions' sizes, when chosen for the user
 
     @property
     def corrections(self) -> list | None:
@@ -171,13 +172,16 @@ class Evidence:
         return f"synthetic inputs look unlike the data (realism {self.realism.overall:.2f} < {realism_mod.POOR:g})"
 
     def to_dict(self) -> dict[str, Any]:
+        verified_on = "given inputs" if self.given else "synthetic inputs"
         return {
-            "inputs": {**self.inputs.to_dict(), "verified_on": "given inputs" if self.given else "synthetic inputs"},
+            "inputs": {**self.inputs.to_dict(), "verified_on": verified_on, "sizes": self.sizes or None},
             "realism": self.realism.to_dict() if self.realism is not None else None,
         }
 
     def summary_lines(self, command: str) -> list[str]:
         lines = [f"inputs: {self.inputs.source}: {self.inputs.describe()}"]
+        if self.sizes:
+            lines.append(self.sizes)
         if self.realism is not None:
             fixed = (f"; channel statistics measured with the activations corrected to the running statistics of "
                      f"{len(self.realism.corrections)} BatchNorm layers") if self.corrections else ""  # fmt: skip
@@ -335,10 +339,7 @@ def prune(
         source = LoadedModel(model=source)
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
-    if isinstance(inputs, (str, Path)):
-        inputs = load_npz_inputs(inputs, source.model)
-    if inputs is not None and not shapes:
-        shapes = given_shapes(source.model, inputs)  # the given arrays fix every dimension
+    inputs, shapes, sized = sizes_mod.settle(source.model, inputs, shapes)
     names = passes if passes is not None else list(passes_mod.EXACT_PIPELINE if exact else passes_mod.DEFAULT_PIPELINE)
     defaults = DEFAULT_OPTIONS if passes is None and not exact else {}
     options = {**defaults, **(options or {}), "shapes": shapes}
@@ -351,6 +352,7 @@ def prune(
         and (passes is None or target_macs is not None)
     )
     evidence = _evidence(source.model, inputs, shapes, options, lossy or searching)
+    evidence.sizes = sized.describe() if sized is not None else ""
     options.update(input_model=evidence.inputs, corrections=evidence.corrections)
     tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching,
                      evidence.cautious)  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 
 from redonnx.bench import interleaved_times
 from redonnx.io import publish
-from redonnx.runtime import random_inputs, session
+from redonnx.runtime import session
 
 
 def layer_table(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -37,11 +37,10 @@ def layer_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def latency(before, after, shapes=None, runs: int = 50) -> dict[str, float]:
-    """onnxruntime CPU latency (optimizations on, batch 1), medians of interleaved runs."""
+def latency(before, after, feeds: dict, runs: int = 50) -> dict[str, float]:
+    """onnxruntime CPU latency (optimizations on) on ``feeds``, medians of interleaved runs."""
     import statistics
 
-    feeds = random_inputs(before, shapes, batch=1, seed=0)
     t = interleaved_times([session(before, optimize=True, spin=True), session(after, optimize=True, spin=True)], feeds,
                           runs=runs)
     b, a = statistics.median(t[0]), statistics.median(t[1])

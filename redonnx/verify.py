@@ -292,8 +292,13 @@ def verify(
     min_agreement: float | None = None,
     seed: int = 0,
 ) -> VerificationResult:
-    """Run both models on the same inputs and compare every output."""
-    ref = Reference(reference, inputs=inputs, shapes=shapes, samples=samples, seed=seed)
+    """Run both models on the same inputs and compare every output (dynamic sizes chosen as
+    :func:`redonnx.sizes.settle` does when neither inputs nor shapes fix them)."""
+    from redonnx.sizes import settle
+
+    ref_model = _as_proto(reference)
+    inputs, shapes, _ = settle(ref_model, inputs, shapes)
+    ref = Reference(ref_model, inputs=inputs, shapes=shapes, samples=samples, seed=seed)
     return ref.check(candidate, Tolerance(atol, rtol, min_cosine, min_agreement))
 
 
