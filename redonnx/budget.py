@@ -1,13 +1,16 @@
 """Fidelity budgets: how much relaxed merging a model can take, found by measuring.
 
-The passes before merge-channels run once. Merging then runs for several values of alpha (the
-fraction of channels removed); each candidate is checked against the reference outputs on the
-verification inputs (synthetic unless the user passes real ones) and its MACs are counted:
+The passes before merge-channels run once. Merging then runs for several values of its knob:
+``error_budget`` (the summed relative reconstruction error it may spend, searched on a geometric
+ladder: the greedy takes the most efficient steps that fit, see merge_channels) or, for the
+paper's rule, ``alpha`` (the fraction of channels removed). Each candidate is checked against
+the reference outputs on the verification inputs (synthetic unless the user passes real ones)
+and its MACs are counted:
 
-- with a fidelity budget (cosine, top-1 agreement, max error), bisection finds the largest alpha
+- with a fidelity budget (cosine, top-1 agreement, max error), bisection finds the largest value
   whose model still meets it;
-- with ``--target-macs P``, bisection finds the smallest alpha removing at least P % of the MACs,
-  and the report states the fidelity that cost.
+- with ``--target-macs P``, bisection finds the smallest value removing at least P % of the
+  MACs, and the report states the fidelity that cost.
 
 Channel statistics are computed on the first trial and reused (they only depend on the graph
 before merging).
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from redonnx import weights
@@ -28,11 +32,13 @@ from redonnx.verify import Reference, Tolerance, VerificationResult
 
 ALPHA_MAX = 0.6
 STEPS = 6
+#: error budgets tried: 0, then 63 values from 1e-6 to 10, evenly spaced in log scale
+ERROR_LADDER = (0.0, *(float(v) for v in np.geomspace(1e-6, 10.0, 2**STEPS - 1)))
 
 
 @dataclass
 class Trial:
-    alpha: float
+    value: float
     macs_removed_pct: float | None
     cosine: float
     top1_agreement: float | None
@@ -42,13 +48,22 @@ class Trial:
 @dataclass
 class SearchResult:
     goal: str
-    alpha: float
+    knob: str  # error_budget | alpha
+    value: float
     trials: list[Trial] = field(default_factory=list)
     met: bool = True
     notes: list[str] = field(default_factory=list)
+    # passing trials below the chosen alpha, largest first: less pruning, for the speed gate
+    fallbacks: list[tuple[float, onnx.ModelProto, list[PassResult]]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"goal": self.goal, "knob": self.knob, "value": self.value, "trials": [asdict(t) for t in self.trials],
+                "met": self.met, "notes": list(self.notes)}  # fmt: skip
+
+    def discard_fallbacks(self) -> None:
+        for _a, model, _r in self.fallbacks:
+            weights.discard(model)  # lean candidates: free their scratch data files
+        self.fallbacks = []
 
 
 Runner = Callable[[onnx.ModelProto, list[str], dict[str, Any]], tuple[onnx.ModelProto, list[PassResult]]]
@@ -65,55 +80,63 @@ def search_alpha(
     shapes: dict[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, list[PassResult], SearchResult]:
-    """Run ``suffix`` (starting at merge-channels) on ``base`` for the alpha the budget allows."""
+    """Run ``suffix`` (starting at merge-channels) on ``base`` for the knob value the budget allows."""
     opts = {**options, "stats_cache": {}}
+    knob = "alpha" if options.get("merge_criterion") == "paper" else "error_budget"
+    ladder = [round(ALPHA_MAX * i / 2**STEPS, 4) for i in range(2**STEPS + 1)] if knob == "alpha" else ERROR_LADDER
     macs0 = model_cost(base, shapes).macs if target_macs is not None else None
     trials: dict[float, tuple[onnx.ModelProto, list[PassResult], VerificationResult, float | None]] = {}
 
-    def trial(alpha: float):
-        if alpha not in trials:
-            model, results = run_passes(base, suffix, {**opts, "alpha": alpha})
+    def trial(index: int):
+        value = ladder[index]
+        if value not in trials:
+            model, results = run_passes(base, suffix, {**opts, knob: value})
             v = reference.check(model, tol)
             removed = None
             if macs0:
                 removed = 100.0 * (1 - (model_cost(model, shapes).macs or 0) / macs0)
-            trials[alpha] = (model, results, v, removed)
+            trials[value] = (model, results, v, removed)
             if progress:
                 extra = f", {removed:.1f} % of MACs removed" if removed is not None else ""
-                progress(f"alpha {alpha:.3f}: cosine {v.worst_cosine:.4f}{extra}, {'ok' if v else 'over budget'}")
-        return trials[alpha]
+                progress(f"{knob} {value:.3g}: cosine {v.worst_cosine:.4f}{extra}, {'ok' if v else 'over budget'}")
+        return trials[value]
 
+    top = len(ladder) - 1
     if target_macs is not None:
-        alpha, goal = _bisect(lambda a: (trial(a)[3] or 0.0) >= target_macs, want_max=False), f"{target_macs:g} % MACs"
+        index = _bisect(lambda i: (trial(i)[3] or 0.0) >= target_macs, top, want_max=False)
+        goal = f"{target_macs:g} % MACs"
     else:
-        alpha, goal = _bisect(lambda a: bool(trial(a)[2]), want_max=True), "fidelity budget"
-    model, results, v, removed = trial(alpha)
-    for a, t in trials.items():
-        if a != alpha:
+        index, goal = _bisect(lambda i: bool(trial(i)[2]), top, want_max=True), "fidelity budget"
+    value = ladder[index]
+    model, results, v, removed = trial(index)
+    record = SearchResult(goal, knob, value, met=bool(v) if target_macs is None else (removed or 0) >= target_macs)
+    for a, t in sorted(trials.items(), reverse=True):
+        if 0 < a < value and bool(t[2]):
+            record.fallbacks.append((a, t[0], t[1]))
+        elif a != value:
             weights.discard(t[0])  # lean candidates: free their scratch data files
-    record = SearchResult(goal, alpha, met=bool(v) if target_macs is None else (removed or 0) >= target_macs)
     record.trials = [
         Trial(a, t[3], t[2].worst_cosine, t[2].min_top1, bool(t[2])) for a, t in sorted(trials.items())
     ]  # fmt: skip
     return model, results, record
 
 
-def _bisect(ok: Callable[[float], bool], want_max: bool) -> float:
-    """Largest alpha with ok (want_max) or smallest alpha with ok, in [0, ALPHA_MAX]."""
+def _bisect(ok: Callable[[int], bool], top: int, want_max: bool) -> int:
+    """Largest index with ok (want_max) or smallest index with ok, in [0, top]."""
     if want_max:
-        if not ok(0.0):
-            return 0.0
-        lo, hi = 0.0, ALPHA_MAX
+        if not ok(0):
+            return 0
+        lo, hi = 0, top
         if ok(hi):
             return hi
-        for _ in range(STEPS):
-            mid = round((lo + hi) / 2, 4)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         return lo
-    lo, hi = 0.0, ALPHA_MAX
+    lo, hi = 0, top
     if not ok(hi):
         return hi
-    for _ in range(STEPS):
-        mid = round((lo + hi) / 2, 4)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi

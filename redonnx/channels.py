@@ -434,7 +434,7 @@ def _split_sizes(node: gs.Node, total: int) -> list[int] | None:
     return [int(s) for s in split] if sum(split) == total else None
 
 
-def _slice_params(node: gs.Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
+def slice_params(node: gs.Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
     if "starts" in node.attrs:  # opset < 10
         starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
         axes = list(node.attrs.get("axes", range(len(starts))))
@@ -454,7 +454,7 @@ def _slice(cg: ChannelGraph, node: gs.Node) -> None:
     xs = _space_of(cg, node.inputs[0])
     if xs is None:
         return
-    p = _slice_params(node)
+    p = slice_params(node)
     rank = _rank(node.inputs[0])
     if p is None or rank is None:
         cg.pin_tensor(xs.tensor.name, f"{node.name}: Slice with computed parameters")

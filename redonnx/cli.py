@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="PAGE.html", help="write an HTML report with plots (needs matplotlib)")
     p.add_argument("--bench", action="store_true", help="measure onnxruntime latency before and after")
     p.add_argument("--no-verify", action="store_true", help="with --exact only: write without running onnxruntime")
+    p.add_argument("--target", choices=["ort-cpu", "trt", "trt-int8", "macs"], default="ort-cpu",
+                   help="what to optimize: ort-cpu (measured onnxruntime CPU latency, default), trt / trt-int8 (MACs "
+                        "with channel counts in multiples of 8 / 16 for TensorRT), macs (MACs, any count; hashing "
+                        "for size)")  # fmt: skip
     g = p.add_argument_group("fidelity budget (default: output cosine >= 0.998 on the verification inputs)")
     g.add_argument("--max-error", type=float, help="max |diff| as a fraction of max |ref|, per output")
     g.add_argument("--min-agreement", type=float, help="top-1 agreement of 2-D score outputs (0..1)")
@@ -248,7 +252,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     progress = (lambda msg: print(f"  {msg}", file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
     result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), options=options, progress=progress,
                    min_agreement=args.min_agreement, target_macs=args.target_macs, check=not args.no_verify,
-                   **kw)  # fmt: skip
+                   target=args.target, **kw)  # fmt: skip
     report = result.report()
     if args.bench:
         from redonnx.report import latency
@@ -294,7 +298,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=_json_default))
     else:
-        print(result.summary(command=f"redonnx prune {args.input} -o {args.output}"))
+        print(result.summary())
     return EXIT_OK if result else EXIT_VERIFY
 
 

@@ -16,12 +16,15 @@ from redonnx import input_model, weights
 from redonnx import passes as passes_mod
 from redonnx import realism as realism_mod
 from redonnx import sizes as sizes_mod
+from redonnx import speed as speed_mod
 from redonnx.budget import SearchResult, search_alpha
 from redonnx.cost import ModelCost, model_cost
 from redonnx.errors import RedonnxError
 from redonnx.graph import to_graph, to_model
 from redonnx.input_model import InputModel
 from redonnx.io import LoadedModel, load_model
+from redonnx.latency import CostModel
+from redonnx.passes import merge_channels as merge_mod
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.realism import Realism
 from redonnx.reconstruct import draw_stats_inputs
@@ -53,6 +56,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     search: SearchResult | None = None
     evidence: Evidence | None = None
+    speed: speed_mod.SpeedCheck | None = None
     _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -80,6 +84,7 @@ class PruneResult:
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "budget": self.search.to_dict() if self.search is not None else None,
             **(self.evidence.to_dict() if self.evidence is not None else {}),
+            "speed": self.speed.to_dict() if self.speed is not None else None,
             "notes": self.source.notes + self.notes,
             "seconds": round(self.seconds, 3),
         }
@@ -98,7 +103,7 @@ class PruneResult:
         if self.search is not None:
             s = self.search
             lines.append(
-                f"budget: {s.goal} -> alpha {s.alpha:.3f} after {len(s.trials)} trials"
+                f"budget: {s.goal} -> {s.knob.replace('_', ' ')} {s.value:.3g} after {len(s.trials)} trials"
                 + ("" if s.met else " (NOT met)")
                 + "".join(f"; {n}" for n in s.notes)
             )
@@ -108,6 +113,8 @@ class PruneResult:
             f"deflated {'~' if a['deflated_estimated'] else ''}{b['deflated_bytes']:,} -> {a['deflated_bytes']:,} bytes"
         )
         lines += [f"note: {n}" for n in self.notes]
+        if self.speed is not None:
+            lines.append(self.speed.describe())
         if self.evidence is not None:
             src = self.source.path or "IN.onnx"
             lines += self.evidence.summary_lines(command or f"redonnx prune {src} -o OUT.onnx")
@@ -272,9 +279,10 @@ def _budgeted(
     tol: Tolerance,
     target_macs: float | None,
     progress: Callable[[str], None] | None,
-) -> tuple[onnx.ModelProto, list[PassResult], SearchResult]:
+) -> tuple[onnx.ModelProto, list[PassResult], SearchResult, Callable]:
     """Passes before merge-channels once, then the alpha search. If even alpha 0 is over the
-    budget, the lossy passes before merging (hashing) get milder settings, then are dropped."""
+    budget, the lossy passes before merging (hashing) get milder settings, then are dropped.
+    Also returns ``finish(model, results, alpha)``: the exact passes that run after the search."""
     cut = names.index("merge-channels")
     prefix, rest = names[:cut], names[cut + 1 :]
     # exact passes after merging cannot change fidelity: run them once, after the search
@@ -294,15 +302,52 @@ def _budgeted(
         if search.met or i == len(attempts) - 1:
             if i:
                 search.notes.append(_milder_note(pre, opts))
-            if later:
-                out, after = run_passes(out, [*later, "cleanup"], exact, {**opts, "alpha": search.alpha})
-                tail += after
-            return out, results + tail, search
+
+            def finish(m: onnx.ModelProto, res: list[PassResult], value: float, opts=opts, results=results,
+                       knob=search.knob):  # fmt: skip
+                if later:
+                    m, after = run_passes(m, [*later, "cleanup"], exact, {**opts, knob: value})
+                    res = res + after
+                return m, results + res
+
+            out, tail = finish(out, tail, search.value)
+            return out, tail, search, finish
         weights.discard(out)
         weights.discard(base)
+        search.discard_fallbacks()
         if progress:
             progress("over budget before any merging: milder hashing")
     raise AssertionError("unreachable")
+
+
+def _speed_gate(
+    source: onnx.ModelProto,
+    best: tuple[onnx.ModelProto, list[PassResult]],
+    search: SearchResult,
+    finish: Callable,
+    options: dict[str, Any],
+    feeds: dict[str, np.ndarray],
+) -> tuple[onnx.ModelProto, list[PassResult], speed_mod.SpeedCheck]:
+    """Keep the most pruned candidate that is measurably faster than the lossless result."""
+    exact_model, exact_results = run_passes(source, _default_passes(True, "ort-cpu"), True, options)
+    lossless = speed_mod.Candidate("lossless result", exact_model, exact_results)
+    what = search.knob.replace("_", " ")
+    candidates = [speed_mod.Candidate(f"budget's choice ({what} {search.value:.3g})", *best)] if search.value else []
+    for value, m, res in search.fallbacks[:FALLBACKS]:
+        candidates.append(speed_mod.Candidate(f"less pruning ({what} {value:.3g})", *finish(m, res, value)))
+    floor = model_cost(exact_model, options.get("shapes")).macs  # a candidate must do less work to be tried
+    candidates = [c for c in candidates if floor is None or (model_cost(c.model, options.get("shapes")).macs or 0)
+                  < floor]  # fmt: skip
+    kept, check = speed_mod.gate(source, lossless, candidates, feeds, options["cost_model"].cache, "ort-cpu")
+    options["cost_model"].save()
+    for cand in [lossless, *candidates]:
+        if cand is not kept:
+            weights.discard(cand.model)
+    search.discard_fallbacks()
+    return kept.model, kept.results, check
+
+
+FALLBACKS = 2  # passing trials with less pruning the speed gate tries before the lossless result
 
 
 def _milder_note(prefix: list[str], opts: dict[str, Any]) -> str:
@@ -325,6 +370,7 @@ def prune(
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     target_macs: float | None = None,
+    target: str = "ort-cpu",
     options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
@@ -333,16 +379,22 @@ def prune(
     With no passes named, the default pipeline runs and relaxed merging takes as many channels as
     the fidelity budget allows (output cosine >= 0.998 on the verification inputs unless a budget
     is given), or as ``target_macs`` asks; exact pipelines are held to atol 1e-6 / rtol 1e-4.
+    ``target`` (see :data:`TARGETS`) decides the channel counts allowed and the objective; with
+    ``ort-cpu`` a lossy result is written only if it runs measurably faster (:mod:`redonnx.speed`).
     """
+    if target not in TARGETS:
+        raise RedonnxError(f"--target must be one of {', '.join(TARGETS)}")
     t0 = time.perf_counter()
     if isinstance(source, onnx.ModelProto):
         source = LoadedModel(model=source)
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
     inputs, shapes, sized = sizes_mod.settle(source.model, inputs, shapes)
-    names = passes if passes is not None else list(passes_mod.EXACT_PIPELINE if exact else passes_mod.DEFAULT_PIPELINE)
+    names = passes if passes is not None else _default_passes(exact, target)
     defaults = DEFAULT_OPTIONS if passes is None and not exact else {}
-    options = {**defaults, **(options or {}), "shapes": shapes}
+    options = {**defaults, **(options or {}), "shapes": shapes, "target": target}
+    if target == "ort-cpu":
+        options["cost_model"] = CostModel()
     chosen = passes_mod.resolve(names, exact=exact, options=options)
     lossy = any(not passes_mod.is_exact(m, options) for m in chosen)
     searching = (
@@ -361,14 +413,20 @@ def prune(
     before = model_cost(source.model, shapes)
     reference = (Reference(source.model, inputs=inputs, shapes=shapes, samples=samples, input_model=evidence.inputs)
                  if check or searching else None)  # fmt: skip
-    search = None
+    search = speed = None
     if searching:
-        model, results, search = _budgeted(source.model, names, exact, options, reference, tol, target_macs, progress)
+        model, results, search, finish = _budgeted(source.model, names, exact, options, reference, tol, target_macs,
+                                                   progress)  # fmt: skip
+        if target == "ort-cpu" and target_macs is None:
+            feeds = evidence.inputs.draw(source.model, shapes, batch=1, seed=0)
+            model, results, speed = _speed_gate(source.model, (model, results), search, finish, options, feeds)
     else:
         model, results = run_passes(source.model, names, exact, options)
+    if "cost_model" in options:
+        options["cost_model"].save()
     after = model_cost(model, shapes)
     verification = reference.check(model, tol) if check else None
-    aligned = _alignment_note(before, after, int(options.get("channel_multiple") or 1))
+    aligned = _alignment_note(before, after, merge_mod.channel_multiple(options))
     return PruneResult(
         model=model,
         source=source,
@@ -380,7 +438,23 @@ def prune(
         search=search,
         notes=[aligned] if aligned else [],
         evidence=evidence,
+        speed=speed,
     )
+
+
+#: What ``--target`` optimizes: ort-cpu (measured latency, channel counts in the measured block,
+#: final speed gate), trt (MACs, counts in multiples of 8: TensorRT FP16 tensor cores), trt-int8
+#: (multiples of 16), macs (MACs, any count, hashing for size).
+TARGETS = ("ort-cpu", "trt", "trt-int8", "macs")
+
+
+def _default_passes(exact: bool, target: str) -> list[str]:
+    names = list(passes_mod.EXACT_PIPELINE if exact else passes_mod.DEFAULT_PIPELINE)
+    if target != "macs":  # hashing saves no time and spends fidelity budget: only the size objective runs it
+        names = [n for n in names if n != "hash-weights"]
+    if target == "ort-cpu":  # forms onnxruntime's CPU kernels run faster (measured, see the pass)
+        names.insert(names.index("cleanup"), "shortcut-conv")
+    return names
 
 
 ALIGN = 8

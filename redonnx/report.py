@@ -127,12 +127,13 @@ def _budget_html(report: dict[str, Any]) -> list[str]:
     if not s:
         return []
     rows = "".join(
-        f"<tr><td>{t['alpha']:.3f}</td><td>{_p(t['macs_removed_pct'], '-')}</td><td>{t['cosine']:.4f}</td>"
+        f"<tr><td>{t['value']:.3g}</td><td>{_p(t['macs_removed_pct'], '-')}</td><td>{t['cosine']:.4f}</td>"
         f"<td>{'ok' if t['passed'] else 'over'}</td></tr>"
         for t in s["trials"]
     )
-    return [f"<h2>Budget: {html.escape(s['goal'])} &rarr; alpha {s['alpha']:.3f}</h2>",
-            f"<table><tr><th>alpha</th><th>MACs removed</th><th>cosine</th><th></th></tr>{rows}</table>"]  # fmt: skip
+    knob = s["knob"].replace("_", " ")
+    return [f"<h2>Budget: {html.escape(s['goal'])} &rarr; {knob} {s['value']:.3g}</h2>",
+            f"<table><tr><th>{knob}</th><th>MACs removed</th><th>cosine</th><th></th></tr>{rows}</table>"]  # fmt: skip
 
 
 def _verification_html(report: dict[str, Any]) -> list[str]:

@@ -15,20 +15,20 @@ RESNET = MODELS / "digits_resnet.onnx"
 
 
 def test_default_budget_is_met_and_searched() -> None:
-    res = prune(RESNET)
+    res = prune(RESNET, target="macs")
     assert res.verification and res.verification.min_cosine == 0.998
     s = res.search
-    assert s is not None and s.goal == "fidelity budget" and s.met
-    passing = [t.alpha for t in s.trials if t.passed]
-    assert s.alpha == max(passing)
-    assert all(not t.passed for t in s.trials if t.alpha > s.alpha + 1e-9) or s.alpha == max(t.alpha for t in s.trials)
+    assert s is not None and s.goal == "fidelity budget" and s.met and s.knob == "error_budget"
+    passing = [t.value for t in s.trials if t.passed]
+    assert s.value == max(passing)
+    assert all(not t.passed for t in s.trials if t.value > s.value) or s.value == max(t.value for t in s.trials)
     assert res.after.params < res.before.params
 
 
 def test_stricter_budget_removes_less() -> None:
-    loose = prune(RESNET, min_cosine=0.98)
-    strict = prune(RESNET, min_cosine=0.9999)
-    assert loose.search.alpha >= strict.search.alpha
+    loose = prune(RESNET, min_cosine=0.98, target="macs")
+    strict = prune(RESNET, min_cosine=0.9999, target="macs")
+    assert loose.search.value >= strict.search.value
     assert loose.after.params <= strict.after.params
 
 
@@ -48,10 +48,22 @@ def test_channel_multiple_keeps_counts_aligned() -> None:
 
 
 def test_resnet20_default_keeps_top1() -> None:
-    """Acceptance: default prune keeps top-1 within 0.5 points on the shared CIFAR-10 images."""
+    """Acceptance: default prune keeps top-1 within 0.5 points on the shared CIFAR-10 images, and
+    its output runs faster than the input (measured by the speed gate)."""
     src = shared_model("cifar10/resnet20_bn.onnx")
     res = prune(src)
     assert res.verification
+    x, y = cifar_batch()
+    before = np.mean(run(session(res.source.model), {"input": x})["logits"].argmax(1) == y)
+    after = np.mean(run(session(res.model), {"input": x})["logits"].argmax(1) == y)
+    assert before - after <= 0.005
+    assert res.speed is not None and res.speed.final_vs_input["ratio"] < 1.0
+    assert "speed (onnxruntime CPU" in res.summary()
+
+
+def test_resnet20_macs_target_keeps_top1() -> None:
+    """--target macs: any channel count; > 3 % of MACs removed, top-1 within 0.5 points."""
+    res = prune(shared_model("cifar10/resnet20_bn.onnx"), target="macs")
     x, y = cifar_batch()
     before = np.mean(run(session(res.source.model), {"input": x})["logits"].argmax(1) == y)
     after = np.mean(run(session(res.model), {"input": x})["logits"].argmax(1) == y)
@@ -62,7 +74,7 @@ def test_resnet20_default_keeps_top1() -> None:
 
 
 def test_aligned_prune_has_no_alignment_note() -> None:
-    res = prune(shared_model("cifar10/resnet20_bn.onnx"), options={"channel_multiple": 8})
+    res = prune(shared_model("cifar10/resnet20_bn.onnx"), target="macs", options={"channel_multiple": 8})
     assert res.verification and not res.notes
 
 

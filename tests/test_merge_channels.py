@@ -26,7 +26,7 @@ def merged(model: onnx.ModelProto, **opts):
 def check_restored(base: onnx.ModelProto, wide: onnx.ModelProto, **kw) -> dict:
     assert_equivalent(base, wide, **kw)  # the widening really preserves the function
     assert model_cost(wide).params > model_cost(base).params
-    res = prune(wide, passes=["merge-channels", "cleanup"], exact=True, **kw)
+    res = prune(wide, passes=["merge-channels", "cleanup"], exact=True, target="macs", **kw)
     assert res.verification, res.verification.summary()
     assert res.after.params == model_cost(base).params
     assert res.after.macs == model_cost(base).macs
@@ -213,7 +213,7 @@ def test_constant_channel_absorbed_only_where_exact() -> None:
 
 def test_relaxed_merging_is_lossy_and_bounded() -> None:
     src = load_model(shared_model(RESNET)).model
-    res = prune(src, passes=["fold-batchnorm", "merge-channels", "cleanup"], options={"alpha": 0.1})
+    res = prune(src, passes=["fold-batchnorm", "merge-channels", "cleanup"], options={"alpha": 0.1}, target="macs")
     assert res.after.params < res.before.params * 0.95
     assert res.verification is not None and res.verification.min_cosine == 0.99
     with pytest.raises(Exception, match="lossy"):
@@ -230,7 +230,7 @@ def test_relaxed_merging_of_a_bias_free_matmul_chain() -> None:
         if i < 3:
             x = b.op("Relu", [x])
     model = b.model([("x", ["N", 64])], [x])
-    res = prune(model, passes=["merge-channels"], options={"alpha": 0.3})
+    res = prune(model, passes=["merge-channels"], options={"alpha": 0.3}, target="macs")
     assert res.verification is not None and res.after.params < res.before.params
     adds = [n for n in res.model.graph.node if n.op_type == "Add"]
     assert adds, "compensation should have added biases"
@@ -246,6 +246,6 @@ def test_multiples_of_one_channel_fold_into_one() -> None:
     h = b.op("Relu", [b.op("MatMul", ["x", b.const(w)])])
     y = b.op("MatMul", [h, b.rand(6, 5)])
     model = b.model([("x", ["N", 8])], [y])
-    res = prune(model, passes=["merge-channels"], exact=True)
+    res = prune(model, passes=["merge-channels"], exact=True, target="macs")
     assert res.after.params == res.before.params - 2 * 8 - 2 * 5
     assert_equivalent(model, res.model)

@@ -64,7 +64,7 @@ def planted_graphs(draw):
 @given(planted_graphs())
 def test_exact_pipeline_keeps_outputs_and_removes_plantings(case) -> None:
     m, planted = case
-    res = prune(m, exact=True, samples=4)
+    res = prune(m, exact=True, samples=4, target="macs")
     assert res.verification, res.verification.summary()
     merge = next(p for p in res.passes if p.name == "merge-channels")
     assert sum(merge.counts.values()) >= planted
@@ -75,6 +75,6 @@ def test_exact_pipeline_keeps_outputs_and_removes_plantings(case) -> None:
 @given(planted_graphs(), st.sampled_from([0.9, 0.99]))
 def test_lossy_default_stays_within_its_budget(case, cosine) -> None:
     m, _ = case
-    res = prune(m, samples=4, min_cosine=cosine)
+    res = prune(m, samples=4, min_cosine=cosine, target="macs")
     assert res.verification and res.verification.worst_cosine >= cosine
     assert model_cost(res.model).params <= model_cost(m).params

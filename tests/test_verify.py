@@ -84,12 +84,22 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["verify", str(MLP), str(bad), "--samples", "0"]) == 2
 
 
-def test_dynamic_dims_need_a_shape_hint() -> None:
+def test_dynamic_dims_are_chosen_or_given() -> None:
+    """Dynamic spatial sizes: the smallest of the ladder that runs (32), or the hint."""
     b = Builder()
     m = b.model([("x", ["n", 3, "h", "w"])], [b.op("Relu", ["x"])])
-    with pytest.raises(RedonnxError, match="dynamic dimensions"):
-        verify(m, m)
+    res = verify(m, m)
+    assert res and res.outputs[0].shape[2:] == [32, 32]
     assert verify(m, m, shapes={"x": [2, 3, 5, 7]})
+
+
+def test_no_size_that_runs_is_one_clear_error() -> None:
+    """A model that runs at no size of the ladder (it needs height 3): one message naming the input."""
+    b = Builder()
+    y = b.op("Reshape", ["x", b.const(np.array([1, 9], np.int64))])
+    m = b.model([("x", [1, "h", 3])], [y])
+    with pytest.raises(RedonnxError, match=r"no size for the dynamic dimensions of x .*--shape"):
+        verify(m, m)
 
 
 def test_shape_hint_must_match_fixed_dims() -> None:

@@ -12,13 +12,15 @@ from redonnx.passes import (
     hash_weights,
     merge_channels,
     separate_depthwise,
+    shortcut_conv,
     split_inputs,
 )
 from redonnx.passes.base import Decline, PassContext, PassResult
 
 PASSES: dict[str, ModuleType] = {
     m.name: m
-    for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, merge_channels, separate_depthwise, split_inputs)
+    for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, merge_channels, separate_depthwise, shortcut_conv,
+              split_inputs)
 }
 
 #: Lossless rewrites, in order (``--exact``).

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,7 @@ HOMOGENEOUS = {
 
 
 def is_exact(options: dict[str, Any]) -> bool:
-    return float(options.get("alpha", 0.0)) == 0.0
+    return float(options.get("alpha", 0.0)) == 0.0 and not float(options.get("error_budget") or 0.0)
 
 
 @dataclass
@@ -90,9 +90,17 @@ class Plan:
     """Channel b of class ``drop`` goes into class ``keep`` with factor ``scale`` (None: removed)."""
 
     merges: list[tuple[int, int | None, float]] = field(default_factory=list)
-    absorb: list[tuple[Item, int, float]] = field(default_factory=list)  # sink, channel, constant
+    absorb: dict[int, list[tuple[Item, int, float]]] = field(default_factory=dict)  # root -> sink, channel, constant
     recon: list[tuple[str, list[int], list[int], np.ndarray, np.ndarray]] = field(default_factory=list)
     new_sources: dict[int, np.ndarray] = field(default_factory=dict)  # relaxed: averaged sources
+    exact: dict[int, str] = field(default_factory=dict)  # dropped root -> what the exact merge was
+
+    def undo(self, roots: set[int]) -> None:
+        """Forget exact merges (channel counts would otherwise leave the runtime's fast path)."""
+        self.merges = [m for m in self.merges if m[0] not in roots]
+        for r in roots:
+            self.absorb.pop(r, None)
+            self.exact.pop(r, None)
 
 
 def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -108,15 +116,21 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     groups = _parallel_groups(infos)
     plan = Plan()
     for _key, members in groups.items():
-        _exact_merges(cg, members, plan, res)
-    if alpha > 0:
+        _exact_merges(cg, members, plan)
+    multiple = channel_multiple(ctx.options)
+    budget = ctx.options.get("error_budget")
+    if alpha > 0 or budget:
         criterion = ctx.options.get("merge_criterion", "reconstruct")
         if criterion == "paper":
             _paper_merges(groups, plan, res, alpha, ctx.options)
         elif criterion == "reconstruct":
-            _relaxed_removals(graph, cg, groups, plan, res, alpha, ctx.options)
+            _relaxed_removals(graph, cg, groups, plan, res, alpha, ctx.options, multiple, budget)
         else:
             raise RedonnxError("--merge-criterion must be reconstruct or paper")
+    else:
+        _align(plan, groups, [], multiple)
+    for kind in plan.exact.values():
+        res.count(kind)
     if plan.merges:
         res.kept = _apply(cg, infos, plan)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
@@ -464,7 +478,7 @@ def _absorbs(node: gs.Node) -> bool:
     return False
 
 
-def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan, res: PassResult) -> None:
+def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan) -> None:
     keep_by_sig: dict[bytes, ClassInfo] = {}
     for info in sorted(members, key=lambda i: i.root):
         if not info.sourced:
@@ -472,16 +486,16 @@ def _exact_merges(cg: ChannelGraph, members: list[ClassInfo], plan: Plan, res: P
         absorb = _constant_removal(cg, info)
         if absorb is not None:
             plan.merges.append((info.root, None, 0.0))
-            plan.absorb.extend(absorb)
-            res.count("constant channels removed" if absorb else "zero channels removed")
+            plan.absorb[info.root] = absorb
+            plan.exact[info.root] = "constant channels removed" if absorb else "zero channels removed"
             continue
         keep = keep_by_sig.get(info.sig)
         if keep is not None and _same_vectors(keep, info):
             plan.merges.append((info.root, keep.root, 1.0))
-            res.count("identical channels merged")
+            plan.exact[info.root] = "identical channels merged"
             continue
         keep_by_sig.setdefault(info.sig, info)
-    _scaled_merges(list(keep_by_sig.values()), plan, res)
+    _scaled_merges(list(keep_by_sig.values()), plan)
 
 
 def _same_vectors(a: ClassInfo, b: ClassInfo) -> bool:
@@ -489,7 +503,7 @@ def _same_vectors(a: ClassInfo, b: ClassInfo) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a.vectors(), b.vectors(), strict=True))
 
 
-def _scaled_merges(infos: list[ClassInfo], plan: Plan, res: PassResult) -> None:
+def _scaled_merges(infos: list[ClassInfo], plan: Plan) -> None:
     """Channels whose rows are positive multiples of another's, through homogeneous ops only.
 
     Candidates meet on their unit-norm rows rounded to 6 decimals (linear time, where comparing
@@ -505,7 +519,7 @@ def _scaled_merges(infos: list[ClassInfo], plan: Plan, res: PassResult) -> None:
         (a, fa), (b, fb) = info.vectors(), keep.vectors()
         if np.allclose(a, s * b, rtol=1e-6, atol=1e-9 * info.norm) and np.array_equal(fa, fb):
             plan.merges.append((info.root, keep.root, float(s)))
-            res.count("scaled channels merged")
+            plan.exact[info.root] = "scaled channels merged"
 
 
 # ------------------------------------------------------------------ relaxed merging
@@ -597,13 +611,16 @@ def _relaxed_removals(
     res: PassResult,
     alpha: float,
     options: dict[str, Any],
+    multiple: int = 1,
+    budget: float | None = None,
 ) -> None:
-    """Remove the alpha fraction of channels whose loss the remaining channels best reconstruct."""
+    """Remove the channels whose loss the remaining channels best reconstruct: the alpha fraction
+    of them, or (``budget``) as many as keep the summed relative reconstruction error within it."""
     gone = {m[0] for m in plan.merges}
     cands = [i for g in groups.values() for i in g if i.root not in gone and i.sourced and not i.zero_item]
     sinks = {t for i in cands for t, _ in i.members if any(it.kind == "sink" for it in cg.items.get(t, []))}
     cands = [i for i in cands if any(t in sinks for t, _ in i.members)]
-    target = round(alpha * len(cands))
+    target = len(cands) if budget else round(alpha * len(cands))
     if target < 1 or not sinks:
         return
     axes = {t: cg.spaces[t].axis for t in sinks}
@@ -622,9 +639,13 @@ def _relaxed_removals(
             if t in prec and np.isfinite(prec[t][c, c]):
                 prec[t] = R.remove_from_precision(prec[t], c)
     total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
-    macs = {i.root: _channel_macs(cg, i) for i in cands}
-    chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), macs)
-    chosen = _round_to_multiple(chosen, groups, gone, int(options.get("channel_multiple", CHANNEL_MULTIPLE)))
+    saving = _savings(cg, cands, options.get("cost_model"), multiple)
+    cands = [i for i in cands if saving[i.root] > 0]
+    key_of = {i.root: k for k, members in groups.items() for i in members}
+    exact_done = Counter(key_of[r] for r in plan.exact)
+    chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), saving, multiple,
+                          exact_done, budget)  # fmt: skip
+    chosen = _align(plan, groups, chosen, multiple)
     if not chosen:
         return
     removed: dict[str, list[int]] = defaultdict(list)
@@ -641,23 +662,88 @@ def _relaxed_removals(
     res.count("channels removed with reconstruction", len(chosen))
 
 
-def _round_to_multiple(
-    chosen: list[ClassInfo], groups: dict[tuple, list[ClassInfo]], gone: set[int], multiple: int
-) -> list[ClassInfo]:
-    """Keep, per coupled group, only as many of the chosen (cheapest first) as leave a channel count
-    that is a multiple of ``multiple``: onnxruntime's CPU convolutions work in blocks of 8 channels,
-    and a count like 61 runs slower than 64 even with fewer MACs (benchmarks/suite.py)."""
+def channel_multiple(options: dict[str, Any]) -> int:
+    """Channels are removed in multiples of this: the runtime's channel block (``target``), or
+    ``channel_multiple``; 1 for ``target=macs`` or when neither is set."""
+    target = options.get("target", "macs")
+    if target == "ort-cpu" and options.get("cost_model") is not None:
+        return int(options["cost_model"].block())
+    return {"trt": 8, "trt-int8": 16}.get(target, int(options.get("channel_multiple") or CHANNEL_MULTIPLE))
+
+
+def _align(plan: Plan, groups: dict[tuple, list[ClassInfo]], chosen: list[ClassInfo], multiple: int) -> list[ClassInfo]:
+    """Per coupled group, make the channels removed (exact and chosen) a multiple of ``multiple``:
+    the costliest picks go back first (``chosen`` is cheapest first), then exact merges are
+    undone. A count like 61 leaves onnxruntime's blocked kernels: 62 channels run a depthwise
+    conv 2.3x slower than 64 (benchmarks/speed.py), so a channel more or less matters."""
     if multiple <= 1:
         return chosen
-    by_group: dict[tuple, list[ClassInfo]] = defaultdict(list)
+    key_of = {i.root: key for key, members in groups.items() for i in members}
+    picks: dict[tuple, list[ClassInfo]] = defaultdict(list)
     for info in chosen:
-        by_group[info.key].append(info)
-    kept = []
-    for key, picks in by_group.items():
-        n = sum(i.root not in gone for i in groups[key])
-        final = -(-(n - len(picks)) // multiple) * multiple
-        kept += picks[: max(0, n - final)]
-    return kept
+        picks[info.key].append(info)
+    exact: dict[tuple, list[int]] = defaultdict(list)
+    for root in plan.exact:
+        exact[key_of[root]].append(root)
+    kept: list[ClassInfo] = []
+    undo: set[int] = set()
+    for key in sorted(set(picks) | set(exact), key=str):
+        allowed = (len(picks[key]) + len(exact[key])) // multiple * multiple
+        if allowed >= len(exact[key]):
+            kept += picks[key][: allowed - len(exact[key])]
+        else:
+            undo.update(exact[key][allowed:])
+    plan.undo(undo)
+    order = {i.root: k for k, i in enumerate(chosen)}
+    return sorted(kept, key=lambda i: order[i.root])
+
+
+def _savings(
+    cg: ChannelGraph,
+    cands: list[ClassInfo],
+    cost_model: Any,
+    multiple: int,
+) -> dict[int, float]:
+    """What removing one channel of each candidate saves: measured milliseconds with a cost model
+    (per group: the touched layers' latency at the current count minus at ``multiple`` fewer,
+    per channel), else multiply-accumulates."""
+    if cost_model is None:
+        return {i.root: _channel_macs(cg, i) for i in cands}
+    by_group: dict[tuple, float] = {}
+    out = {}
+    for info in cands:
+        if info.key not in by_group:
+            by_group[info.key] = _group_ms_saved(cg, info, cost_model, multiple)
+        out[info.root] = by_group[info.key]
+    return out
+
+
+def _group_ms_saved(cg: ChannelGraph, info: ClassInfo, cost_model: Any, step: int) -> float:
+    """Milliseconds per channel saved by removing ``step`` channels of this class's tensors, from
+    the cost model's timings of every layer they touch (0 when a layer cannot be timed)."""
+    from redonnx.latency import layer_shape
+
+    saved = 0.0
+    seen: set[tuple[int, str]] = set()
+    for t, _c in info.members:
+        for it in cg.items.get(t, []):
+            role = "out" if it.kind == "row" else "in" if it.kind == "sink" else "dw" if (
+                it.kind == "param" and it.node.op == "Conv" and it.index == 1) else None  # fmt: skip
+            if role is None or (id(it.node), role) in seen:
+                continue
+            seen.add((id(it.node), role))
+            shape = layer_shape(it.node)
+            if shape is None:
+                continue
+            per = len(it.features[0]) if it.kind == "sink" and it.features is not None else 1
+            if role == "out":
+                smaller = shape.with_channels(cout=shape.cout - step)
+            else:
+                smaller = shape.with_channels(cin=shape.cin - step * per)
+            if min(smaller.cin, smaller.cout) < 1:
+                continue
+            saved += cost_model.ms(shape) - cost_model.ms(smaller)
+    return saved / step
 
 
 def _channel_macs(cg: ChannelGraph, info: ClassInfo) -> float:
@@ -707,6 +793,27 @@ def _group_caps(groups: dict[tuple, list[ClassInfo]], cands: list[ClassInfo]) ->
     return caps
 
 
+class _Group:
+    """A coupled group's remaining candidates, with their channel index in each tensor (vectorized costs)."""
+
+    def __init__(self, infos: list[ClassInfo], saving: dict[int, float], floor: float, prec: dict[str, np.ndarray]):
+        self.infos = list(infos)
+        tensors = sorted({t for t, _ in infos[0].members if t in prec})
+        at = [dict(i.members) for i in infos]
+        self.cidx = {t: np.array([a[t] for a in at]) for t in tensors}
+        self.saving = np.maximum(np.array([saving[i.root] for i in infos]), floor)
+        self.alive = np.ones(len(infos), bool)
+        self.taken = 0
+
+    def errors(self, prec: dict[str, np.ndarray], energy: dict[str, np.ndarray], total: dict[str, float]) -> np.ndarray:
+        err = np.zeros(len(self.infos))
+        for t, idx in self.cidx.items():
+            d = np.diagonal(prec[t])[idx]
+            ok = (d > 0) & np.isfinite(d)
+            err[ok] += energy[t][idx[ok]] / d[ok] / total[t]
+        return np.where(self.alive, err, np.inf)
+
+
 def _lazy_greedy(
     cands: list[ClassInfo],
     target: int,
@@ -714,33 +821,69 @@ def _lazy_greedy(
     energy: dict[str, np.ndarray],
     total: dict[str, float],
     caps: dict[int, tuple[tuple, int]],
-    macs: dict[int, float],
+    saving: dict[int, float],
+    step: int = 1,
+    done: dict[tuple, int] | None = None,
+    budget: float | None = None,
 ) -> list[ClassInfo]:
-    """Pick ``target`` channels by increasing relative reconstruction error per MAC saved (so the
-    layers that lose least per unit of compute give most); costs only grow as channels go."""
+    """Pick about ``target`` channels by increasing relative reconstruction error per unit saved
+    (MACs or milliseconds: the layers that lose least per unit of cost give most).
 
-    def cost(info: ClassInfo) -> float:
-        err = sum(energy[t][c] / prec[t][c, c] / total[t] for t, c in info.members if t in prec and prec[t][c, c] > 0)
-        return err / max(macs[info.root], 1.0)
+    Channels go in steps of ``step`` per coupled group (the runtime's channel block: a group's
+    first step completes the block its ``done`` exact merges began), so that removals gather where
+    they pay instead of spreading thin and being rounded away. A step costs the sum of its
+    channels' current costs; costs only grow as channels go, so stale heap entries are refreshed
+    lazily. With a ``budget`` on the summed error, a step that would exceed it is skipped (and
+    its group closed) while cheaper steps elsewhere still go: the most efficient step may be too
+    big to fit (half of a 16-channel layer), smaller ones are not."""
+    floor = min((v for v in saving.values() if v > 0), default=1.0) * 1e-3
+    by_key: dict[tuple, list[ClassInfo]] = defaultdict(list)
+    for info in cands:
+        by_key[info.key].append(info)
+    groups = {key: _Group(infos, saving, floor, prec) for key, infos in by_key.items()}
+    done = done or {}
 
-    heap = [(cost(i), k, i) for k, i in enumerate(cands)]
+    def size(key: tuple) -> int:
+        return step - (done.get(key, 0) + groups[key].taken) % step
+
+    def step_of(key: tuple) -> tuple[float, float]:
+        """(cost, error) of the group's next step; inf when it cannot take one."""
+        g, k = groups[key], size(key)
+        if int(g.alive.sum()) < k or g.taken + k > caps[g.infos[0].root][1]:
+            return np.inf, np.inf
+        err = g.errors(prec, energy, total)
+        picks = np.argpartition(err / g.saving, k - 1)[:k]
+        return float(np.sum(err[picks] / g.saving[picks])), float(np.sum(err[picks]))
+
+    order = {key: n for n, key in enumerate(groups)}
+    heap = [(c, order[key], key) for key in groups if np.isfinite(c := step_of(key)[0])]
     heapq.heapify(heap)
-    taken: dict[tuple, int] = defaultdict(int)
     chosen: list[ClassInfo] = []
+    spent = 0.0
     while heap and len(chosen) < target:
-        _c, k, info = heapq.heappop(heap)
-        key, cap = caps[info.root]
-        if taken[key] >= cap:
+        _c, n, key = heapq.heappop(heap)
+        fresh, step_error = step_of(key)
+        if not np.isfinite(fresh):
             continue
-        fresh = cost(info)
-        if heap and fresh > heap[0][0] + 1e-15:
-            heapq.heappush(heap, (fresh, k, info))
+        if heap and fresh > heap[0][0] * (1 + 1e-12) + 1e-15:
+            heapq.heappush(heap, (fresh, n, key))
             continue
-        chosen.append(info)
-        taken[key] += 1
-        for t, ch in info.members:
-            if t in prec:
-                prec[t] = R.remove_from_precision(prec[t], ch)
+        if budget is not None:
+            if spent + step_error > budget:
+                continue  # too big for what is left of the budget: this group is done
+            spent += step_error
+        g = groups[key]
+        for _ in range(size(key)):  # the step's channels one by one, each priced after the last went
+            i = int(np.argmin(g.errors(prec, energy, total) / g.saving))
+            g.alive[i] = False
+            g.taken += 1
+            chosen.append(g.infos[i])
+            for t, ch in g.infos[i].members:
+                if t in prec:
+                    prec[t] = R.remove_from_precision(prec[t], ch)
+        nxt = step_of(key)[0]
+        if np.isfinite(nxt):
+            heapq.heappush(heap, (nxt, n, key))
     return chosen
 
 
@@ -758,8 +901,9 @@ def _apply(cg: ChannelGraph, infos: dict[int, ClassInfo], plan: Plan) -> dict[st
     if plan.new_sources:
         _write_sources(cg, infos, plan.new_sources)
     biases = _Biases()
-    for it, c, k in plan.absorb:
-        _absorb_constant(it, c, k, biases)
+    for absorbed in plan.absorb.values():
+        for it, c, k in absorbed:
+            _absorb_constant(it, c, k, biases)
     for t, removed, kept, b, c0 in plan.recon:
         for it in cg.items.get(t, []):
             if it.kind == "sink":
@@ -944,9 +1088,9 @@ def _rewrite_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]])
     src = node.inputs[0].name
     sp = cg.spaces[src]
     keep = keeps.get(src, list(range(sp.size)))
-    from redonnx.channels import _slice_params
+    from redonnx.channels import slice_params
 
-    starts, ends, axes, steps = _slice_params(node)
+    starts, ends, axes, steps = slice_params(node)
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     axes_n = [a + rank if a < 0 and rank else a for a in axes]
     i = axes_n.index(sp.axis)

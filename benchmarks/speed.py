@@ -1,0 +1,133 @@
+"""Speed of the outputs: redonnx default, --exact, --target trt, onnxsim and onnxslim, in one run.
+
+Run: python benchmarks/speed.py [--models a,b] [--seconds S]
+Prints a Markdown table and writes benchmarks/results/speed.json. Needs onnxsim and onnxslim
+(pip install onnxsim onnxslim); a tool that is missing or fails on a model is recorded as such.
+
+For every shared model (and the tf2onnx-style ResNet-20 of benchmarks/fidelity.py) each variant
+is timed against the input model, interleaved (redonnx.latency.compare: onnxruntime CPU, one
+thread, batch 1, graph optimizations on, every round in another order): the latency ratio
+(variant / input; below 1 is faster) is the median of per-round ratios, with its 90 % interval.
+Fidelity: top-1 on the shared CIFAR-10 images for the CIFAR models, else the output cosine to the
+input model on real images (resized) or on validly drawn inputs (see fidelity.py). The last row
+is the geometric mean of the ratios over the models every variant ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import onnx
+from common import table, write_json
+from fidelity import as_float32, cosine, models, outputs, real_data
+
+from redonnx.cost import model_cost
+from redonnx.input_model import infer
+from redonnx.latency import compare
+from redonnx.pipeline import prune
+from redonnx.sizes import settle
+
+VARIANTS = ["redonnx default", "redonnx --exact", "redonnx --target trt", "onnxsim", "onnxslim"]
+
+
+def variant(name: str, model: onnx.ModelProto, shapes: dict) -> tuple[onnx.ModelProto | None, str]:
+    """The variant's output model, or None and why."""
+    try:
+        if name == "redonnx default":
+            return prune(model, shapes=shapes or None).model, ""
+        if name == "redonnx --exact":
+            return prune(model, shapes=shapes or None, exact=True).model, ""
+        if name == "redonnx --target trt":
+            return prune(model, shapes=shapes or None, target="trt").model, ""
+        if name == "onnxsim":
+            import onnxsim
+
+            out, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes or None)
+            return (out, "") if ok else (None, "onnxsim: check failed")
+        import onnxslim
+
+        return onnxslim.slim(model), ""
+    except Exception as exc:  # a competitor failing is a result, not a crash
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+
+
+def fidelity(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: dict, labels: np.ndarray | None) -> str:
+    try:
+        a, b = outputs(ref, feeds), outputs(cand, feeds)
+    except Exception as exc:
+        return f"fails: {type(exc).__name__}"
+    if labels is not None:
+        return f"top-1 {100 * np.mean(a.argmax(1) == labels):.1f} -> {100 * np.mean(b.argmax(1) == labels):.1f}"
+    return f"cosine {cosine(a, b):.5f}"
+
+
+def measure(name: str, model: onnx.ModelProto, shapes: dict, seconds: float) -> list[dict]:
+    feeds, labels, what = real_data(name, 1017)
+    _, sh, _ = settle(model, None, shapes or None)
+    feeds = as_float32(feeds) if feeds is not None else infer(model, sh).draw(model, sh, batch=64, seed=99)
+    one = infer(model, sh).draw(model, sh, batch=1, seed=0)
+    outs, rows = [], []
+    for v in VARIANTS:
+        t0 = time.perf_counter()
+        out, why = variant(v, model, shapes)
+        outs.append((v, out, why, time.perf_counter() - t0))
+    timed = [o for o in outs if o[1] is not None]
+    cmp = compare([model] + [o[1] for o in timed], one, max_seconds=seconds, max_rounds=2000)
+    macs0 = model_cost(model, sh).macs
+    k = 0
+    for v, out, why, tool_s in outs:
+        row = {"model": name, "variant": v, "tool s": tool_s}
+        if out is None:
+            row.update({"latency ratio": "-", "fidelity": why})
+        else:
+            k += 1
+            t = cmp.against(k, 0)
+            macs = model_cost(out, sh).macs
+            row.update({
+                "latency ratio": t.ratio, "interval": f"{t.ratio_low:.3f}-{t.ratio_high:.3f}",
+                "MACs -%": 100 * (1 - macs / macs0) if macs and macs0 else None,
+                "fidelity": fidelity(model, out, feeds, labels), "data": what,
+            })  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def geomeans(rows: list[dict]) -> list[dict]:
+    by_model: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if isinstance(r.get("latency ratio"), float):
+            by_model.setdefault(r["model"], {})[r["variant"]] = r["latency ratio"]
+    common = [m for m, d in by_model.items() if all(v in d for v in VARIANTS)]
+    out = []
+    for v in VARIANTS:
+        vals = [by_model[m][v] for m in common]
+        out.append({"model": f"geometric mean ({len(common)} models)", "variant": v,
+                    "latency ratio": float(np.exp(np.mean(np.log(vals)))) if vals else None})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", help="comma-separated names (see fidelity.py)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="timing budget per model")
+    args = ap.parse_args()
+    wanted = set(args.models.split(",")) if args.models else None
+    rows: list[dict] = []
+    for name, model, shapes in models():
+        if (wanted and name not in wanted) or name.startswith("digits_"):
+            continue
+        rows += measure(name, model, shapes, args.seconds)
+        print(f"{name}: done", file=sys.stderr)
+    rows += geomeans(rows)
+    print(f"written {write_json('speed', rows)}")
+    for r in rows:
+        if isinstance(r.get("latency ratio"), float):
+            r["latency ratio"] = f"{r['latency ratio']:.3f}"
+    print(table(rows, ["model", "variant", "latency ratio", "interval", "MACs -%", "fidelity", "tool s"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Latency, measured: paired interleaved timings with their spread, and a per-layer cost model.
+
+Everything is timed as a deployment would run it on this machine: onnxruntime CPU, graph
+optimizations on, batch 1, one intra-op thread (one thread keeps layer costs additive and the
+noise low on shared machines).
+
+- :func:`compare` times models in turn, round after round (each round starting with the next
+  model: a model run right after an identical one runs faster, so a fixed order biases ratios by
+  a few per cent), so that they share the machine's noise, and summarizes each against another
+  by the median of the per-round ratios, its p10-p90 spread and a bootstrap 90 % interval of
+  that median. It runs until the interval is tight or its time is up.
+- :class:`CostModel` times single layers (a Conv, Gemm or MatMul and the activation after it) at
+  the channel counts a planner considers, and measures once per machine how onnxruntime blocks
+  channels (8 with AVX2, 16 with AVX-512): counts that are not a multiple of the block can run
+  slower than the next multiple up (a depthwise conv of 62 channels 2.3x slower than 64 here).
+  Measurements are cached on disk per CPU and onnxruntime version (``REDONNX_CACHE``, default
+  ``~/.cache/redonnx``; ``off`` disables), so a decision taken once is taken again the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from redonnx.runtime import session
+
+CACHE_VERSION = 1
+
+
+# ------------------------------------------------------------------ timing whole models
+
+
+@dataclass
+class Timing:
+    """One model's latency against the first model of a comparison."""
+
+    median_ms: float
+    ratio: float  # median over runs of (this model's time / the first model's time in the same round)
+    ratio_p10: float
+    ratio_p90: float
+    ratio_low: float  # bootstrap 90 % interval of the median ratio
+    ratio_high: float
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.ratio if self.ratio > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, float]:
+        d = {k: round(v, 5) for k, v in asdict(self).items()}
+        d["speedup"] = round(self.speedup, 4)
+        return d
+
+    def describe(self) -> str:
+        return (f"{self.speedup:.2f}x (latency ratio {self.ratio:.3f}, 90 % interval {self.ratio_low:.3f}-"
+                f"{self.ratio_high:.3f}, runs p10-p90 {self.ratio_p10:.3f}-{self.ratio_p90:.3f})")  # fmt: skip
+
+
+@dataclass
+class Comparison:
+    """Interleaved run times (seconds) of several models, round by round."""
+
+    times: list[list[float]]
+    seconds: float
+    config: str = "onnxruntime CPU, 1 thread, batch 1, graph optimizations on"
+
+    @property
+    def rounds(self) -> int:
+        return len(self.times[0])
+
+    def against(self, i: int, base: int) -> Timing:
+        """Model ``i`` against model ``base``: ratios of their times within each round."""
+        ts, r = np.array(self.times[i]), np.array(self.times[i]) / np.array(self.times[base])
+        low, high = _median_ci(r, np.random.default_rng(0))
+        return Timing(float(np.median(ts)) * 1e3, float(np.median(r)), float(np.quantile(r, 0.1)),
+                      float(np.quantile(r, 0.9)), low, high)  # fmt: skip
+
+
+def timing_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return session(model, optimize=True, threads=1, spin=True)
+
+
+def _median_ci(ratios: np.ndarray, rng: np.random.Generator, draws: int = 400) -> tuple[float, float]:
+    idx = rng.integers(0, len(ratios), size=(draws, len(ratios)))
+    meds = np.median(ratios[idx], axis=1)
+    return float(np.quantile(meds, 0.05)), float(np.quantile(meds, 0.95))
+
+
+def compare(
+    models: list[onnx.ModelProto],
+    feeds: dict[str, np.ndarray],
+    precision: float = 0.01,
+    min_rounds: int = 30,
+    max_rounds: int = 1000,
+    max_seconds: float = 10.0,
+    warmup: int = 5,
+) -> Comparison:
+    """Interleaved timings of ``models`` on ``feeds``. Rounds continue (in growing chunks) until
+    every model's ratio to the first has a 90 % interval within ``precision`` of its median, or
+    ``max_rounds`` / ``max_seconds`` are reached."""
+    sessions = [timing_session(m) for m in models]
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    t0 = time.perf_counter()
+    chunk = min_rounds
+    n = len(sessions)
+    while True:
+        for _ in range(chunk):
+            start = len(times[0]) % n  # each round starts with another model: no model always runs after the same one
+            for i in [(start + k) % n for k in range(n)]:
+                a = time.perf_counter()
+                sessions[i].run(None, feeds)
+                times[i].append(time.perf_counter() - a)
+        result = Comparison(times, time.perf_counter() - t0)
+        spans = [result.against(i, 0) for i in range(1, len(models))]
+        tight = all(t.ratio_high - t.ratio_low <= 2 * precision * t.ratio for t in spans)
+        if tight or result.rounds >= max_rounds or result.seconds > max_seconds:
+            return result
+        chunk = min(result.rounds, max_rounds - result.rounds)
+
+
+# ------------------------------------------------------------------ the disk cache
+
+
+def machine_key() -> str:
+    """CPU model and flags that decide kernel choice, and the onnxruntime version."""
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = ",".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile", "fma") if f in have)
+                break
+    except OSError:
+        pass
+    return f"{cpu}|{flags}|ort {ort.__version__}"
+
+
+class Cache:
+    """Measurements kept on disk per machine key; ``REDONNX_CACHE=off`` keeps them in memory only."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        where = folder if folder is not None else os.environ.get("REDONNX_CACHE", "")
+        self.path: Path | None = None
+        if where != "off":
+            base = Path(where) if where else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "redonnx"
+            digest = hashlib.sha1(machine_key().encode()).hexdigest()[:12]
+            self.path = base / f"latency-v{CACHE_VERSION}-{digest}.json"
+        self.data: dict[str, Any] = {}
+        self._dirty = False
+        if self.path is not None and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.data = {}
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self._dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = dict(self.data)
+            if self.path.exists():  # another process may have added entries meanwhile
+                with contextlib.suppress(OSError, ValueError):
+                    merged = {**json.loads(self.path.read_text()), **self.data}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(merged, f)
+            os.replace(tmp, self.path)
+            self._dirty = False
+        except OSError:  # a read-only home: measurements stay in memory
+            self.path = None
+
+
+# ------------------------------------------------------------------ single layers
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Everything that decides one layer's latency: op, channels, kernel, input positions."""
+
+    op: str  # Conv | ConvTranspose | Gemm | MatMul
+    cin: int
+    cout: int
+    group: int = 1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    spatial: tuple[int, ...] = ()  # conv input spatial dims; Gemm/MatMul: leading dims of the input
+    activation: str = ""
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group > 1 and self.group == self.cin == self.cout
+
+    def with_channels(self, cin: int | None = None, cout: int | None = None) -> LayerShape:
+        """The same layer with other channel counts (a depthwise conv keeps in = out = groups)."""
+        cin = self.cin if cin is None else cin
+        cout = self.cout if cout is None else cout
+        if self.depthwise:
+            c = cin if cin != self.cin else cout
+            return replace(self, cin=c, cout=c, group=c)
+        return replace(self, cin=cin, cout=cout)
+
+
+def layer_model(shape: LayerShape) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model of one layer (and its activation) with random weights, and an input for it."""
+    rng = np.random.default_rng(0)
+    if shape.op in ("Conv", "ConvTranspose"):
+        x_shape = [1, shape.cin, *shape.spatial]
+        if shape.op == "Conv":
+            w_shape = [shape.cout, shape.cin // shape.group, *shape.kernel]
+        else:
+            w_shape = [shape.cin, shape.cout // shape.group, *shape.kernel]
+        attrs: dict[str, Any] = {"group": shape.group, "kernel_shape": list(shape.kernel)}
+        if shape.strides:
+            attrs["strides"] = list(shape.strides)
+        if shape.pads:
+            attrs["pads"] = list(shape.pads)
+        if shape.dilations:
+            attrs["dilations"] = list(shape.dilations)
+        inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32) * 0.1, "w"),
+                 numpy_helper.from_array(rng.standard_normal(shape.cout).astype(np.float32), "b")]  # fmt: skip
+        nodes = [helper.make_node(shape.op, ["x", "w", "b"], ["y"], **attrs)]
+    else:
+        x_shape = [*(shape.spatial or (1,)), shape.cin]
+        inits = [numpy_helper.from_array(rng.standard_normal((shape.cin, shape.cout)).astype(np.float32) * 0.1, "w"),
+                 numpy_helper.from_array(rng.standard_normal(shape.cout).astype(np.float32), "b")]  # fmt: skip
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    out = "y"
+    if shape.activation:
+        nodes.append(helper.make_node(shape.activation, ["y"], ["z"]))
+        out = "z"
+    g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m, {"x": rng.standard_normal(x_shape).astype(np.float32)}
+
+
+def time_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], budget_s: float = 0.02, min_runs: int = 15,
+               max_runs: int = 300) -> float:  # fmt: skip
+    """Median milliseconds of ``model`` alone (time-boxed)."""
+    sess = timing_session(model)
+    for _ in range(3):
+        sess.run(None, feeds)
+    ts: list[float] = []
+    t0 = time.perf_counter()
+    while len(ts) < max_runs and (len(ts) < min_runs or time.perf_counter() - t0 < budget_s):
+        a = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append(time.perf_counter() - a)
+    return statistics.median(ts) * 1e3
+
+
+Timer = Callable[[LayerShape], float]
+
+
+def measure_layer(shape: LayerShape) -> float:
+    model, feeds = layer_model(shape)
+    return time_model(model, feeds)
+
+
+@dataclass
+class CostModel:
+    """Per-layer latencies (ms) measured on demand and cached; the channel block of the runtime."""
+
+    cache: Cache = field(default_factory=Cache)
+    timer: Timer = measure_layer
+    measured: int = 0  # layers timed in this process (not from the cache)
+
+    def ms(self, shape: LayerShape) -> float:
+        key = "layer " + shape.key()
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = float(self.timer(shape))
+            self.cache.put(key, hit)
+            self.measured += 1
+        return float(hit)
+
+    def block(self) -> int:
+        """Channel block of onnxruntime's convolutions here: the smallest step below 64 channels
+        that runs clearly faster (a 3x3 conv at 32x32), counts in between being no faster."""
+        hit = self.cache.get("block")
+        if hit is None:
+            probe = LayerShape("Conv", 64, 64, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (32, 32), "Relu")
+            full = self.ms(probe)
+            hit = 16
+            for step in (1, 2, 4, 8, 16):
+                if self.ms(probe.with_channels(cin=64 - step, cout=64 - step)) < 0.97 * full:
+                    hit = step
+                    break
+            self.cache.put("block", hit)
+        return int(hit)
+
+    def save(self) -> None:
+        self.cache.save()
+
+
+FUSED = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"}
+
+
+def layer_shape(node: gs.Node) -> LayerShape | None:
+    """The timing signature of a Conv/ConvTranspose/Gemm/MatMul with a constant weight and known
+    input shape (batch 1), with the activation onnxruntime would fuse after it."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    x = node.inputs[0] if node.inputs else None
+    if not isinstance(w, gs.Constant) or x is None or x.shape is None:
+        return None
+    dims = list(x.shape)
+    if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return None
+    readers = [n for o in node.outputs for n in o.outputs]
+    act = readers[0].op if len(readers) == 1 and readers[0].op in FUSED else ""
+    ws = [int(d) for d in w.shape]
+    if node.op in ("Conv", "ConvTranspose") and len(dims) >= 3:
+        g = int(node.attrs.get("group", 1))
+        cin, cout = (ws[1] * g, ws[0]) if node.op == "Conv" else (ws[0], ws[1] * g)
+        k = len(ws) - 2
+        return LayerShape(node.op, cin, cout, g, tuple(ws[2:]), tuple(node.attrs.get("strides", [1] * k)),
+                          tuple(node.attrs.get("pads", [0] * 2 * k)), tuple(node.attrs.get("dilations", [1] * k)),
+                          tuple(int(d) for d in dims[2:]), act)  # fmt: skip
+    if node.op == "Gemm" and len(ws) == 2:
+        cin, cout = (ws[1], ws[0]) if node.attrs.get("transB", 0) else (ws[0], ws[1])
+        return LayerShape("MatMul", cin, cout, spatial=(1,), activation=act)
+    if node.op == "MatMul" and len(ws) == 2:
+        return LayerShape("MatMul", ws[0], ws[1], spatial=tuple([1] + [int(d) for d in dims[1:-1]]), activation=act)
+    return None
