@@ -1,0 +1,160 @@
+"""The latency cost model, the channel counts the planner may choose, and the final speed gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import Builder
+from conftest import MODELS
+from onnx import helper, numpy_helper
+
+from redonnx import latency, speed
+from redonnx.latency import Cache, CostModel, LayerShape, compare
+from redonnx.pipeline import prune, run_passes
+
+
+def fake_timer(block: int):
+    """Latency proportional to the work, a count that is not a multiple of ``block`` twice as slow."""
+
+    def ms(shape: LayerShape) -> float:
+        k = int(np.prod(shape.kernel or (1,)))
+        work = shape.cin * shape.cout * k / max(shape.group, 1) * int(np.prod(shape.spatial or (1,))) * 1e-6
+        slow = shape.cin % block or shape.cout % block
+        return work * (2.0 if slow else 1.0) + 0.001
+
+    return ms
+
+
+def conv_net(width: int = 32) -> onnx.ModelProto:
+    b = Builder(7)
+    h = b.op("Relu", [b.conv("x", 3, width)])
+    h = b.op("Relu", [b.conv(h, width, width)])
+    return b.model([("x", ["N", 3, 16, 16])], [b.conv(h, width, 4, k=1, pad=0)])
+
+
+def conv_counts(model: onnx.ModelProto) -> list[tuple[int, int]]:
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return [shapes[n.input[1]][:2] for n in model.graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_block_is_measured_and_the_planner_keeps_to_it(block: int) -> None:
+    """The planner never picks a count the cost model marks slow: removals come in whole blocks."""
+    cm = CostModel(Cache("off"), timer=fake_timer(block))
+    assert cm.block() == block
+    model = conv_net()
+    for budget in (0.01, 0.1, 1.0, 10.0):
+        out, (res,) = run_passes(model, ["merge-channels"], False, {"error_budget": budget, "target": "ort-cpu",
+                                                                     "cost_model": cm})  # fmt: skip
+        for cout, _ in conv_counts(out)[:2]:
+            assert cout % block == 0 or cout == 32, (budget, conv_counts(out))
+    assert any(c[0] < 32 for c in conv_counts(out)[:2])  # the largest budget did remove channels
+
+
+def test_exact_merges_are_undone_rather_than_misalign() -> None:
+    """--exact under the speed target: one duplicated channel (33 -> 32 would be merged by
+    --target macs) stays when merging it would leave a count outside the block."""
+    b = Builder(2)
+    w = np.random.default_rng(0).standard_normal((9, 3, 3, 3)).astype(np.float32)
+    w[8] = w[3]
+    h = b.op("Relu", [b.op("Conv", ["x", b.const(w)], pads=[1] * 4, kernel_shape=[3, 3])])
+    model = b.model([("x", ["N", 3, 8, 8])], [b.conv(h, 9, 2, k=1, pad=0)])
+    cm = CostModel(Cache("off"), timer=fake_timer(8))
+    fast, (res,) = run_passes(model, ["merge-channels"], True, {"target": "ort-cpu", "cost_model": cm})
+    small, (res2,) = run_passes(model, ["merge-channels"], True, {"target": "macs"})
+    assert conv_counts(fast)[0][0] == 9 and not res.modified
+    assert conv_counts(small)[0][0] == 8 and res2.counts == {"identical channels merged": 1}
+
+
+def test_cost_model_caches_on_disk(tmp_path) -> None:
+    calls = []
+
+    def timer(shape: LayerShape) -> float:
+        calls.append(shape)
+        return 0.5
+
+    shape = LayerShape("Conv", 16, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (8, 8), "Relu")
+    first = CostModel(Cache(tmp_path), timer=timer)
+    assert first.ms(shape) == 0.5 and first.ms(shape) == 0.5 and len(calls) == 1
+    first.save()
+    again = CostModel(Cache(tmp_path), timer=timer)
+    assert again.ms(shape) == 0.5 and len(calls) == 1  # read back, not timed again
+    assert list(tmp_path.glob("latency-*.json"))
+
+
+def test_identical_models_compare_as_equal() -> None:
+    model = onnx.load(MODELS / "digits_resnet.onnx")
+    feeds = {"input": np.zeros((1, 1, 8, 8), np.float32)}
+    t = compare([model, model], feeds, max_seconds=3).against(1, 0)
+    assert 0.9 < t.ratio < 1.1 and t.ratio_low <= t.ratio <= t.ratio_high
+
+
+def redundant_mlp() -> onnx.ModelProto:
+    """256 -> 1024 -> 64 whose hidden units are 8 noisy copies of 128: half of them go almost free."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((256, 128)).astype(np.float32) * 0.1
+    w1 = np.concatenate([base + 0.001 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(8)], 1)
+    b = Builder(4)
+    h = b.op("Relu", [b.op("MatMul", ["x", b.const(w1)])])
+    return b.model([("x", ["N", 256])], [b.op("MatMul", [h, b.rand(1024, 64, scale=0.05)])])
+
+
+def slow_down(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same outputs after a large useless MatMul on the input (multiplied by zero): a slow form."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    name = g.output[0].name
+    big = numpy_helper.from_array(np.ones((512, 512), np.float32), "slow_w")
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero")
+    g.initializer.extend([big, zero])
+    for n in g.node:
+        n.output[:] = [f"{name}_fast" if o == name else o for o in n.output]
+    g.node.extend([helper.make_node("ReduceSum", [g.input[0].name], ["slow_x"], keepdims=0),  # not foldable
+                   helper.make_node("Mul", ["slow_w", "slow_x"], ["slow_a"]),
+                   helper.make_node("MatMul", ["slow_a", "slow_w"], ["slow_b"]),
+                   helper.make_node("ReduceSum", ["slow_b"], ["slow_s"], keepdims=0),
+                   helper.make_node("Mul", ["slow_s", "slow_zero"], ["slow_z"]),
+                   helper.make_node("Add", [f"{name}_fast", "slow_z"], [name])])  # fmt: skip
+    return out
+
+
+def test_gate_falls_back_when_the_lossy_result_is_slower(monkeypatch, tmp_path) -> None:
+    """Every lossy candidate made slow: the lossless result is written, and the report says why."""
+    monkeypatch.setenv("REDONNX_CACHE", str(tmp_path))
+    real = speed.gate
+
+    def slow_candidates(source, exact, candidates, feeds, cache, target):
+        for c in candidates:
+            c.model = slow_down(c.model)
+        return real(source, exact, candidates, feeds, cache, target)
+
+    monkeypatch.setattr(speed, "gate", slow_candidates)
+    model = redundant_mlp()
+    lossless = prune(model, exact=True)
+    res = prune(model)
+    assert res.speed is not None and res.speed.kept == "lossless result"
+    assert res.speed.measured and not any(m["accepted"] for m in res.speed.measured)
+    assert res.model.SerializeToString() == lossless.model.SerializeToString()
+    assert "not faster than the lossless result" in res.summary()
+
+
+def test_gate_keeps_a_faster_result(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("REDONNX_CACHE", str(tmp_path))
+    res = prune(redundant_mlp())
+    assert res.speed.kept.startswith("budget's choice") and res.speed.final_vs_input["ratio"] < 0.9
+    assert res.after.macs < 0.8 * res.before.macs and res.verification
+
+
+def test_layer_shape_of_graph_nodes() -> None:
+    import onnx_graphsurgeon as gs
+
+    from redonnx.shapes import annotate_graph
+
+    g = gs.import_onnx(conv_net())
+    g.inputs[0].shape = [1, 3, 16, 16]
+    annotate_graph(g)
+    shapes = [latency.layer_shape(n) for n in g.nodes if n.op == "Conv"]
+    assert shapes[0] == LayerShape("Conv", 3, 32, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (16, 16), "Relu")
+    assert shapes[1].with_channels(cout=24).cout == 24 and shapes[2].activation == ""
