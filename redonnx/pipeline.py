@@ -15,6 +15,7 @@ import redonnx
 from redonnx import input_model, weights
 from redonnx import passes as passes_mod
 from redonnx import realism as realism_mod
+from redonnx import reconstruct as R
 from redonnx import sizes as sizes_mod
 from redonnx import speed as speed_mod
 from redonnx.budget import SearchResult, search_alpha
@@ -26,8 +27,8 @@ from redonnx.io import LoadedModel, load_model
 from redonnx.latency import CostModel
 from redonnx.passes import merge_channels as merge_mod
 from redonnx.passes.base import PassContext, PassResult
+from redonnx.planner import depth_stage
 from redonnx.realism import Realism
-from redonnx.reconstruct import draw_stats_inputs
 from redonnx.verify import (
     BUDGET_MIN_COSINE,
     CAUTIOUS_MIN_COSINE,
@@ -213,7 +214,7 @@ def _evidence(
     ev = Evidence(im, given is not None, calibration=options.get("calibration") is not None)
     if lossy and not im.missing_values() and realism_mod.bn_points(model):
         try:
-            feeds = draw_stats_inputs(model, shapes, im, seed=REALISM_SEED)
+            feeds = R.draw_stats_inputs(model, shapes, im, seed=REALISM_SEED)
             ev.realism = realism_mod.assess(model, feeds)
         except RedonnxError:
             raise
@@ -295,13 +296,22 @@ def _budgeted(
         attempts += [(prefix, milder), ([n for n in prefix if n != "hash-weights"], options)]
     for i, (pre, opts) in enumerate(attempts):
         base, results = run_passes(model, pre, exact, opts)
+        depth = None
+        if target_macs is None and opts.get("depth", True):
+            depth = depth_stage(base, opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o), progress)
+            if depth.removed:
+                weights.discard(base)
+                base, results = depth.model, results + depth.results
         out, tail, search = search_alpha(
             base, trial_passes, opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
             target_macs=target_macs, shapes=opts.get("shapes"), progress=progress,
         )  # fmt: skip
+        search.depth = depth.to_dict() if depth is not None and depth.ranking else None
         if search.met or i == len(attempts) - 1:
             if i:
                 search.notes.append(_milder_note(pre, opts))
+            if depth is not None and depth.removed:
+                search.notes.append(f"{depth.removed} residual branch(es) removed first (depth pruning)")
 
             def finish(m: onnx.ModelProto, res: list[PassResult], value: float, opts=opts, results=results,
                        knob=search.knob):  # fmt: skip

@@ -87,9 +87,13 @@ def bn_points(model: onnx.ModelProto) -> list[BNPoint]:
 
 def channel_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and deviation over batch and positions (channel axis 1)."""
-    x = np.moveaxis(np.asarray(x), 1, -1) if np.ndim(x) > 1 else np.asarray(x)[:, None]
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    return flat.mean(0), flat.std(0)
+    x = np.asarray(x)
+    if x.ndim < 2:
+        x = x[:, None]
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    mean = x.mean(axis=axes, dtype=np.float64)
+    sq = np.square(x, dtype=np.float64).mean(axis=axes)
+    return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
 
 
 def bhattacharyya(m: np.ndarray, s: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:

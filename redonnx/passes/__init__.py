@@ -7,6 +7,7 @@ from types import ModuleType
 from redonnx.errors import RedonnxError
 from redonnx.passes import (
     cleanup,
+    drop_branches,
     fold_batchnorm,
     fold_constants,
     hash_weights,
@@ -19,16 +20,24 @@ from redonnx.passes.base import Decline, PassContext, PassResult
 
 PASSES: dict[str, ModuleType] = {
     m.name: m
-    for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, merge_channels, separate_depthwise, shortcut_conv,
-              split_inputs)
+    for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, drop_branches, merge_channels, separate_depthwise,
+              shortcut_conv, split_inputs)
 }
 
 #: Lossless rewrites, in order (``--exact``).
-EXACT_PIPELINE = ["fold-constants", "fold-batchnorm", "merge-channels", "separate-depthwise", "cleanup"]
+EXACT_PIPELINE = [
+    "fold-constants",
+    "fold-batchnorm",
+    "drop-branches",
+    "merge-channels",
+    "separate-depthwise",
+    "cleanup",
+]
 #: What ``prune`` runs with no flags (relaxed merging sized by the fidelity budget).
 DEFAULT_PIPELINE = [
     "fold-constants",
     "fold-batchnorm",
+    "drop-branches",
     "hash-weights",
     "merge-channels",
     "separate-depthwise",

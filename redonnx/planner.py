@@ -1,0 +1,151 @@
+"""The depth stage of the budget search: which residual branches to remove.
+
+Each removable branch (:mod:`redonnx.passes.drop_branches`) is scored without the verification
+samples: on the channel statistics' synthetic inputs (BatchNorm-corrected where the model had
+BatchNorm), the model runs once piecewise to record every branch output's per-channel mean, then
+once per branch with that branch's output replaced by its mean; the score is the outputs' mean
+(1 - cosine) to the unchanged run, per millisecond the branch's layers cost (cost model) or per
+MAC (other targets). Branches are removed in that order, as many as the fidelity budget allows
+(bisection on the count, each candidate verified like the channel trials). Channel merging then
+searches what budget is left on the shallower model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from redonnx import reconstruct as R
+from redonnx.budget import Trial
+from redonnx.graph import export, to_graph
+from redonnx.passes import drop_branches as D
+from redonnx.passes.base import PassResult
+from redonnx.realism import intervene
+from redonnx.segments import Stepper
+from redonnx.verify import Reference, Tolerance
+
+Runner = Callable[[onnx.ModelProto, list[str], dict[str, Any]], tuple[onnx.ModelProto, list[PassResult]]]
+DEPTH_SEED = 2  # the scores' synthetic inputs: neither the statistics' nor verification's samples
+SCORE_BATCH = 8  # samples (at most) the branch scores run on
+HOPELESS = 20.0  # a branch whose removal alone moves the outputs by more than this many budgets is not tried
+
+
+@dataclass
+class DepthResult:
+    model: onnx.ModelProto
+    results: list[PassResult] = field(default_factory=list)
+    ranking: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)
+    removed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        trials = [{"branches": t.value, "cosine": t.cosine, "passed": t.passed} for t in self.trials]
+        return {"removed": self.removed, "ranking": self.ranking, "trials": trials}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return 1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0
+
+
+def score_branches(base: onnx.ModelProto, branches: list[D.Branch], options: dict[str, Any]) -> tuple[dict, dict]:
+    """Per-channel means of each branch's output, and the output deviation removing it alone causes."""
+    model = export(to_graph(base))
+    del model.graph.value_info[:]
+    if options.get("corrections"):
+        model = intervene(model, options["corrections"])
+    feeds = R.draw_stats_inputs(model, options.get("shapes"), options.get("input_model"), batch=SCORE_BATCH,
+                              seed=DEPTH_SEED)  # fmt: skip
+    stepper = Stepper(model, [b.output.name for b in branches])
+    by_out = {b.output.name: b for b in branches}
+    means: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+
+    def record(name: str, v: np.ndarray) -> None:
+        means[by_out[name].key] = D.per_channel_mean(v, by_out[name].axis)
+        ranks[by_out[name].key] = np.ndim(v)
+
+    ref = stepper.run(feeds, record)
+    effects = {}
+    for b in branches:
+        const = D.channel_shaped(means[b.key], ranks[b.key], b.axis)
+
+        def replace(name: str, v: np.ndarray, b=b, const=const) -> np.ndarray | None:
+            return np.broadcast_to(const, v.shape).astype(v.dtype) if name == b.output.name else None
+
+        out = stepper.run(feeds, replace)
+        effects[b.key] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
+    return means, effects
+
+
+def _saving(branch: D.Branch, options: dict[str, Any]) -> float:
+    from redonnx.latency import layer_shape
+
+    cm = options.get("cost_model")
+    total = 0.0
+    for n in branch.layers():
+        if cm is not None:
+            shape = layer_shape(n)
+            total += cm.ms(shape) if shape is not None else 0.0
+        else:
+            w = n.inputs[1]
+            out = n.outputs[0].shape or []
+            spatial = np.prod([d for d in out[2:] if isinstance(d, int)]) if n.op.startswith("Conv") else 1
+            total += float(np.prod(getattr(w, "shape", (0,)))) * float(spatial)
+    return total
+
+
+def depth_stage(
+    base: onnx.ModelProto,
+    options: dict[str, Any],
+    reference: Reference,
+    tol: Tolerance,
+    run_passes: Runner,
+    progress: Callable[[str], None] | None = None,
+) -> DepthResult:
+    """Remove as many residual branches as the budget allows, best score first."""
+    graph = to_graph(base)
+    branches = [b for b in D.find_branches(graph)[0] if b.constant is None]
+    if not branches:
+        return DepthResult(base)
+    means, effects = score_branches(base, branches, options)
+    saving = {b.key: _saving(b, options) for b in branches}
+    ranked = sorted(branches, key=lambda b: (effects[b.key] / max(saving[b.key], 1e-12), b.key))
+    result = DepthResult(base)
+    result.ranking = [{"add": b.key, "output_deviation": round(effects[b.key], 6),
+                       "saves": round(saving[b.key], 6), "layers": len(b.layers())} for b in ranked]  # fmt: skip
+    if tol.min_cosine is not None:  # a first branch far over the budget: nothing to try
+        ranked = [b for b in ranked if effects[b.key] <= HOPELESS * (1.0 - tol.min_cosine)]
+    keys = [b.key for b in ranked]
+    if not keys:
+        return result
+    trials: dict[int, tuple[onnx.ModelProto, list[PassResult], bool]] = {}
+
+    def ok(k: int) -> bool:
+        if k not in trials:
+            model, res = run_passes(base, ["drop-branches"], {**options, "drop": keys[:k], "branch_means": means})
+            v = reference.check(model, tol)
+            trials[k] = (model, res, bool(v))
+            result.trials.append(Trial(float(k), None, v.worst_cosine, v.min_top1, bool(v)))
+            if progress:
+                verdict = "ok" if v else "over budget"
+                progress(f"{k} residual branch(es) removed: cosine {v.worst_cosine:.4f}, {verdict}")
+        return trials[k][2]
+
+    lo, hi = 0, len(keys)
+    if ok(1):
+        lo = 1
+        if ok(hi):
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    if lo:
+        result.model, result.results, _ = trials[lo]
+        result.removed = lo
+    return result
