@@ -298,6 +298,7 @@ class CostModel:
 
     cache: Cache = field(default_factory=Cache)
     timer: Timer = measure_layer
+    model_timer: Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] = time_model
     measured: int = 0  # layers timed in this process (not from the cache)
 
     def ms(self, shape: LayerShape) -> float:
@@ -306,6 +307,16 @@ class CostModel:
         if hit is None:
             hit = float(self.timer(shape))
             self.cache.put(key, hit)
+            self.measured += 1
+        return float(hit)
+
+    def timed(self, key: str, build: Callable[[], tuple[onnx.ModelProto, dict[str, np.ndarray]]]) -> float:
+        """Milliseconds of any small model (``build()`` makes it and its inputs), cached under ``key``."""
+        hit = self.cache.get("model " + key)
+        if hit is None:
+            model, feeds = build()
+            hit = self.model_timer(model, feeds)
+            self.cache.put("model " + key, hit)
             self.measured += 1
         return float(hit)
 

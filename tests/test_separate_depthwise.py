@@ -118,3 +118,25 @@ def test_stacked_form_keeps_outputs(ranks: list[int]) -> None:
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("Conv") == max(ranks) + 1 and "Concat" in ops
     assert_equivalent(m, out)
+
+
+def rank_one_conv(c: int = 16):
+    b = Builder(0)
+    a = np.random.default_rng(0).standard_normal((c, c))
+    v = np.random.default_rng(1).standard_normal((c, 9))
+    w = (a[:, :, None] * v[None, :, :]).reshape(c, c, 3, 3).astype(np.float32)
+    return b.model([("x", ["N", c, 16, 16])], [b.op("Conv", ["x", b.const(w)], pads=[1] * 4, kernel_shape=[3, 3])])
+
+
+def test_separation_gated_on_a_measurement() -> None:
+    """With a cost model (--target ort-cpu) a separated form that times slower is declined, saying so."""
+    from redonnx.latency import Cache, CostModel
+
+    slow_forms = CostModel(Cache("off"), timer=lambda shape: 1.0, model_timer=lambda model, feeds: 2.0)
+    fast_forms = CostModel(Cache("off"), timer=lambda shape: 1.0, model_timer=lambda model, feeds: 0.5)
+    model = rank_one_conv()
+    _, (kept,) = run_passes(model, ["separate-depthwise"], True, {"cost_model": slow_forms})
+    assert not kept.modified and "measured at 2.0000 ms against 1.0000 ms" in kept.declined[0].reason
+    out, (done,) = run_passes(model, ["separate-depthwise"], True, {"cost_model": fast_forms})
+    assert done.counts == {"convs separated (stacked)": 1}
+    assert_equivalent(model, out, rtol=1e-4)

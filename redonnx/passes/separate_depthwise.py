@@ -115,6 +115,10 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if c[form][0] >= c["original"][0] or c[form][1] >= c["original"][1]:
             res.decline(node, f"ranks {_rank_summary(f.ranks)}: separation would not lower MACs and parameters")
             continue
+        slower = _measured_slower(node, f, form, ctx.options.get("cost_model"))
+        if slower:
+            res.decline(node, f"ranks {_rank_summary(f.ranks)}: {slower}")
+            continue
         _rewrite(graph, node, f, form, w.dtype)
         res.count(f"convs separated ({form})")
         res.layers.append(
@@ -128,6 +132,43 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         )
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     return res
+
+
+def _measured_slower(node: gs.Node, f: Factors, form: str, cost_model) -> str | None:
+    """With a cost model (``--target ort-cpu``): why the separated form is not faster, timed alone
+    against the original conv (cached by shape, form and multiplier), or None."""
+    if cost_model is None:
+        return None
+    from redonnx.latency import layer_shape
+
+    shape = layer_shape(node)
+    if shape is None:
+        return None
+    key = f"separated {form} m={max(f.ranks)} " + shape.key()
+    before = cost_model.ms(shape)
+    after = cost_model.timed(key, lambda: _form_model(node, f, form))
+    if after < SPEEDUP * before:
+        return None
+    return f"separated form measured at {after:.4f} ms against {before:.4f} ms in onnxruntime: not faster"
+
+
+SPEEDUP = 0.95  # a separated form must be this much faster alone (in a model, reorders can eat small gains)
+
+
+def _form_model(node: gs.Node, f: Factors, form: str):
+    """The separated form of ``node`` alone, as a model with an input for timing."""
+    x = gs.Variable("x", dtype=np.float32, shape=[1, *node.inputs[0].shape[1:]])
+    w = gs.Constant("w", np.asarray(node.inputs[1].values, np.float32))
+    ins = [x, w] + ([gs.Constant("b", np.asarray(node.inputs[2].values, np.float32))]
+                    if len(node.inputs) > 2 and node.inputs[2].name else [])  # fmt: skip
+    y = gs.Variable("y", dtype=np.float32)
+    conv = gs.Node("Conv", "conv", dict(node.attrs), ins, [y])
+    g = gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=17)
+    _rewrite(g, conv, f, form, np.dtype(np.float32))
+    g.cleanup().toposort()
+    model = gs.export_onnx(g)
+    model.ir_version = 8
+    return model, {"x": np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)}
 
 
 def _rank_summary(ranks: list[int]) -> str:
