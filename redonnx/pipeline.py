@@ -58,6 +58,7 @@ class PruneResult:
     search: SearchResult | None = None
     evidence: Evidence | None = None
     speed: speed_mod.SpeedCheck | None = None
+    target: str = "ort-cpu"
     _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -73,6 +74,7 @@ class PruneResult:
             "tool": f"redonnx {redonnx.__version__}",
             "input": str(self.source.path) if self.source.path else None,
             "input_shapes": self.before.input_shapes,
+            "target": self.target,
             "before": before,
             "after": after,
             "removed": {
@@ -449,6 +451,7 @@ def prune(
         notes=[aligned] if aligned else [],
         evidence=evidence,
         speed=speed,
+        target=target,
     )
 
 

@@ -90,7 +90,14 @@ def write_html(report: dict[str, Any], path: str | Path, density_pngs: list[Path
         lat = report["latency"]
         parts.append(f"<tr><td>latency (ms, onnxruntime CPU)</td><td>{lat['before_ms']:.3f}</td>"
                      f"<td>{lat['after_ms']:.3f}</td><td>{lat['speedup']:.2f}x</td></tr>")  # fmt: skip
+    speed = report.get("speed") or {}
+    if speed.get("speedup_vs_input"):
+        f = speed["speedup_vs_input"]
+        parts.append(f"<tr><td>speed (measured, {esc(speed.get('config', ''))})</td><td></td><td></td>"
+                     f"<td>{f['speedup']:.2f}x ({f['ratio_low']:.3f}-{f['ratio_high']:.3f})</td></tr>")  # fmt: skip
     parts.append("</table>")
+    if speed:
+        parts.append(f"<p>target {esc(str(report.get('target')))}: writing the {esc(speed.get('kept', ''))}</p>")
     parts += _budget_html(report) + _verification_html(report) + _passes_html(report)
     if rows and any(r["params_before"] for r in rows):
         try:

@@ -640,12 +640,14 @@ def _relaxed_removals(
                 prec[t] = R.remove_from_precision(prec[t], c)
     total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
     saving = _savings(cg, cands, options.get("cost_model"), multiple)
+    all_cands = cands
     cands = [i for i in cands if saving[i.root] > 0]
     key_of = {i.root: k for k, members in groups.items() for i in members}
     exact_done = Counter(key_of[r] for r in plan.exact)
     chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), saving, multiple,
                           exact_done, budget)  # fmt: skip
     chosen = _align(plan, groups, chosen, multiple)
+    _record_groups(res, cg, all_cands, chosen, saving, multiple, options.get("cost_model") is not None)
     if not chosen:
         return
     removed: dict[str, list[int]] = defaultdict(list)
@@ -660,6 +662,29 @@ def _relaxed_removals(
         b, c0 = R.regression(stats[t], sorted(r), kept)
         plan.recon.append((t, sorted(r), kept, b, c0))
     res.count("channels removed with reconstruction", len(chosen))
+
+
+def _record_groups(
+    res: PassResult, cg: ChannelGraph, cands: list[ClassInfo], chosen: list[ClassInfo], saving: dict[int, float],
+    step: int, measured: bool,
+) -> None:  # fmt: skip
+    """Per coupled group: the layers it touches, its channels, how many went and why (the report)."""
+    by_key: dict[tuple, list[ClassInfo]] = defaultdict(list)
+    for info in cands:
+        by_key[info.key].append(info)
+    gone = Counter(i.key for i in chosen)
+    unit = "ms" if measured else "MACs"
+    for key, infos in by_key.items():
+        tensors = sorted({t for t, _ in infos[0].members})
+        layers = sorted({it.node.name for t in tensors for it in cg.items.get(t, []) if it.kind in ("row", "sink")})
+        per = saving[infos[0].root]
+        if gone[key]:
+            why = f"removed in steps of {step}: saves {per:.3g} {unit} per channel"
+        elif per <= 0:
+            why = f"kept: removing {step} channels saves no time (cost model)"
+        else:
+            why = "kept: no step fits the fidelity budget"
+        res.layers.append({"layers": layers, "channels": len(infos), "removed": gone[key], "why": why})
 
 
 def channel_multiple(options: dict[str, Any]) -> int:
