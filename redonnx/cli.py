@@ -54,7 +54,10 @@ def _hash_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, help="relaxed merging: fraction of channels to remove (default 0: exact)")
     g.add_argument("--merge-criterion", choices=["reconstruct", "paper"], help="relaxed rule (default reconstruct)")
     g.add_argument("--alpha-strategy", choices=["constant", "block"], help="paper rule: per-layer alpha")
-    g.add_argument("--calibration", metavar="FILE.npz", help="inputs for channel statistics (default: synthetic)")
+    g.add_argument("--calibration", metavar="FILE.npz",
+                   help="real inputs: channel statistics from them and a least-squares refit of the pruned layers "
+                        "(default: synthetic statistics, no refit)")  # fmt: skip
+    g.add_argument("--no-refit", action="store_true", help="with --calibration: statistics only, no refit")
     g.add_argument("--channel-multiple", type=int, help="keep channel counts multiples of N (8 suits onnxruntime CPU)")
     g = p.add_argument_group("separate-depthwise")
     g.add_argument("--separate-error", type=float, help="truncate per-channel ranks within this relative error")
@@ -234,6 +237,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from redonnx.runtime import load_npz_inputs
 
         options["calibration"] = load_npz_inputs(args.calibration, src.model)
+        options["refit"] = not args.no_refit
     kw = _verify_kwargs(args)
     if args.max_error is not None:
         kw["rtol"] = args.max_error

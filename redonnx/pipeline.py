@@ -16,6 +16,7 @@ from redonnx import input_model, weights
 from redonnx import passes as passes_mod
 from redonnx import realism as realism_mod
 from redonnx import reconstruct as R
+from redonnx import refit as refit_mod
 from redonnx import sizes as sizes_mod
 from redonnx import speed as speed_mod
 from redonnx.budget import SearchResult, search_alpha
@@ -296,6 +297,7 @@ def _budgeted(
     if "hash-weights" in prefix and target_macs is None:
         milder = {**options, "hash_error": float(options.get("hash_error", 0.06)) / 4}
         attempts += [(prefix, milder), ([n for n in prefix if n != "hash-weights"], options)]
+    trial_runner = _trial_runner(model, options)
     for i, (pre, opts) in enumerate(attempts):
         base, results = run_passes(model, pre, exact, opts)
         depth = None
@@ -305,7 +307,7 @@ def _budgeted(
                 weights.discard(base)
                 base, results = depth.model, results + depth.results
         out, tail, search = search_alpha(
-            base, trial_passes, opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o),
+            base, trial_passes, opts, reference, tol, trial_runner,
             target_macs=target_macs, shapes=opts.get("shapes"), progress=progress,
         )  # fmt: skip
         search.depth = depth.to_dict() if depth is not None and depth.ranking else None
@@ -330,6 +332,28 @@ def _budgeted(
         if progress:
             progress("over budget before any merging: milder hashing")
     raise AssertionError("unreachable")
+
+
+def _trial_runner(source: onnx.ModelProto, options: dict[str, Any]) -> Callable:
+    """The passes of one budget trial; with calibration inputs (and ``refit``, default on) the pruned
+    layers are then refitted to them by least squares (:mod:`redonnx.refit`)."""
+    calibration = options.get("calibration")
+    targets: dict[str, np.ndarray] = {}  # the original's outputs on the calibration inputs, once
+
+    def trial(m: onnx.ModelProto, names: list[str], opts: dict[str, Any]):
+        out, results = run_passes(m, names, False, opts)
+        if calibration is None or not options.get("refit", True) or not any(r.kept for r in results):
+            return out, results
+        kept = {k: v for r in results for k, v in r.kept.items()}
+        t0 = time.perf_counter()
+        fitted = refit_mod.refit(out, source, calibration, kept, cache=targets)
+        res = PassResult("refit", modified=bool(fitted.layers), layers=fitted.layers,
+                         counts={"layers refitted to the calibration inputs": len(fitted.layers)})  # fmt: skip
+        res.seconds = time.perf_counter() - t0
+        weights.discard(out)
+        return fitted.model, [*results, res]
+
+    return trial
 
 
 def _speed_gate(

@@ -71,7 +71,10 @@ def channel_stats(
     Synthetic inputs (drawn by ``input_model``, inferred from the graph when None): 64 images
     (every pixel position is a sample) or, for inputs without spatial dimensions, up to 1024
     vectors, within 2**20 input values. ``corrections`` (:mod:`redonnx.realism`) are inserted
-    first, so the statistics are those of activations at their BatchNorm running moments."""
+    first, so the statistics are those of activations at their BatchNorm running moments. The
+    tensors are taken in name order whatever order ``axes`` lists them in: one generator samples
+    every tensor's rows in turn (a set's order varies with PYTHONHASHSEED)."""
+    axes = dict(sorted(axes.items()))
     model = export(graph)  # lean for large graphs: weights are not copied into the proto
     del model.graph.value_info[:]
     if corrections:

@@ -41,8 +41,8 @@ def latency(before, after, feeds: dict, runs: int = 50) -> dict[str, float]:
     """onnxruntime CPU latency (optimizations on) on ``feeds``, medians of interleaved runs."""
     import statistics
 
-    t = interleaved_times([session(before, optimize=True, spin=True), session(after, optimize=True, spin=True)], feeds,
-                          runs=runs)
+    sessions = [session(m, optimize=True, threads=0, spin=True) for m in (before, after)]  # as deployed
+    t = interleaved_times(sessions, feeds, runs=runs)
     b, a = statistics.median(t[0]), statistics.median(t[1])
     return {"before_ms": b, "after_ms": a, "speedup": b / a if a else float("inf"), "runs": runs}
 

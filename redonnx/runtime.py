@@ -17,12 +17,22 @@ ORT_SIZE_LIMIT = 2**31 - 2**26
 ort.set_default_logger_severity(4)  # errors reach the user once, as our own one line
 
 
+#: intra-op threads of every run whose numbers decide what prune writes (channel statistics, realism,
+#: verification, the budget search). onnxruntime's CPU kernels split some convolutions by the
+#: thread count and the last bits of their sums follow the split (MobileNetV2, a batch of one: a 1x1
+#: conv differs by 2e-6 at 4 threads from 1 or 2), and the default count is the machine's cores: one
+#: thread gives the same numbers, so the same file, on any machine. Timing sets its own count.
+REPRODUCIBLE_THREADS = 1
+
+
 def session(
-    model: onnx.ModelProto, optimize: bool = False, threads: int = 0, spin: bool = False
+    model: onnx.ModelProto, optimize: bool = False, threads: int | None = None, spin: bool = False
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session; graph optimizations off unless ``optimize``. Idle threads do not
-    spin unless ``spin`` (as deployed sessions do, for latency): our sessions run in turn with
-    other sessions and numpy, which spinning threads would slow down."""
+    """An onnxruntime CPU session; graph optimizations off unless ``optimize``; ``threads`` None is
+    :data:`REPRODUCIBLE_THREADS`, 0 onnxruntime's default (one per core). Idle threads do not spin
+    unless ``spin`` (as deployed sessions do, for latency): our sessions run in turn with other
+    sessions and numpy, which spinning threads would slow down."""
+    threads = REPRODUCIBLE_THREADS if threads is None else threads
     opts = ort.SessionOptions()
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -79,6 +79,10 @@ class Stepper:
         self._last_read = last_read
         self._graph_outputs = [o.name for o in g.output]
 
+    def set_initializer(self, name: str, values: np.ndarray) -> None:
+        """New values for an initializer: pieces not built yet will read them."""
+        self._inits[name] = onnx.numpy_helper.from_array(np.asarray(values), name)
+
     def _session(self, piece: _Piece, state: dict[str, np.ndarray]) -> ort.InferenceSession:
         if piece.session is None:
             inits = {n for node in piece.nodes for n in node_reads(node) if n in self._inits}

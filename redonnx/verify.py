@@ -151,13 +151,15 @@ def compare_arrays(
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    # np.sum, not np.dot / np.linalg.norm: BLAS splits long dot products by its thread count and
+    # the last bits follow (the budget compares cosines); numpy's pairwise sum has one order
     a, b = np.nan_to_num(a), np.nan_to_num(b)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    na, nb = np.sqrt(np.sum(a * a)), np.sqrt(np.sum(b * b))
     if na == 0 and nb == 0:
         return 1.0
     if na == 0 or nb == 0:
         return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    return float(np.sum(a * b) / (na * nb))
 
 
 def _top1(ref: np.ndarray, cand: np.ndarray) -> float | None:

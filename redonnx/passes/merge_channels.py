@@ -623,7 +623,7 @@ def _relaxed_removals(
     target = len(cands) if budget else round(alpha * len(cands))
     if target < 1 or not sinks:
         return
-    axes = {t: cg.spaces[t].axis for t in sinks}
+    axes = {t: cg.spaces[t].axis for t in sorted(sinks)}  # a set's order varies between processes
     cache = options.get("stats_cache")
     key = tuple(sorted(axes.items()))
     stats = cache.get(key) if cache is not None else None

@@ -30,7 +30,7 @@ error is within it (lossy) and reports that error per layer.
 
 from __future__ import annotations
 
-import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +42,6 @@ from redonnx.passes.base import PassContext, PassResult
 name = "separate-depthwise"
 exact = True  # unless separate_error > 0; see is_exact
 RANK_TOL = 1e-5
-_ids = itertools.count()
 
 
 def is_exact(options: dict) -> bool:
@@ -100,6 +99,7 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise RedonnxError("--separate-error must be in [0, 1)")
     if ctx.options.get("separate_form", "auto") not in ("auto", "multiplier", "gather", "stacked"):
         raise RedonnxError("separate_form must be auto, multiplier, gather or stacked")
+    tags = _used_tags(graph)
     for node in list(graph.nodes):
         why = _reason(node)
         if why:
@@ -119,7 +119,7 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if slower:
             res.decline(node, f"ranks {_rank_summary(f.ranks)}: {slower}")
             continue
-        _rewrite(graph, node, f, form, w.dtype)
+        _rewrite(graph, node, f, form, w.dtype, _new_tag(node, tags))
         res.count(f"convs separated ({form})")
         res.layers.append(
             {
@@ -164,7 +164,7 @@ def _form_model(node: gs.Node, f: Factors, form: str):
     y = gs.Variable("y", dtype=np.float32)
     conv = gs.Node("Conv", "conv", dict(node.attrs), ins, [y])
     g = gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=17)
-    _rewrite(g, conv, f, form, np.dtype(np.float32))
+    _rewrite(g, conv, f, form, np.dtype(np.float32), "timed")
     g.cleanup().toposort()
     model = gs.export_onnx(g)
     model.ir_version = 8
@@ -191,11 +191,26 @@ def _reason(node: gs.Node) -> str | None:
     return None
 
 
-def _rewrite(graph: gs.Graph, node: gs.Node, f: Factors, form: str, dtype: np.dtype) -> None:
+def _used_tags(graph: gs.Graph) -> set[str]:
+    """Every ``..._sepK`` prefix of a tensor or node name already in the graph."""
+    names = [*graph.tensors(), *(n.name for n in graph.nodes)]
+    return {name[: m.end()] for name in names for m in re.finditer(r"_sep\d+(?=_)", name)}
+
+
+def _new_tag(node: gs.Node, used: set[str]) -> str:
+    """``NAME_sepK`` with the smallest K not in the graph: the same names in every run (a counter
+    kept by the process named them after the calls before)."""
+    base, k = node.name or node.inputs[1].name, 0
+    while f"{base}_sep{k}" in used:
+        k += 1
+    used.add(f"{base}_sep{k}")
+    return f"{base}_sep{k}"
+
+
+def _rewrite(graph: gs.Graph, node: gs.Node, f: Factors, form: str, dtype: np.dtype, tag: str) -> None:
     w = node.inputs[1]
     cout, cin = w.shape[0], w.shape[1]
     kshape = list(w.shape[2:])
-    tag = f"{node.name or w.name}_sep{next(_ids)}"
     if form == "stacked" and max(f.ranks) > 1:
         _rewrite_stacked(graph, node, f, dtype, tag, kshape)
         return
