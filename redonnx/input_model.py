@@ -126,12 +126,18 @@ class InputModel:
         if need:
             raise RedonnxError(need_values_message(need))
         concrete = resolve_input_shapes(model, shapes, batch=batch)
-        for vi in graph_inputs(model):  # a hint fixes the sample's shape, not how many samples
-            dims = vi.type.tensor_type.shape.dim
-            if dims and not dims[0].HasField("dim_value") and concrete.get(vi.name):
-                concrete[vi.name] = [batch, *concrete[vi.name][1:]]
+        if batch_is_leading(model):  # a hint fixes the sample's shape, not how many samples
+            concrete = {k: [batch, *v[1:]] if v else v for k, v in concrete.items()}
         rng = np.random.default_rng(seed)
         return {name: _draw(spec, concrete[name], rng, white) for name, spec in self.specs.items()}
+
+
+def batch_is_leading(model: onnx.ModelProto) -> bool:
+    """Does every input have a dynamic leading dimension (the batch, shared by all)? Models whose
+    state inputs carry the batch elsewhere (RNN states [layers, batch, hidden]) are drawn at the
+    hinted shapes."""
+    dims = [vi.type.tensor_type.shape.dim for vi in graph_inputs(model)]
+    return bool(dims) and all(d and not d[0].HasField("dim_value") for d in dims)
 
 
 def need_values_message(specs: list[InputSpec]) -> str:

@@ -26,11 +26,11 @@ import onnx_graphsurgeon as gs
 from scipy.linalg import blas
 
 from redonnx.graph import export
-from redonnx.input_model import InputModel
+from redonnx.input_model import InputModel, batch_is_leading
 from redonnx.input_model import infer as infer_inputs
 from redonnx.realism import Correction, intervene
 from redonnx.runtime import run, session
-from redonnx.shapes import graph_inputs, resolve_input_shapes
+from redonnx.shapes import resolve_input_shapes
 
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
 STATS_SEED = 100_003  # synthetic statistics never reuse a verification seed (0, 1, ... samples - 1)
@@ -115,8 +115,7 @@ CHUNKS = 16  # the statistics' inputs run in up to this many pieces: one piece's
 
 def _batch_is_free(model: onnx.ModelProto) -> bool:
     """Can the inputs be fed in smaller batches (every input's first dimension is dynamic)?"""
-    dims = [vi.type.tensor_type.shape.dim for vi in graph_inputs(model)]
-    return bool(dims) and all(d and not d[0].HasField("dim_value") for d in dims)
+    return batch_is_leading(model)
 
 
 def _sample_rows(sess, feeds: dict[str, np.ndarray], axes: dict[str, int], rng, split: bool) -> dict[str, np.ndarray]:
