@@ -2,7 +2,7 @@
 
 Each candidate (the budget's choice, then passing trials with less pruning) is timed against the
 lossless (``--exact``) result and the input model, interleaved (:func:`redonnx.latency.compare`).
-It is kept when the 90 % interval of its latency ratio to the lossless result lies below 0.98 and
+It is kept when the 90 % interval of its latency ratio to the lossless result lies below 0.97 and
 its median ratio to the input is at most 1; otherwise the next candidate is tried, and in the end
 the lossless result is written. Verdicts are cached with the measurements (keyed by both models'
 bytes), so the same inputs give the same file.
@@ -54,8 +54,8 @@ class SpeedCheck:
                 f"interval {f['ratio_low']:.3f}-{f['ratio_high']:.3f}), writing the {self.kept}{why}")  # fmt: skip
 
 
-MIN_GAIN = 0.02  # a lossy result must be at least this much faster (90 % interval): identical models
-# compared on a busy machine show intervals like 0.994-0.999: a bare "< 1" would keep them 5 % of the time
+MIN_GAIN = 0.03  # a lossy result must be at least this much faster (90 % interval): identical models
+# in two sessions differ by up to 2.5 % (memory placement; benchmarks/speed.py): a bare "< 1" would keep them
 
 
 def _digest(*models: onnx.ModelProto) -> str:

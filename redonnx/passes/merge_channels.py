@@ -233,36 +233,36 @@ def _digest(*parts: np.ndarray) -> bytes:
 def _class_info(
     cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows, memo: dict | None = None
 ) -> ClassInfo:
-    key: list[tuple] = [("tensors", tuple(sorted(t for t, _ in members)))]
-    nodes: list[gs.Node] = []
-    zero_item = False
-    zero_ok = True
-    for t, c in sorted(members):
-        producer = cg.producer(t)
-        if producer is not None:
-            nodes.append(producer)
-        for it in cg.items.get(t, []):
-            if it.kind == "row":
-                key.append(("row", it.node.name))
-            elif it.kind == "param":
-                key.append(("param", it.node.name, it.index))
-                zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c)
-            elif it.kind == "zero" and it.lo <= c < it.hi:
-                key.append(("zero", it.node.name))
-                zero_item = True
-    has_rows = any(k[0] == "row" for k in key)
+    """A class summarized; ``memo`` (the budget search: every trial starts from the same graph)
+    keeps everything but the node references between trials."""
     mkey = tuple(sorted(members))
-    summary = memo.get(mkey) if memo is not None else None
-    if summary is None:
+    nodes = [p for t, _c in mkey if (p := cg.producer(t)) is not None]
+    hit = memo.get(mkey) if memo is not None else None
+    if hit is None:
+        key: list[tuple] = [("tensors", tuple(sorted(t for t, _ in members)))]
+        zero_item = False
+        zero_ok = True
+        for t, c in mkey:
+            for it in cg.items.get(t, []):
+                if it.kind == "row":
+                    key.append(("row", it.node.name))
+                elif it.kind == "param":
+                    key.append(("param", it.node.name, it.index))
+                    zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c)
+                elif it.kind == "zero" and it.lo <= c < it.hi:
+                    key.append(("zero", it.node.name))
+                    zero_item = True
+        has_rows = any(k[0] == "row" for k in key)
         summary = _summarize_sources(cg, members, rows, has_rows)
+        zero_ok = zero_ok and not summary[4] and all(_op_keeps_zero(n) for n in nodes)
+        hit = (tuple(key), zero_item, zero_ok, has_rows, summary)
         if memo is not None:
-            memo[mkey] = summary
-    sig, direction, norm, size, nonzero, constants = summary
-    zero_ok = zero_ok and not nonzero and all(_op_keeps_zero(n) for n in nodes)
+            memo[mkey] = hit
+    key, zero_item, zero_ok, has_rows, (sig, direction, norm, size, _nonzero, constants) = hit
     return ClassInfo(
         root,
         members,
-        tuple(key),
+        key,
         sig=sig,
         direction=direction,
         norm=norm,
