@@ -1,7 +1,7 @@
 """How the default prune does on real data, next to what the budget saw on synthetic inputs.
 
-Run: python benchmarks/fidelity.py [--models a,b] [--seeds N]
-Prints a Markdown table and writes benchmarks/results/fidelity.json.
+Run: python benchmarks/fidelity.py [--models a,b] [--target macs]
+Prints a Markdown table and writes benchmarks/results/fidelity.json (fidelity-macs.json).
 
 For every shared model (and the bundled digits models) the default `prune` runs with no flags.
 Its budget and verification see only synthetic inputs; we then compare the pruned model with
@@ -119,9 +119,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def measure(name: str, model: onnx.ModelProto, shapes: dict, n: int) -> dict:
+def measure(name: str, model: onnx.ModelProto, shapes: dict, n: int, target: str = "ort-cpu") -> dict:
     t0 = time.perf_counter()
-    res = prune(model, shapes=shapes or None)
+    res = prune(model, shapes=shapes or None, target=target)
     seconds = time.perf_counter() - t0
     rep = res.report()
     feeds, y, what = real_data(name, n)
@@ -153,13 +153,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", help="comma-separated names")
     ap.add_argument("--images", type=int, default=1017)
+    ap.add_argument("--target", default="ort-cpu", help="prune's --target (macs: channels at any count)")
     args = ap.parse_args()
     wanted = set(args.models.split(",")) if args.models else None
     rows = []
     for name, model, shapes in models():
         if wanted and name not in wanted:
             continue
-        rows.append(measure(name, model, shapes, args.images))
+        rows.append(measure(name, model, shapes, args.images, args.target))
         print(f"{name}: done in {rows[-1]['seconds']:.1f} s", file=sys.stderr)
     for r in rows:
         for k in ("synthetic cosine", "real cosine"):
@@ -167,7 +168,7 @@ def main() -> None:
         r["realism"] = f"{r['realism']:.3f}" if r.get("realism") is not None else "unknown"
     cols = ["model", "inputs inferred", "realism", "MACs -%", "synthetic cosine", "real cosine", "top-1 before",
             "top-1 after", "agreement", "real data", "verified"]  # fmt: skip
-    print(f"\nwritten {write_json('fidelity', rows)}")
+    print(f"\nwritten {write_json('fidelity' if args.target == 'ort-cpu' else f'fidelity-{args.target}', rows)}")
     print(table(rows, cols))
 
 

@@ -217,7 +217,7 @@ def _evidence(
     ev = Evidence(im, given is not None, calibration=options.get("calibration") is not None)
     if lossy and not im.missing_values() and realism_mod.bn_points(model):
         try:
-            feeds = R.draw_stats_inputs(model, shapes, im, seed=REALISM_SEED)
+            feeds = R.draw_stats_inputs(model, shapes, im, batch=REALISM_BATCH, seed=REALISM_SEED)
             ev.realism = realism_mod.assess(model, feeds)
         except RedonnxError:
             raise
@@ -227,6 +227,7 @@ def _evidence(
 
 
 REALISM_SEED = 1  # draws for the realism check: neither the statistics' nor verification's samples
+REALISM_BATCH = 32  # images (at most) the realism check and its corrections run on
 
 
 def run_passes(
