@@ -81,12 +81,9 @@ def random_inputs(
     shapes: dict[str, list[int]] | None = None,
     batch: int = 1,
     seed: int = 0,
-    pixels: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs of the right dtypes: floats ~ N(0, 1), integers in [0, 8), random booleans.
-
-    ``pixels``: 4-D float inputs (images) are uniform in [0, 255] instead, the scale of models that
-    take raw pixel values (Keras exports often do)."""
+    """Seeded inputs of the right dtypes: floats ~ N(0, 1), integers in [0, 8), random booleans
+    (tests and benchmarks; prune and verify draw with :mod:`redonnx.input_model`)."""
     rng = np.random.default_rng(seed)
     concrete = resolve_input_shapes(model, shapes, batch=batch)
     feeds: dict[str, np.ndarray] = {}
@@ -97,44 +94,13 @@ def random_inputs(
             name = onnx.TensorProto.DataType.Name(elem) if elem else "unknown"
             raise RedonnxError(f"input {vi.name!r} has type {name}; pass real inputs with --inputs file.npz")
         shape = concrete[vi.name]
-        if np.issubdtype(dtype, np.floating) and pixels and len(shape) == 4:
-            feeds[vi.name] = rng.uniform(0, 255, size=shape).astype(dtype)
-        elif np.issubdtype(dtype, np.floating):
+        if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:
             feeds[vi.name] = rng.random(shape) < 0.5
         else:
             feeds[vi.name] = rng.integers(0, 8, size=shape).astype(dtype)
     return feeds
-
-
-PIXEL_GAIN = 0.1
-
-
-def expects_pixels(model: onnx.ModelProto) -> bool:
-    """Does the model take raw 0-255 pixels? Data-free guess from the first conv on an image input.
-
-    A trained first layer adapts to its input's scale: with normalized inputs the gain
-    std(W) * sqrt(fan_in) is 0.2-1.7 on the shared models, with raw pixels (Keras ResNet-8) 0.024.
-    Below 0.1 the synthetic inputs are drawn uniform in [0, 255]."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    images = {vi.name for vi in graph_inputs(model) if vi.type.tensor_type.elem_type in floats
-              and len(vi.type.tensor_type.shape.dim) == 4}  # fmt: skip
-    if not images:
-        return False
-    inits = {t.name: t for t in model.graph.initializer}
-    frontier, seen = set(images), set()
-    for node in model.graph.node:  # nodes are in topological order
-        if not frontier & set(node.input):
-            continue
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
-            w = weights.tensor_array(inits[node.input[1]], weights.external_base(model)).astype(np.float64)
-            gain = float(w.std() * np.sqrt(np.prod(w.shape[1:])))
-            return gain < PIXEL_GAIN
-        if node.op_type in ("Transpose", "Cast", "Identity", "Pad", "Reshape") and node.output[0] not in seen:
-            frontier.add(node.output[0])
-            seen.add(node.output[0])
-    return False
 
 
 def load_npz_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
