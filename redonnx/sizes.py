@@ -42,44 +42,37 @@ class Chosen:
                 "--shape overrides; the written model keeps its dynamic dimensions)")  # fmt: skip
 
 
+def _open(model: onnx.ModelProto, hints: dict[str, list[int]]):
+    """(input, declared dims) of every input the hints leave to us."""
+    for vi in graph_inputs(model):
+        dims = declared_shape(vi)
+        if vi.name not in hints and dims is not None:
+            yield vi, dims
+
+
+def _symbol(vi: onnx.ValueInfoProto, axis: int, d) -> str:
+    return d if isinstance(d, str) and d else f"{vi.name}:{axis}"
+
+
 def _symbols(model: onnx.ModelProto, hints: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
     """Each dynamic non-leading dimension (by symbolic name, or input:axis), with its ladder."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     out: dict[str, tuple[int, ...]] = {}
-    for vi in graph_inputs(model):
-        if vi.name in hints:
-            continue
-        dims = declared_shape(vi)
-        if dims is None:
-            continue
-        integer = vi.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                                        onnx.TensorProto.DOUBLE)  # fmt: skip
+    for vi, dims in _open(model, hints):
+        integer = vi.type.tensor_type.elem_type not in floats
         for axis, d in enumerate(dims):
             if axis == 0 or (isinstance(d, int) and d > 0):
                 continue
-            key = d if isinstance(d, str) and d else f"{vi.name}:{axis}"
-            ladder = SEQUENCE if integer else (IMAGE if len(dims) == 4 and axis >= 2 - (dims[-1] in (1, 3, 4))
-                                                else OTHER)  # fmt: skip
-            out.setdefault(key, ladder)
+            spatial = len(dims) == 4 and axis >= 2 - (dims[-1] in (1, 3, 4))
+            out.setdefault(_symbol(vi, axis, d), SEQUENCE if integer else IMAGE if spatial else OTHER)
     return out
 
 
 def _shapes_for(model: onnx.ModelProto, hints: dict[str, list[int]], picks: dict[str, int]) -> dict[str, list[int]]:
     out = dict(hints)
-    for vi in graph_inputs(model):
-        if vi.name in hints:
-            continue
-        dims = declared_shape(vi)
-        if dims is None:
-            continue
-        shape = []
-        for axis, d in enumerate(dims):
-            if isinstance(d, int) and d > 0:
-                shape.append(d)
-            elif axis == 0:
-                shape.append(1)
-            else:
-                shape.append(picks[d if isinstance(d, str) and d else f"{vi.name}:{axis}"])
-        out[vi.name] = shape
+    for vi, dims in _open(model, hints):
+        out[vi.name] = [d if isinstance(d, int) and d > 0 else 1 if axis == 0 else picks[_symbol(vi, axis, d)]
+                        for axis, d in enumerate(dims)]  # fmt: skip
     return out
 
 
