@@ -41,6 +41,7 @@ from redonnx.verify import (
     Reference,
     Tolerance,
     VerificationResult,
+    at_second_size,
 )
 
 
@@ -426,7 +427,12 @@ def prune(
         source = LoadedModel(model=source)
     elif not isinstance(source, LoadedModel):
         source = load_model(source)
-    inputs, shapes, sized = sizes_mod.settle(source.model, inputs, shapes)
+    try:
+        inputs, shapes, sized = sizes_mod.settle(source.model, inputs, shapes)
+    except RedonnxError:
+        if check or not exact:
+            raise
+        sized = None  # --exact --no-verify: the lossless passes need no concrete sizes
     names = passes if passes is not None else _default_passes(exact, target)
     defaults = DEFAULT_OPTIONS if passes is None and not exact else {}
     options = {**defaults, **(options or {}), "shapes": shapes, "target": target}
@@ -463,6 +469,9 @@ def prune(
         options["cost_model"].save()
     after = model_cost(model, shapes)
     verification = reference.check(model, tol) if check else None
+    if verification is not None and sized is not None and sized.second:
+        again = Reference(source.model, shapes=sized.second, samples=samples, input_model=evidence.inputs)
+        verification = at_second_size(verification, again.check(model, tol), sized.second_picks)
     aligned = _alignment_note(before, after, merge_mod.channel_multiple(options))
     return PruneResult(
         model=model,

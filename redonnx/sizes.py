@@ -6,8 +6,15 @@ dynamic dimension takes, from a short ladder that suits its role, the smallest s
 onnxruntime runs the model on validly drawn inputs; dimensions sharing a symbolic name share the
 size. Roles: a non-leading dimension of an integer input (token ids, masks) is a sequence
 (16, 64, 128); a spatial dimension of a 4-D float input an image side (32, 64, 128, 224, 320,
-640: strides of detection and segmentation networks must divide it); anything else 16, 32, 64,
-128. ``--shape`` overrides every choice.
+640), kept to multiples of the graph's total stride along that axis (the product of the strides of
+the convs and pools on the deepest path: a feature pyramid that upsamples and concatenates needs
+sides its stride divides) and at least 4 strides (a deepest feature map of 1 or 2 is all border: a
+detector's outputs are then near zero and comparing them says nothing), led by a size the model's
+metadata or doc string names ("224x224", "640");
+anything else 16, 32, 64, 128. When no ladder size runs, every size from 1 to 64 is tried (a fixed
+Reshape or Gemm after the features can allow one only). The next size that also runs is kept as a second size: where a
+dimension is dynamic, verification runs at both, so that a rewrite valid at one size only (a shape
+folded into a constant) is caught. ``--shape`` overrides every choice.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from redonnx.errors import RedonnxError
 from redonnx.shapes import declared_shape, graph_inputs
 
 SEQUENCE = (16, 64, 128)
+MIN_MAPS = 4  # image sides start at this many times the stride (the deepest feature map 4 wide)
+SMALL = 64  # when no ladder size runs: every size from 1 to this (a fixed Reshape or Gemm may need one)
+MAX_TRIES = 80
 IMAGE = (32, 64, 128, 224, 320, 640)
 OTHER = (16, 32, 64, 128)
 
@@ -33,13 +43,17 @@ class Chosen:
     shapes: dict[str, list[int]]
     picks: dict[str, int] = field(default_factory=dict)  # symbol -> size chosen
     tried: list[str] = field(default_factory=list)
+    second: dict[str, list[int]] | None = None  # shapes at the next size that runs (verification)
+    second_picks: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         if not self.picks:
             return ""
         sizes = ", ".join(f"{k}={v}" for k, v in self.picks.items())
-        return (f"dynamic sizes chosen: {sizes} (the smallest with which onnxruntime runs the model; "
-                "--shape overrides; the written model keeps its dynamic dimensions)")  # fmt: skip
+        also = ", ".join(f"{k}={v}" for k, v in self.second_picks.items())
+        return (f"dynamic sizes chosen: {sizes} (the smallest with which onnxruntime runs the model"
+                + (f"; verified at {also} too" if also else "")
+                + "; --shape overrides; the written model keeps its dynamic dimensions)")
 
 
 def _open(model: onnx.ModelProto, hints: dict[str, list[int]]):
@@ -51,21 +65,74 @@ def _open(model: onnx.ModelProto, hints: dict[str, list[int]]):
 
 
 def _symbol(vi: onnx.ValueInfoProto, axis: int, d) -> str:
-    return d if isinstance(d, str) and d else f"{vi.name}:{axis}"
+    """A dimension's symbolic name ("seq" is shared by every input that has it); anonymous ones
+    ("?", "-1", unnamed: paddle2onnx names them all "?") by input and axis."""
+    return d if isinstance(d, str) and d.strip("?-1 ") else f"{vi.name}:{axis}"
 
 
 def _symbols(model: onnx.ModelProto, hints: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
     """Each dynamic non-leading dimension (by symbolic name, or input:axis), with its ladder."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     out: dict[str, tuple[int, ...]] = {}
+    strides: list[int] | None = None
     for vi, dims in _open(model, hints):
         integer = vi.type.tensor_type.elem_type not in floats
+        nhwc = len(dims) == 4 and dims[-1] in (1, 3, 4) and dims[1] not in (1, 3, 4)
         for axis, d in enumerate(dims):
             if axis == 0 or (isinstance(d, int) and d > 0):
                 continue
-            spatial = len(dims) == 4 and axis >= 2 - (dims[-1] in (1, 3, 4))
-            out.setdefault(_symbol(vi, axis, d), SEQUENCE if integer else IMAGE if spatial else OTHER)
+            side = axis - (1 if nhwc else 2)  # 0: height, 1: width
+            if integer or len(dims) != 4 or side not in (0, 1):
+                out.setdefault(_symbol(vi, axis, d), SEQUENCE if integer else OTHER)
+                continue
+            strides = strides or total_strides(model)
+            out.setdefault(_symbol(vi, axis, d), image_ladder(model, strides[side]))
     return out
+
+
+def total_strides(model: onnx.ModelProto) -> list[int]:
+    """Per spatial axis (height, width), the largest product of strides (Conv, pooling) from an
+    input to any tensor: the factor an image side must be a multiple of."""
+    factor: dict[str, tuple[float, float]] = {vi.name: (1.0, 1.0) for vi in graph_inputs(model)}
+    best = [1.0, 1.0]
+    for n in model.graph.node:
+        seen = [factor[x] for x in n.input if x in factor]
+        if not seen:
+            continue
+        f = [max(v[0] for v in seen), max(v[1] for v in seen)]
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type in ("Conv", "MaxPool", "AveragePool", "ConvInteger", "LpPool") and len(attrs.get(
+                "strides", onnx.AttributeProto()).ints) == 2:  # fmt: skip
+            f = [f[0] * max(attrs["strides"].ints[0], 1), f[1] * max(attrs["strides"].ints[1], 1)]
+        for o in n.output:
+            factor[o] = (f[0], f[1])
+        best = [max(best[0], f[0]), max(best[1], f[1])]
+    return [int(min(b, 1024)) for b in best]
+
+
+def total_stride(model: onnx.ModelProto) -> int:
+    return max(total_strides(model))
+
+
+def _named_size(model: onnx.ModelProto) -> int | None:
+    """A square input side the model's metadata or doc string names ("224x224", "input_size: 640")."""
+    import re
+
+    text = " ".join([model.doc_string, model.graph.doc_string, *(p.value for p in model.metadata_props)])
+    m = re.search(r"\b(\d{2,4})\s*[x*]\s*(\d{2,4})\b", text)
+    m = m or re.search(r"(?:size|shape|resolution)\D{0,4}(\d{2,4})", text)
+    return int(m.group(1)) if m and 8 <= int(m.group(1)) <= 4096 else None
+
+
+def image_ladder(model: onnx.ModelProto, stride: int) -> tuple[int, ...]:
+    """Image sides to try: a size the model names first, then the ladder in multiples of the stride,
+    from 4 strides up (the deepest feature map at least 4 wide: at 1 or 2 a detector's outputs are
+    all border and near zero, and comparing them says nothing)."""
+    stride = max(stride, 1)
+    sides = sorted({-(-v // stride) * stride for v in IMAGE})
+    sides = [v for v in sides if v >= MIN_MAPS * stride] or sides[-1:]
+    named = _named_size(model)
+    return tuple(([named] if named else []) + [v for v in sides if v != named])
 
 
 def _shapes_for(model: onnx.ModelProto, hints: dict[str, list[int]], picks: dict[str, int]) -> dict[str, list[int]]:
@@ -83,29 +150,49 @@ def choose(model: onnx.ModelProto, hints: dict[str, list[int]] | None, draw) -> 
     symbols = _symbols(model, hints)
     if not symbols:
         return Chosen(hints)
-    from redonnx.runtime import run, session
+    from redonnx.runtime import session
 
     sess = session(model)
-    last = ""
     steps = max(len(v) for v in symbols.values())
-    tried = []
-    for i in range(steps):
-        picks = {k: ladder[min(i, len(ladder) - 1)] for k, ladder in symbols.items()}
-        shapes = _shapes_for(model, hints, picks)
-        tried.append(", ".join(f"{k}={v}" for k, v in picks.items()))
-        try:
-            run(sess, draw(shapes))
-        except RedonnxError:
-            raise
-        except Exception as exc:  # onnxruntime refuses this size: the next one
-            last = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            continue
-        return Chosen(shapes, picks, tried)
+    ladder = [{k: lad[min(i, len(lad) - 1)] for k, lad in symbols.items()} for i in range(steps)]
+    small = [dict.fromkeys(symbols, v) for v in range(1, SMALL + 1)]  # sizes a fixed Reshape or Gemm allows
+    tried: list[str] = []
+    last = ""
+    for candidates in (ladder, small):
+        found: Chosen | None = None
+        for picks in candidates:
+            if (found is not None and picks == found.picks) or len(tried) > MAX_TRIES:
+                break
+            shapes = _shapes_for(model, hints, picks)
+            tried.append(", ".join(f"{k}={v}" for k, v in picks.items()))
+            error = _runs(sess, draw(shapes))
+            if error:
+                last = error
+                continue
+            if found is None:
+                found = Chosen(shapes, picks, list(tried))
+                continue
+            found.second, found.second_picks = shapes, picks
+            break
+        if found is not None:
+            return found
     names = ", ".join(sorted({vi.name for vi in graph_inputs(model) if vi.name not in hints}))
+    shown = "; ".join(tried[: len(ladder)]) + (f"; then 1 to {SMALL}" if len(tried) > len(ladder) else "")
     raise RedonnxError(
-        f"no size for the dynamic dimensions of {names} runs in onnxruntime (tried {'; '.join(tried)}; last error: "
+        f"no size for the dynamic dimensions of {names} runs in onnxruntime (tried {shown}; last error: "
         f"{last}); pass --shape NAME=d0,d1,... or --inputs file.npz"
     )
+
+
+def _runs(sess, feeds: dict) -> str:
+    """'' when onnxruntime runs the model on ``feeds``, else its first error line."""
+    from redonnx.runtime import run
+
+    try:
+        run(sess, feeds)
+    except Exception as exc:  # onnxruntime refuses this size
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ""
 
 
 def settle(

@@ -299,9 +299,23 @@ def verify(
     from redonnx.sizes import settle
 
     ref_model = _as_proto(reference)
-    inputs, shapes, _ = settle(ref_model, inputs, shapes)
-    ref = Reference(ref_model, inputs=inputs, shapes=shapes, samples=samples, seed=seed)
-    return ref.check(candidate, Tolerance(atol, rtol, min_cosine, min_agreement))
+    inputs, shapes, chosen = settle(ref_model, inputs, shapes)
+    tol = Tolerance(atol, rtol, min_cosine, min_agreement)
+    result = Reference(ref_model, inputs=inputs, shapes=shapes, samples=samples, seed=seed).check(candidate, tol)
+    if chosen is not None and chosen.second:
+        again = Reference(ref_model, shapes=chosen.second, samples=samples, seed=seed).check(candidate, tol)
+        result = at_second_size(result, again, chosen.second_picks)
+    return result
+
+
+def at_second_size(first: VerificationResult, second: VerificationResult, picks: dict[str, int]) -> VerificationResult:
+    """One result: the outputs at the chosen sizes and again at the second ones (dynamic dimensions)."""
+    where = ", ".join(f"{k}={v}" for k, v in picks.items())
+    for o in second.outputs:
+        o.name = f"{o.name} (at {where})"
+    first.outputs = first.outputs + second.outputs
+    first.inputs = f"{first.inputs}; again at {where}"
+    return first
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -94,9 +94,9 @@ def test_dynamic_dims_are_chosen_or_given() -> None:
 
 
 def test_no_size_that_runs_is_one_clear_error() -> None:
-    """A model that runs at no size of the ladder (it needs height 3): one message naming the input."""
+    """A model that runs at no size (3 h = 10 has no solution): one message naming the input."""
     b = Builder()
-    y = b.op("Reshape", ["x", b.const(np.array([1, 9], np.int64))])
+    y = b.op("Reshape", ["x", b.const(np.array([1, 10], np.int64))])
     m = b.model([("x", [1, "h", 3])], [y])
     with pytest.raises(RedonnxError, match=r"no size for the dynamic dimensions of x .*--shape"):
         verify(m, m)

@@ -1,0 +1,106 @@
+"""Dynamic dimensions: sizes chosen without hints, verification at two sizes, shape-free exact passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import Builder
+from onnx import TensorProto, helper
+
+from redonnx import pipeline
+from redonnx.cli import main
+from redonnx.errors import RedonnxError
+from redonnx.pipeline import prune
+from redonnx.sizes import total_stride
+
+
+def pyramid(stride: int = 64) -> onnx.ModelProto:
+    """A feature pyramid: downsample by ``stride`` in steps of 2, upsample the deepest map back one
+    level and concatenate it with the level above: only sides the stride divides run."""
+    b = Builder(5)
+    x, levels = "x", []
+    for _ in range(int(np.log2(stride))):
+        x = b.op("Relu", [b.op("Conv", [x, b.rand(4, 4 if levels else 3, 3, 3), b.rand(4)], pads=[1] * 4,
+                                kernel_shape=[3, 3], strides=[2, 2])])  # fmt: skip
+        levels.append(x)
+    up = b.op("Resize", [levels[-1], "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    y = b.op("Concat", [levels[-2], up], axis=1)
+    return b.model([("x", ["N", 3, "H", "W"])], [b.op("GlobalAveragePool", [y])])
+
+
+def test_spatial_size_must_be_a_multiple_of_the_stride() -> None:
+    """Acceptance: a size the feature pyramid's stride divides is found without hints."""
+    model = pyramid(64)
+    assert total_stride(model) == 64
+    res = prune(model, exact=True)
+    side = res.before.input_shapes["x"][2]
+    assert side % 64 == 0 and side >= 4 * 64 and res.before.input_shapes["x"][3] == side
+    second = res.verification.outputs[1]
+    assert res.verification and "(at H=320, W=320)" in second.name  # pooled outputs: same shape, other size
+
+
+def scaled_by_width(baked: bool) -> onnx.ModelProto:
+    """y = x * width (read from the shape at run time), or the same with the width baked in at 32."""
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"])]
+    inits = []
+    if baked:
+        inits.append(helper.make_tensor("k", TensorProto.FLOAT, [], [32.0]))
+    else:
+        inits.append(helper.make_tensor("three", TensorProto.INT64, [1], [3]))
+        nodes[:0] = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "three"], ["w"]),
+                     helper.make_node("Cast", ["w"], ["k"], to=TensorProto.FLOAT)]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_rewrite_valid_at_one_size_only_is_caught(monkeypatch) -> None:
+    """A pass that folds a shape into a constant agrees at the size it was folded at and not at the
+    second size: verification fails there, nothing would be written."""
+    original, baked = scaled_by_width(False), scaled_by_width(True)
+    monkeypatch.setattr(pipeline, "run_passes", lambda model, names, exact, options=None: (baked, []))
+    res = prune(original, exact=True)
+    first = [o for o in res.verification.outputs if "(at" not in o.name]
+    second = [o for o in res.verification.outputs if "(at" in o.name]
+    assert first and all(o.passed for o in first)  # the size it was baked at: identical
+    assert second and not any(o.passed for o in second) and not res.verification
+
+
+def test_no_size_refused_once_but_exact_no_verify_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    b = Builder(2)
+    h = b.op("Relu", [b.bn(b.conv("x", 3, 4), 4)])
+    model = b.model([("x", [1, 3, "h", "w"])], [b.op("Reshape", [h, b.const(np.array([1, 37], np.int64))])])
+    with pytest.raises(RedonnxError, match=r"no size for the dynamic dimensions of x .*then 1 to 64"):
+        prune(model, exact=True)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "-o", str(out), "--exact", "--no-verify"]) == 0
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(out).graph.node]
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx")]) == 2
+    assert "no size for the dynamic dimensions" in capsys.readouterr().err
+
+
+def test_a_size_only_a_fixed_reshape_allows_is_found() -> None:
+    """No ladder size runs (the features must flatten to 36 values): 3x3 is found."""
+    b = Builder(3)
+    h = b.op("Relu", [b.conv("x", 3, 4)])
+    model = b.model([("x", [1, 3, "h", "w"])], [b.op("Reshape", [h, b.const(np.array([1, 36], np.int64))])])
+    res = prune(model, exact=True)
+    assert res.before.input_shapes["x"] == [1, 3, 3, 3] and res.verification
+
+
+def test_conv3d_encoder_verified_at_two_sizes() -> None:
+    """A Conv3D encoder with dynamic depth, height and width: sizes chosen, checked at two."""
+    b = Builder(6)
+    conv = b.op("Conv", ["x", b.rand(8, 1, 3, 3, 3, scale=0.3)], pads=[1] * 6, strides=[2, 2, 2])
+    h = b.op("Relu", [b.bn(conv, 8)])
+    y = b.op("Conv", [h, b.rand(4, 8, 3, 3, 3, scale=0.3)], pads=[1] * 6)
+    model = b.model([("x", ["N", 1, "D", "H", "W"])], [y])
+    res = prune(model, exact=True)
+    assert res.verification and len(res.verification.outputs) == 2
+    assert res.verification.outputs[1].shape[2:] != res.verification.outputs[0].shape[2:]
