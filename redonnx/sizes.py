@@ -5,13 +5,16 @@ model keeps its dynamic dimensions. A dynamic leading dimension is the batch (1)
 dynamic dimension takes, from a short ladder that suits its role, the smallest size with which
 onnxruntime runs the model on validly drawn inputs; dimensions sharing a symbolic name share the
 size. Roles: a non-leading dimension of an integer input (token ids, masks) is a sequence
-(16, 64, 128); a spatial dimension of a 4-D float input an image side (32, 64, 128, 224, 320,
+(16, 64, 128); the last dimension of a 2-D or 3-D float input a signal (16 to 4096 samples in
+multiples of its 1-D convolutions' stride: an audio chunk); a spatial dimension of a 4-D float
+input an image side (32, 64, 128, 224, 320,
 640), kept to multiples of the graph's total stride along that axis (the product of the strides of
 the convs and pools on the deepest path: a feature pyramid that upsamples and concatenates needs
 sides its stride divides) and at least 4 strides (a deepest feature map of 1 or 2 is all border: a
 detector's outputs are then near zero and comparing them says nothing), led by a size the model's
 metadata or doc string names ("224x224", "640");
-anything else 16, 32, 64, 128. When no ladder size runs, every size from 1 to 64 is tried (a fixed
+anything else 16, 32, 64, 128. A dimension named like an input's batch is 1 wherever it appears
+(an RNN state [layers, batch, hidden]). When no ladder size runs, every size from 1 to 64 is tried (a fixed
 Reshape or Gemm after the features can allow one only). The next size that also runs is kept as a second size: where a
 dimension is dynamic, verification runs at both, so that a rewrite valid at one size only (a shape
 folded into a constant) is caught. ``--shape`` overrides every choice.
@@ -29,6 +32,7 @@ from redonnx.errors import RedonnxError
 from redonnx.shapes import declared_shape, graph_inputs
 
 SEQUENCE = (16, 64, 128)
+SIGNAL = (16, 64, 256, 512, 1024, 4096)  # 1-D float signals (audio chunks), in multiples of their stride
 MIN_MAPS = 4  # image sides start at this many times the stride (the deepest feature map 4 wide)
 SMALL = 64  # when no ladder size runs: every size from 1 to this (a fixed Reshape or Gemm may need one)
 MAX_TRIES = 80
@@ -70,48 +74,67 @@ def _symbol(vi: onnx.ValueInfoProto, axis: int, d) -> str:
     return d if isinstance(d, str) and d.strip("?-1 ") else f"{vi.name}:{axis}"
 
 
+def batch_names(model: onnx.ModelProto) -> set[str]:
+    """Symbolic names of the inputs' leading dimensions: the batch, wherever else it appears (an RNN
+    state [layers, batch, hidden]) it is 1 too."""
+    names = set()
+    for vi in graph_inputs(model):
+        dims = declared_shape(vi)
+        if dims and isinstance(dims[0], str) and dims[0].strip("?-1 "):
+            names.add(dims[0])
+    return names
+
+
 def _symbols(model: onnx.ModelProto, hints: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
     """Each dynamic non-leading dimension (by symbolic name, or input:axis), with its ladder."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     out: dict[str, tuple[int, ...]] = {}
     strides: list[int] | None = None
+    batch = batch_names(model)
     for vi, dims in _open(model, hints):
         integer = vi.type.tensor_type.elem_type not in floats
         nhwc = len(dims) == 4 and dims[-1] in (1, 3, 4) and dims[1] not in (1, 3, 4)
         for axis, d in enumerate(dims):
-            if axis == 0 or (isinstance(d, int) and d > 0):
-                continue
-            side = axis - (1 if nhwc else 2)  # 0: height, 1: width
-            if integer or len(dims) != 4 or side not in (0, 1):
-                out.setdefault(_symbol(vi, axis, d), SEQUENCE if integer else OTHER)
+            if axis == 0 or (isinstance(d, int) and d > 0) or d in batch:
                 continue
             strides = strides or total_strides(model)
-            out.setdefault(_symbol(vi, axis, d), image_ladder(model, strides[side]))
+            side = axis - (1 if nhwc else 2)  # 0: height, 1: width
+            if integer:
+                ladder = SEQUENCE
+            elif len(dims) == 4 and side in (0, 1):
+                ladder = image_ladder(model, strides[side])
+            elif axis == len(dims) - 1 and len(dims) in (2, 3):  # a signal: audio samples, a 1-D sequence
+                ladder = tuple(sorted({-(-v // strides[2]) * strides[2] for v in SIGNAL}))
+            else:
+                ladder = OTHER
+            out.setdefault(_symbol(vi, axis, d), ladder)
     return out
 
 
 def total_strides(model: onnx.ModelProto) -> list[int]:
-    """Per spatial axis (height, width), the largest product of strides (Conv, pooling) from an
-    input to any tensor: the factor an image side must be a multiple of."""
-    factor: dict[str, tuple[float, float]] = {vi.name: (1.0, 1.0) for vi in graph_inputs(model)}
-    best = [1.0, 1.0]
+    """The largest product of strides (Conv, pooling) from an input to any tensor, per axis of 2-D
+    convolutions (height, width) and for 1-D ones (a signal): the factor a side must be a multiple of."""
+    factor: dict[str, tuple[float, float, float]] = {vi.name: (1.0, 1.0, 1.0) for vi in graph_inputs(model)}
+    best = [1.0, 1.0, 1.0]
     for n in model.graph.node:
         seen = [factor[x] for x in n.input if x in factor]
         if not seen:
             continue
-        f = [max(v[0] for v in seen), max(v[1] for v in seen)]
-        attrs = {a.name: a for a in n.attribute}
-        if n.op_type in ("Conv", "MaxPool", "AveragePool", "ConvInteger", "LpPool") and len(attrs.get(
-                "strides", onnx.AttributeProto()).ints) == 2:  # fmt: skip
-            f = [f[0] * max(attrs["strides"].ints[0], 1), f[1] * max(attrs["strides"].ints[1], 1)]
+        f = [max(v[k] for v in seen) for k in range(3)]
+        strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [])
+        if n.op_type in ("Conv", "MaxPool", "AveragePool", "ConvInteger", "LpPool"):
+            if len(strides) == 2:
+                f = [f[0] * max(strides[0], 1), f[1] * max(strides[1], 1), f[2]]
+            elif len(strides) == 1:
+                f = [f[0], f[1], f[2] * max(strides[0], 1)]
         for o in n.output:
-            factor[o] = (f[0], f[1])
-        best = [max(best[0], f[0]), max(best[1], f[1])]
+            factor[o] = (f[0], f[1], f[2])
+        best = [max(b, v) for b, v in zip(best, f, strict=True)]
     return [int(min(b, 1024)) for b in best]
 
 
 def total_stride(model: onnx.ModelProto) -> int:
-    return max(total_strides(model))
+    return max(total_strides(model)[:2])
 
 
 def _named_size(model: onnx.ModelProto) -> int | None:
@@ -137,9 +160,10 @@ def image_ladder(model: onnx.ModelProto, stride: int) -> tuple[int, ...]:
 
 def _shapes_for(model: onnx.ModelProto, hints: dict[str, list[int]], picks: dict[str, int]) -> dict[str, list[int]]:
     out = dict(hints)
+    batch = batch_names(model)
     for vi, dims in _open(model, hints):
-        out[vi.name] = [d if isinstance(d, int) and d > 0 else 1 if axis == 0 else picks[_symbol(vi, axis, d)]
-                        for axis, d in enumerate(dims)]  # fmt: skip
+        out[vi.name] = [d if isinstance(d, int) and d > 0 else 1 if axis == 0 or d in batch
+                        else picks[_symbol(vi, axis, d)] for axis, d in enumerate(dims)]  # fmt: skip
     return out
 
 
