@@ -150,10 +150,12 @@ def _named_size(model: onnx.ModelProto) -> int | None:
 def image_ladder(model: onnx.ModelProto, stride: int) -> tuple[int, ...]:
     """Image sides to try: a size the model names first, then the ladder in multiples of the stride,
     from 4 strides up (the deepest feature map at least 4 wide: at 1 or 2 a detector's outputs are
-    all border and near zero, and comparing them says nothing)."""
+    all border and near zero, and comparing them says nothing), then 3, 2 and 1 strides."""
     stride = max(stride, 1)
     sides = sorted({-(-v // stride) * stride for v in IMAGE})
-    sides = [v for v in sides if v >= MIN_MAPS * stride] or sides[-1:]
+    big = [v for v in sides if v >= MIN_MAPS * stride]
+    # then fewer strides, down to one (a text recognizer whose height must shrink to exactly 1)
+    sides = big + [k * stride for k in range(MIN_MAPS - 1, 0, -1) if k * stride not in big]
     named = _named_size(model)
     return tuple(([named] if named else []) + [v for v in sides if v != named])
 
