@@ -55,7 +55,7 @@ class Chosen:
             return ""
         sizes = ", ".join(f"{k}={v}" for k, v in self.picks.items())
         also = ", ".join(f"{k}={v}" for k, v in self.second_picks.items())
-        return (f"dynamic sizes chosen: {sizes} (the smallest with which onnxruntime runs the model"
+        return (f"dynamic sizes chosen: {sizes} (the first of the ladder with which onnxruntime runs the model"
                 + (f"; verified at {also} too" if also else "")
                 + "; --shape overrides; the written model keeps its dynamic dimensions)")
 
