@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import onnx
-from common import ROOT, SHARED, table, write_json
+from common import ROOT, SHARED, available, table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 from builders import tf2onnx_style
@@ -81,20 +81,7 @@ def as_float32(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def models() -> list[tuple[str, onnx.ModelProto, dict]]:
-    out = []
-    for name, rel, shapes in [
-        ("resnet20_bn", "cifar10/resnet20_bn.onnx", {}),
-        ("resnet20_dynamo", "cifar10/resnet20_dynamo/model.onnx", {}),
-        ("tf_resnet8", "tf/mlperf_tiny_resnet8_cifar10.onnx", {}),
-        ("mobilenetv2", "imagenet/mobilenetv2_features_bn.onnx", {}),
-        ("tf_autoencoder", "tf/mlperf_tiny_fc_autoencoder.onnx", {}),
-        ("paddle_ocr_cls", "paddle/ppocr_mobile_v2_cls.onnx", {"x": [1, 3, 48, 192]}),
-        ("cntk_mnist", "cntk/mnist_8.onnx", {}),
-        ("mtcnn_rnet", "pytorch/mtcnn_rnet.onnx", {}),
-        ("super_resolution", "pytorch/super_resolution_10.onnx", {}),
-    ]:
-        if (SHARED / rel).exists():
-            out.append((name, load_model(SHARED / rel).model, shapes))
+    out = [(name, load_model(path).model, shapes) for name, path, shapes in available()]
     if (SHARED / "cifar10/resnet20_bn.onnx").exists():
         out.append(("tf2onnx_resnet20", tf2onnx_style(load_model(SHARED / "cifar10/resnet20_bn.onnx").model), {}))
     for name in ("digits_resnet", "digits_mobile", "digits_mlp"):
