@@ -183,12 +183,9 @@ def _affine_step(node: gs.Node, var: gs.Tensor, prod: Producer) -> tuple[np.ndar
     if vec is None:
         return None
     ones, zeros = np.ones(prod.channels), np.zeros(prod.channels)
-    return {
-        "Mul": (vec, zeros),
-        "Add": (ones, vec),
-        "Sub": (ones, -vec),
-        "Div": (1.0 / vec, zeros),
-    }[node.op]
+    if node.op == "Div":
+        return (1.0 / vec, zeros) if np.all(vec != 0) else None  # dividing by zero is not an affine map
+    return {"Mul": (vec, zeros), "Add": (ones, vec), "Sub": (ones, -vec)}[node.op]
 
 
 def _per_channel(c: np.ndarray, prod: Producer) -> np.ndarray | None:

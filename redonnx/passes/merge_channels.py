@@ -25,6 +25,7 @@ the importance-weighted mean.
 from __future__ import annotations
 
 import hashlib
+import math
 import heapq
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -351,6 +352,8 @@ def _eval(n: gs.Node, ins: list[float | None], c: int) -> float | None:
         return float(1 / (1 + np.exp(-x)))
     if op == "Tanh":
         return float(np.tanh(x))
+    if op == "Erf":  # GELU's erf form: 0.5 x (1 + erf(x / sqrt 2))
+        return float(math.erf(x))
     if op == "HardSigmoid":
         return float(np.clip(float(n.attrs.get("alpha", 0.2)) * x + float(n.attrs.get("beta", 0.5)), 0, 1))
     if op == "HardSwish":
