@@ -54,12 +54,14 @@ class SearchResult:
     met: bool = True
     notes: list[str] = field(default_factory=list)
     depth: dict[str, Any] | None = None  # the depth stage before it (redonnx.planner)
+    heads: dict[str, Any] | None = None  # the head stage before that
     # passing trials below the chosen value, largest first: less pruning, for the speed gate
     fallbacks: list[tuple[float, onnx.ModelProto, list[PassResult]]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"goal": self.goal, "knob": self.knob, "value": self.value, "trials": [asdict(t) for t in self.trials],
-                "met": self.met, "notes": list(self.notes), "depth": self.depth}  # fmt: skip
+                "met": self.met, "notes": list(self.notes), "depth": self.depth,
+                "heads": self.heads}  # fmt: skip
 
     def discard_fallbacks(self) -> None:
         for _a, model, _r in self.fallbacks:

@@ -28,7 +28,7 @@ from redonnx.io import LoadedModel, load_model
 from redonnx.latency import CostModel
 from redonnx.passes import merge_channels as merge_mod
 from redonnx.passes.base import PassContext, PassResult
-from redonnx.planner import depth_stage
+from redonnx.planner import depth_stage, head_stage
 from redonnx.realism import Realism
 from redonnx.verify import (
     BUDGET_MIN_COSINE,
@@ -302,9 +302,14 @@ def _budgeted(
     trial_runner = _trial_runner(model, options)
     for i, (pre, opts) in enumerate(attempts):
         base, results = run_passes(model, pre, exact, opts)
-        depth = None
+        depth = heads = None
         if target_macs is None and opts.get("depth", True):
-            depth = depth_stage(base, opts, reference, tol, lambda m, n, o: run_passes(m, n, False, o), progress)
+            runner = lambda m, n, o: run_passes(m, n, False, o)  # noqa: E731
+            heads = head_stage(base, opts, reference, tol, runner, progress)
+            if heads.removed:
+                weights.discard(base)
+                base, results = heads.model, results + heads.results
+            depth = depth_stage(base, opts, reference, tol, runner, progress)
             if depth.removed:
                 weights.discard(base)
                 base, results = depth.model, results + depth.results
@@ -313,9 +318,12 @@ def _budgeted(
             target_macs=target_macs, shapes=opts.get("shapes"), progress=progress,
         )  # fmt: skip
         search.depth = depth.to_dict() if depth is not None and depth.ranking else None
+        search.heads = heads.to_dict() if heads is not None and heads.ranking else None
         if search.met or i == len(attempts) - 1:
             if i:
                 search.notes.append(_milder_note(pre, opts))
+            if heads is not None and heads.removed:
+                search.notes.append(f"{heads.removed} attention head(s) removed first")
             if depth is not None and depth.removed:
                 search.notes.append(f"{depth.removed} residual branch(es) removed first (depth pruning)")
 

@@ -1,4 +1,7 @@
-"""The depth stage of the budget search: which residual branches to remove.
+"""The depth and head stages of the budget search: which residual branches and attention heads go.
+
+Heads (:mod:`redonnx.passes.prune_heads`) are scored the same way: each head's context replaced
+by its mean over the statistics' inputs, alone, against the unchanged run; per MAC the head costs.
 
 Each removable branch (:mod:`redonnx.passes.drop_branches`) is scored without the verification
 samples: on the channel statistics' synthetic inputs (BatchNorm-corrected where the model had
@@ -100,45 +103,37 @@ def _saving(branch: D.Branch, options: dict[str, Any]) -> float:
     return total
 
 
-def depth_stage(
+def _removal_stage(
     base: onnx.ModelProto,
-    options: dict[str, Any],
+    ranked: list[tuple[str, float, float]],
+    apply: Callable[[list[str]], tuple[onnx.ModelProto, list[PassResult]]],
     reference: Reference,
     tol: Tolerance,
-    run_passes: Runner,
-    progress: Callable[[str], None] | None = None,
+    what: str,
+    progress: Callable[[str], None] | None,
 ) -> DepthResult:
-    """Remove as many residual branches as the budget allows, best score first."""
-    graph = to_graph(base)
-    branches = [b for b in D.find_branches(graph)[0] if b.constant is None]
-    if not branches:
-        return DepthResult(base)
-    means, effects = score_branches(base, branches, options)
-    saving = {b.key: _saving(b, options) for b in branches}
-    ranked = sorted(branches, key=lambda b: (effects[b.key] / max(saving[b.key], 1e-12), b.key))
+    """Remove the first k of ``ranked`` (key, output deviation, saving), the largest k the budget
+    allows (bisection; each candidate verified like the channel trials)."""
     result = DepthResult(base)
-    result.ranking = [{"add": b.key, "output_deviation": round(effects[b.key], 6),
-                       "saves": round(saving[b.key], 6), "layers": len(b.layers())} for b in ranked]  # fmt: skip
-    if tol.min_cosine is not None:  # a first branch far over the budget: nothing to try
-        ranked = [b for b in ranked if effects[b.key] <= HOPELESS * (1.0 - tol.min_cosine)]
-    keys = [b.key for b in ranked]
-    if not keys:
-        return result
+    result.ranking = [{"unit": k, "output_deviation": round(e, 6), "saves": round(v, 6)} for k, e, v in ranked]
+    if tol.min_cosine is not None:  # a first candidate far over the budget: nothing to try
+        ranked = [r for r in ranked if r[1] <= HOPELESS * (1.0 - tol.min_cosine)]
+    keys = [r[0] for r in ranked]
     trials: dict[int, tuple[onnx.ModelProto, list[PassResult], bool]] = {}
 
     def ok(k: int) -> bool:
         if k not in trials:
-            model, res = run_passes(base, ["drop-branches"], {**options, "drop": keys[:k], "branch_means": means})
+            model, res = apply(keys[:k])
             v = reference.check(model, tol)
             trials[k] = (model, res, bool(v))
             result.trials.append(Trial(float(k), None, v.worst_cosine, v.min_top1, bool(v)))
             if progress:
                 verdict = "ok" if v else "over budget"
-                progress(f"{k} residual branch(es) removed: cosine {v.worst_cosine:.4f}, {verdict}")
+                progress(f"{k} {what} removed: cosine {v.worst_cosine:.4f}, {verdict}")
         return trials[k][2]
 
     lo, hi = 0, len(keys)
-    if ok(1):
+    if keys and ok(1):
         lo = 1
         if ok(hi):
             lo = hi
@@ -149,3 +144,91 @@ def depth_stage(
         result.model, result.results, _ = trials[lo]
         result.removed = lo
     return result
+
+
+def depth_stage(
+    base: onnx.ModelProto,
+    options: dict[str, Any],
+    reference: Reference,
+    tol: Tolerance,
+    run_passes: Runner,
+    progress: Callable[[str], None] | None = None,
+) -> DepthResult:
+    """Remove as many residual branches as the budget allows, best score first."""
+    branches = [b for b in D.find_branches(to_graph(base))[0] if b.constant is None]
+    if not branches:
+        return DepthResult(base)
+    means, effects = score_branches(base, branches, options)
+    saving = {b.key: _saving(b, options) for b in branches}
+    ranked = sorted(((b.key, effects[b.key], saving[b.key]) for b in branches),
+                    key=lambda r: (r[1] / max(r[2], 1e-12), r[0]))  # fmt: skip
+
+    def apply(keys: list[str]):
+        return run_passes(base, ["drop-branches"], {**options, "drop": keys, "branch_means": means})
+
+    return _removal_stage(base, ranked, apply, reference, tol, "residual branch(es)", progress)
+
+
+def score_heads(base: onnx.ModelProto, atts: list, options: dict[str, Any]) -> tuple[dict, dict]:
+    """Per attention block, each head's mean context [H, D]; per (block, head), the output deviation
+    replacing that head's context by its mean causes (statistics' inputs)."""
+    model = export(to_graph(base))
+    del model.graph.value_info[:]
+    if options.get("corrections"):
+        model = intervene(model, options["corrections"])
+    feeds = R.draw_stats_inputs(model, options.get("shapes"), options.get("input_model"), batch=SCORE_BATCH,
+                                seed=DEPTH_SEED)  # fmt: skip
+    by_ctx = {a.ctx.name: a for a in atts}
+    stepper = Stepper(model, list(by_ctx))
+    means: dict[str, np.ndarray] = {}
+
+    def record(name: str, v: np.ndarray) -> None:
+        means[by_ctx[name].key] = np.asarray(v, np.float64).mean(axis=(0, 2))  # [H, D]
+
+    ref = stepper.run(feeds, record)
+    effects = {}
+    for a in atts:
+        for h in range(a.heads):
+
+            def replace(name: str, v: np.ndarray, a=a, h=h) -> np.ndarray | None:
+                if name != a.ctx.name:
+                    return None
+                out = np.array(v, copy=True)
+                out[:, h] = means[a.key][h].astype(v.dtype)
+                return out
+
+            out = stepper.run(feeds, replace)
+            effects[(a.key, h)] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
+    return means, effects
+
+
+def head_stage(
+    base: onnx.ModelProto,
+    options: dict[str, Any],
+    reference: Reference,
+    tol: Tolerance,
+    run_passes: Runner,
+    progress: Callable[[str], None] | None = None,
+) -> DepthResult:
+    """Remove as many attention heads as the budget allows, best score first (MACs a head costs:
+    its share of the four projections)."""
+    from redonnx.passes import prune_heads as H
+
+    atts = H.find(to_graph(base))[0]
+    if not atts:
+        return DepthResult(base)
+    means, effects = score_heads(base, atts, options)
+    ranked = []
+    for a in atts:
+        saving = 4.0 * a.q.w.shape[0] * a.dim
+        ranked += [(f"{a.key}#{h}", effects[(a.key, h)], saving) for h in range(a.heads)]
+    ranked.sort(key=lambda r: (r[1] / max(r[2], 1e-12), r[0]))
+
+    def apply(keys: list[str]):
+        drop: dict[str, list[int]] = {}
+        for k in keys:
+            att, h = k.rsplit("#", 1)
+            drop.setdefault(att, []).append(int(h))
+        return run_passes(base, ["prune-heads"], {**options, "drop_heads": drop, "head_means": means})
+
+    return _removal_stage(base, ranked, apply, reference, tol, "attention head(s)", progress)

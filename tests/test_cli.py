@@ -28,8 +28,8 @@ def test_prune_writes_verified_model_and_report(tmp_path: Path, capsys: pytest.C
     assert r["after"]["macs"] == r["before"]["macs"]
     assert r["removed"]["params"] == r["before"]["params"] - r["after"]["params"] > 0
     names = [p["name"] for p in r["passes"]]
-    assert names == ["fold-constants", "fold-batchnorm", "drop-branches", "merge-channels", "separate-depthwise",
-                     "shortcut-conv", "cleanup"]  # fmt: skip
+    assert names == ["fold-constants", "fold-batchnorm", "prune-heads", "drop-branches", "merge-channels",
+                     "separate-depthwise", "shortcut-conv", "cleanup"]  # fmt: skip
     fold = r["passes"][1]
     assert fold["modified"] and fold["counts"]["BatchNormalization folded"] == 8
     assert all(isinstance(p["declined"], list) for p in r["passes"])

@@ -12,6 +12,7 @@ from redonnx.passes import (
     fold_constants,
     hash_weights,
     merge_channels,
+    prune_heads,
     separate_depthwise,
     shortcut_conv,
     split_inputs,
@@ -20,14 +21,15 @@ from redonnx.passes.base import Decline, PassContext, PassResult
 
 PASSES: dict[str, ModuleType] = {
     m.name: m
-    for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, drop_branches, merge_channels, separate_depthwise,
-              shortcut_conv, split_inputs)
+    for m in (cleanup, fold_constants, fold_batchnorm, hash_weights, prune_heads, drop_branches, merge_channels,
+              separate_depthwise, shortcut_conv, split_inputs)
 }
 
 #: Lossless rewrites, in order (``--exact``).
 EXACT_PIPELINE = [
     "fold-constants",
     "fold-batchnorm",
+    "prune-heads",
     "drop-branches",
     "merge-channels",
     "separate-depthwise",
@@ -37,6 +39,7 @@ EXACT_PIPELINE = [
 DEFAULT_PIPELINE = [
     "fold-constants",
     "fold-batchnorm",
+    "prune-heads",
     "drop-branches",
     "hash-weights",
     "merge-channels",

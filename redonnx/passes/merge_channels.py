@@ -25,8 +25,8 @@ the importance-weighted mean.
 from __future__ import annotations
 
 import hashlib
-import math
 import heapq
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any

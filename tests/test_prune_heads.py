@@ -1,0 +1,71 @@
+"""prune-heads: attention heads of an exported BERT-style encoder (torch export, tests/fixtures)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from conftest import ROOT
+
+from redonnx.io import load_model
+from redonnx.passes import prune_heads as H
+from redonnx.pipeline import prune, run_passes
+from redonnx.runtime import run, session
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def inputs() -> dict[str, np.ndarray]:
+    data = np.load(FIXTURES / "bert_tiny_inputs.npz")
+    return {k: data[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def attention_shapes(model: onnx.ModelProto) -> list[tuple[int, int]]:
+    """(heads, Q width) of every attention block."""
+    atts, _ = H.find(gs.import_onnx(run_passes(model, ["fold-constants"], True)[0]))
+    return [(a.heads, a.q.w.shape[1]) for a in atts]
+
+
+def test_both_attention_blocks_are_matched() -> None:
+    model = load_model(FIXTURES / "bert_tiny.onnx").model
+    assert attention_shapes(model) == [(4, 32), (4, 32)]
+
+
+def test_exact_removes_the_planted_duplicate_head_and_dead_neurons() -> None:
+    """Acceptance: --exact removes exactly the duplicated head and the 8 dead MLP neurons, outputs
+    equal within 1e-4."""
+    src = load_model(FIXTURES / "bert_tiny_planted.onnx").model
+    res = prune(src, exact=True, target="macs", inputs=inputs())
+    counts = {k: v for p in res.passes for k, v in p.counts.items()}
+    assert counts["duplicate heads merged"] == 1 and counts.get("heads removed", 0) == 0
+    assert counts["zero channels removed"] + counts.get("identical channels merged", 0) == 8
+    assert attention_shapes(res.model) == [(3, 24), (4, 32)]
+    ref = run(session(src), inputs())["embedding"]
+    out = run(session(res.model), inputs())["embedding"]
+    assert np.max(np.abs(ref - out)) <= 1e-4 * np.max(np.abs(ref)) and res.verification
+    clean = prune(load_model(FIXTURES / "bert_tiny.onnx").model, exact=True, target="macs", inputs=inputs())
+    assert not any(p.name == "prune-heads" and p.modified for p in clean.passes)
+
+
+def test_a_head_with_zero_values_goes_exactly() -> None:
+    """V columns zero: the head outputs its V bias whatever it attends to; that moves into bo."""
+    model = load_model(FIXTURES / "bert_tiny.onnx").model
+    folded, _ = run_passes(model, ["fold-constants", "fold-batchnorm"], True)
+    g = gs.import_onnx(folded)
+    att = H.find(g)[0][1]
+    w = np.array(att.v.w, copy=True)
+    w[:, att.cols(2)] = 0
+    att.v.matmul.inputs[1].values = w
+    zeroed = gs.export_onnx(g)
+    out, (res,) = run_passes(zeroed, ["prune-heads"], True)
+    assert res.counts == {"constant heads removed": 1}
+    a = run(session(zeroed), inputs())["embedding"]
+    b = run(session(out), inputs())["embedding"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_default_removes_heads_within_the_budget() -> None:
+    """Random weights make heads cheap to lose: the head stage removes some, verified on the inputs."""
+    res = prune(load_model(FIXTURES / "bert_tiny.onnx").model, target="macs", inputs=inputs())
+    assert res.report()["budget"]["heads"]["removed"] >= 1 and res.verification
+    assert sum(h for h, _ in attention_shapes(res.model)) < 8
