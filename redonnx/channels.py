@@ -37,7 +37,10 @@ UNARY = {
     "Reciprocal", "Floor", "Ceil", "Round", "Sign", "ThresholdedRelu", "Celu",
 }  # fmt: skip
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
-BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow"}  # Pow: x^3 of GELU's tanh form
+#: ops that normalize over the channels (a transformer's residual stream): they pin what they read and write
+NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
+         "SkipSimplifiedLayerNormalization"}  # fmt: skip
 
 
 @dataclass
@@ -591,10 +594,17 @@ def _check_readers(cg: ChannelGraph, graph: gs.Graph, name: str, sp: Space) -> N
         cg.pin_tensor(name, f"{name} is a graph output")
     if name not in cg.made:
         what = f"{t.inputs[0].op} {t.inputs[0].name!r}" if t.inputs else "no node"
-        cg.pin_tensor(name, f"{name} is produced by {what}, which is not modelled")
+        if t.inputs and t.inputs[0].op in NORMS:
+            cg.pin_tensor(name, f"{name} is normalized over its channels by {what}: the residual stream keeps "
+                                "its width")  # fmt: skip
+        else:
+            cg.pin_tensor(name, f"{name} is produced by {what}, which is not modelled")
     main = {id(n) for n in graph.nodes}
     for reader in {id(n): n for n in t.outputs}.values():
         if id(reader) not in main:
             cg.pin_tensor(name, f"{name} is read inside a subgraph")
+        elif name not in cg.read.get(id(reader), ()) and reader.op in NORMS:
+            cg.pin_tensor(name, f"{name} is normalized over its channels by {reader.op} {reader.name!r}: the "
+                                "residual stream keeps its width")  # fmt: skip
         elif name not in cg.read.get(id(reader), ()):
             cg.pin_tensor(name, f"{name} is read by {reader.op} {reader.name!r}, which is not modelled")

@@ -69,3 +69,34 @@ def test_default_removes_heads_within_the_budget() -> None:
     res = prune(load_model(FIXTURES / "bert_tiny.onnx").model, target="macs", inputs=inputs())
     assert res.report()["budget"]["heads"]["removed"] >= 1 and res.verification
     assert sum(h for h, _ in attention_shapes(res.model)) < 8
+
+
+def gated_mlp(form: str) -> onnx.ModelProto:
+    """x -> MatMul (5 dead neurons) -> activation -> MatMul, the activation in an exporter's form."""
+    from builders import Builder
+
+    b = Builder(4)
+    w1 = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    w1[:, :5] = 0
+    h = b.op("MatMul", ["x", b.const(w1)])
+    k = lambda v: b.const(np.array(v, np.float32))  # noqa: E731
+    if form == "tanh-gelu":  # 0.5 h (1 + tanh(0.7979 (h + 0.044715 h^3)))
+        inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [b.op("Pow", [h, k(3.0)]), k(0.044715)])]), k(0.79788456)])
+        a = b.op("Mul", [b.op("Mul", [h, k(0.5)]), b.op("Add", [b.op("Tanh", [inner]), k(1.0)])])
+    else:  # SiLU: h sigmoid(h)
+        a = b.op("Mul", [h, b.op("Sigmoid", [h])])
+    return b.model([("x", ["N", 16])], [b.op("MatMul", [a, b.rand(32, 4)])])
+
+
+def test_dead_neurons_through_tanh_gelu_and_silu_go_exactly() -> None:
+    for form in ("tanh-gelu", "silu"):
+        res = prune(gated_mlp(form), exact=True, target="macs")
+        merge = next(p for p in res.passes if p.name == "merge-channels")
+        assert merge.counts == {"zero channels removed": 5}, form
+        assert res.verification
+
+
+def test_layernorm_pins_the_residual_stream_and_says_so() -> None:
+    res = prune(load_model(FIXTURES / "bert_tiny.onnx").model, exact=True, target="macs", inputs=inputs())
+    merge = next(p for p in res.passes if p.name == "merge-channels")
+    assert any("normalized over its channels by LayerNormalization" in d.reason for d in merge.declined)

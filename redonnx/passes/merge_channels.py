@@ -354,6 +354,8 @@ def _eval(n: gs.Node, ins: list[float | None], c: int) -> float | None:
         return float(np.tanh(x))
     if op == "Erf":  # GELU's erf form: 0.5 x (1 + erf(x / sqrt 2))
         return float(math.erf(x))
+    if op == "Pow" and len(ins) == 2 and ins[1] is not None:  # GELU's tanh form: x^3
+        return float(x ** ins[1]) if x > 0 or float(ins[1]).is_integer() else None
     if op == "HardSigmoid":
         return float(np.clip(float(n.attrs.get("alpha", 0.2)) * x + float(n.attrs.get("beta", 0.5)), 0, 1))
     if op == "HardSwish":
