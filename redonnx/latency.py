@@ -300,6 +300,19 @@ class CostModel:
     timer: Timer = measure_layer
     model_timer: Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] = time_model
     measured: int = 0  # layers timed in this process (not from the cache)
+    #: activation shapes at the chosen input sizes, computed on first need (dynamic models: the
+    #: graph's own shapes are symbolic, e.g. [batch, seq, 384])
+    shape_source: Callable[[], dict[str, list]] | None = None
+    _shapes: dict[str, list] | None = None
+
+    def layer(self, node: gs.Node) -> LayerShape | None:
+        """:func:`layer_shape` of ``node``, its input's size taken from the chosen sizes if symbolic."""
+        shape = layer_shape(node)
+        if shape is None and self.shape_source is not None:
+            if self._shapes is None:
+                self._shapes = self.shape_source()
+            shape = layer_shape(node, self._shapes)
+        return shape
 
     def ms(self, shape: LayerShape) -> float:
         key = "layer " + shape.key()
@@ -342,14 +355,17 @@ class CostModel:
 FUSED = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"}
 
 
-def layer_shape(node: gs.Node) -> LayerShape | None:
+def layer_shape(node: gs.Node, known: dict[str, list] | None = None) -> LayerShape | None:
     """The timing signature of a Conv/ConvTranspose/Gemm/MatMul with a constant weight and known
-    input shape (batch 1), with the activation onnxruntime would fuse after it."""
+    input shape (batch 1), with the activation onnxruntime would fuse after it. ``known`` gives
+    input shapes by tensor name where the graph's are symbolic."""
     w = node.inputs[1] if len(node.inputs) > 1 else None
     x = node.inputs[0] if node.inputs else None
-    if not isinstance(w, gs.Constant) or x is None or x.shape is None:
+    if not isinstance(w, gs.Constant) or x is None:
         return None
-    dims = list(x.shape)
+    dims = list(known[x.name]) if known and x.name in known else list(x.shape) if x.shape is not None else None
+    if dims is None:
+        return None
     if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         return None
     readers = [n for o in node.outputs for n in o.outputs]

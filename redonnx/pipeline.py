@@ -20,7 +20,7 @@ from redonnx import refit as refit_mod
 from redonnx import sizes as sizes_mod
 from redonnx import speed as speed_mod
 from redonnx.budget import SearchResult, search_alpha
-from redonnx.cost import ModelCost, model_cost
+from redonnx.cost import ModelCost, folded_graph, model_cost
 from redonnx.errors import RedonnxError
 from redonnx.graph import to_graph, to_model
 from redonnx.input_model import InputModel
@@ -309,6 +309,7 @@ def _budgeted(
             if heads.removed:
                 weights.discard(base)
                 base, results = heads.model, results + heads.results
+                opts = {**opts, "kept_before": {k: v for r in heads.results for k, v in r.kept.items()}}
             depth = depth_stage(base, opts, reference, tol, runner, progress)
             if depth.removed:
                 weights.discard(base)
@@ -352,9 +353,9 @@ def _trial_runner(source: onnx.ModelProto, options: dict[str, Any]) -> Callable:
 
     def trial(m: onnx.ModelProto, names: list[str], opts: dict[str, Any]):
         out, results = run_passes(m, names, False, opts)
-        if calibration is None or not options.get("refit", True) or not any(r.kept for r in results):
+        kept = {**opts.get("kept_before", {}), **{k: v for r in results for k, v in r.kept.items()}}
+        if calibration is None or not options.get("refit", True) or not kept:
             return out, results
-        kept = {k: v for r in results for k, v in r.kept.items()}
         t0 = time.perf_counter()
         fitted = refit_mod.refit(out, source, calibration, kept, cache=targets)
         res = PassResult("refit", modified=bool(fitted.layers), layers=fitted.layers,
@@ -445,7 +446,7 @@ def prune(
     defaults = DEFAULT_OPTIONS if passes is None and not exact else {}
     options = {**defaults, **(options or {}), "shapes": shapes, "target": target}
     if target == "ort-cpu":
-        options["cost_model"] = CostModel()
+        options["cost_model"] = CostModel(shape_source=lambda: folded_graph(source.model, shapes or {})[1])
     chosen = passes_mod.resolve(names, exact=exact, options=options)
     lossy = any(not passes_mod.is_exact(m, options) for m in chosen)
     searching = (

@@ -1,7 +1,8 @@
 """The depth and head stages of the budget search: which residual branches and attention heads go.
 
 Heads (:mod:`redonnx.passes.prune_heads`) are scored the same way: each head's context replaced
-by its mean over the statistics' inputs, alone, against the unchanged run; per MAC the head costs.
+by its least-squares prediction from the other heads of its block (fitted on the statistics'
+inputs), alone, against the unchanged run; per millisecond (cost model) or MAC the head costs.
 
 Each removable branch (:mod:`redonnx.passes.drop_branches`) is scored without the verification
 samples: on the channel statistics' synthetic inputs (BatchNorm-corrected where the model had
@@ -34,6 +35,7 @@ from redonnx.verify import Reference, Tolerance
 Runner = Callable[[onnx.ModelProto, list[str], dict[str, Any]], tuple[onnx.ModelProto, list[PassResult]]]
 DEPTH_SEED = 2  # the scores' synthetic inputs: neither the statistics' nor verification's samples
 SCORE_BATCH = 8  # samples (at most) the branch scores run on
+HEAD_BATCH = 256  # samples (at most) the heads' least-squares statistics are fitted on
 HOPELESS = 20.0  # a branch whose removal alone moves the outputs by more than this many budgets is not tried
 
 
@@ -87,13 +89,12 @@ def score_branches(base: onnx.ModelProto, branches: list[D.Branch], options: dic
 
 
 def _saving(branch: D.Branch, options: dict[str, Any]) -> float:
-    from redonnx.latency import layer_shape
 
     cm = options.get("cost_model")
     total = 0.0
     for n in branch.layers():
         if cm is not None:
-            shape = layer_shape(n)
+            shape = cm.layer(n)
             total += cm.ms(shape) if shape is not None else 0.0
         else:
             w = n.inputs[1]
@@ -169,37 +170,52 @@ def depth_stage(
     return _removal_stage(base, ranked, apply, reference, tol, "residual branch(es)", progress)
 
 
+def _features(v: np.ndarray) -> np.ndarray:
+    """[B, H, S, D] head contexts as rows of the output projection's H*D input features."""
+    b, h, s, d = v.shape
+    return np.asarray(v, np.float64).transpose(0, 2, 1, 3).reshape(b * s, h * d)
+
+
 def score_heads(base: onnx.ModelProto, atts: list, options: dict[str, Any]) -> tuple[dict, dict]:
-    """Per attention block, each head's mean context [H, D]; per (block, head), the output deviation
-    replacing that head's context by its mean causes (statistics' inputs)."""
+    """Per attention block, the statistics (mean, covariance) of the output projection's H*D input
+    features; per (block, head), the output deviation replacing that head's context by its least-
+    squares prediction from the other heads' contexts causes (statistics' inputs)."""
     model = export(to_graph(base))
     del model.graph.value_info[:]
     if options.get("corrections"):
         model = intervene(model, options["corrections"])
-    feeds = R.draw_stats_inputs(model, options.get("shapes"), options.get("input_model"), batch=SCORE_BATCH,
-                                seed=DEPTH_SEED)  # fmt: skip
+    feeds = options.get("calibration") or R.draw_stats_inputs(
+        model, options.get("shapes"), options.get("input_model"), batch=HEAD_BATCH, seed=DEPTH_SEED)
     by_ctx = {a.ctx.name: a for a in atts}
     stepper = Stepper(model, list(by_ctx))
-    means: dict[str, np.ndarray] = {}
+    stats: dict[str, R.Stats] = {}
 
     def record(name: str, v: np.ndarray) -> None:
-        means[by_ctx[name].key] = np.asarray(v, np.float64).mean(axis=(0, 2))  # [H, D]
+        stats[by_ctx[name].key] = R.Stats.of_rows(_features(v))
 
-    ref = stepper.run(feeds, record)
+    stepper.run(feeds, record)
+    n = min(len(v) for v in feeds.values())
+    feeds = {k: v[: min(n, SCORE_BATCH)] for k, v in feeds.items()}  # scores: a few samples
+    ref = stepper.run(feeds, lambda _n, _v: None)
     effects = {}
     for a in atts:
         for h in range(a.heads):
+            cols = list(range(h * a.dim, (h + 1) * a.dim))
+            kept = [c for c in range(a.heads * a.dim) if c < cols[0] or c > cols[-1]]
+            coef, const = R.regression(stats[a.key], cols, kept)
 
-            def replace(name: str, v: np.ndarray, a=a, h=h) -> np.ndarray | None:
+            def replace(name: str, v: np.ndarray, a=a, h=h, kept=kept, coef=coef, const=const) -> np.ndarray | None:
                 if name != a.ctx.name:
                     return None
                 out = np.array(v, copy=True)
-                out[:, h] = means[a.key][h].astype(v.dtype)
+                pred = _features(v)[:, kept] @ coef.T + const  # [B*S, D]
+                b, _, s, d = v.shape
+                out[:, h] = pred.reshape(b, s, d).astype(v.dtype)
                 return out
 
             out = stepper.run(feeds, replace)
             effects[(a.key, h)] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
-    return means, effects
+    return stats, effects
 
 
 def head_stage(
@@ -217,7 +233,7 @@ def head_stage(
     atts = H.find(to_graph(base))[0]
     if not atts:
         return DepthResult(base)
-    means, effects = score_heads(base, atts, options)
+    stats, effects = score_heads(base, atts, options)
     ranked = []
     for a in atts:
         saving = 4.0 * a.q.w.shape[0] * a.dim
@@ -229,6 +245,6 @@ def head_stage(
         for k in keys:
             att, h = k.rsplit("#", 1)
             drop.setdefault(att, []).append(int(h))
-        return run_passes(base, ["prune-heads"], {**options, "drop_heads": drop, "head_means": means})
+        return run_passes(base, ["prune-heads"], {**options, "drop_heads": drop, "head_stats": stats})
 
     return _removal_stage(base, ranked, apply, reference, tol, "attention head(s)", progress)

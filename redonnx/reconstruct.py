@@ -32,6 +32,7 @@ from redonnx.realism import Correction, intervene
 from redonnx.runtime import run, session
 from redonnx.shapes import resolve_input_shapes
 
+ROWS_PER_CHANNEL = 8  # fewer rows per channel than this: shrunk covariance (see Stats.of_rows)
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
 STATS_SEED = 100_003  # synthetic statistics never reuse a verification seed (0, 1, ... samples - 1)
 
@@ -47,6 +48,17 @@ class Stats:
     @property
     def second_moment(self) -> np.ndarray:
         return np.diag(self.cov) + self.mean**2
+
+    @classmethod
+    def of_rows(cls, x: np.ndarray) -> Stats:
+        """Mean and covariance of rows ``x`` (samples x channels, float64): the sample covariance
+        with at least :data:`ROWS_PER_CHANNEL` rows per channel, else Ledoit-Wolf's (shrinkage would
+        blur exact linear dependences a well-sampled covariance shows; too few rows fake them)."""
+        mean = x.mean(0)
+        xc = x - mean
+        if len(x) >= ROWS_PER_CHANNEL * x.shape[1]:
+            return cls(mean, xc.T @ xc / max(len(x) - 1, 1))
+        return cls(mean, shrunk_covariance(xc))
 
     def precision(self) -> np.ndarray:
         """A fresh copy of the precision matrix (callers downdate it in place); the inverse is
@@ -88,10 +100,28 @@ def channel_stats(
     rows = _sample_rows(session(model), feeds, axes, np.random.default_rng(seed), _batch_is_free(model))
     stats = {}
     for name, x in rows.items():
-        mean = x.mean(0)
-        xc = x - mean
-        stats[name] = Stats(mean, xc.T @ xc / max(len(x) - 1, 1))
+        stats[name] = Stats.of_rows(x)
     return stats
+
+
+def shrunk_covariance(xc: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf covariance of centred rows: (1 - s) S + s (tr S / p) I with the shrinkage s that
+    minimizes the expected squared error (Ledoit & Wolf 2004). With many more rows than channels
+    s is ~0 (the sample covariance); with few (48 calibration sentences of 37 tokens against 1536
+    MLP neurons) the sample covariance is near-singular, so every channel would look predictable
+    from the others and removable for free: shrinkage keeps the errors honest."""
+    n, p = xc.shape
+    s = xc.T @ xc / max(n, 1)
+    if n < 2 or p < 2:
+        return s * n / max(n - 1, 1)
+    mu = float(np.trace(s)) / p
+    frob = float(np.sum(s * s))
+    delta = (frob - 2 * mu * float(np.trace(s)) + mu * mu * p) / p  # ||S - mu I||^2 / p
+    beta = (float(np.sum(np.sum(xc * xc, axis=1) ** 2)) - n * frob) / (n * n * p)
+    shrink = 0.0 if delta <= 0 else min(max(beta, 0.0), delta) / delta
+    out = (1.0 - shrink) * s
+    out[np.diag_indices(p)] += shrink * mu
+    return out * n / (n - 1)
 
 
 def draw_stats_inputs(
@@ -104,7 +134,7 @@ def draw_stats_inputs(
     """The statistics' synthetic inputs: their own seed, 64 images or up to 1024 vectors, within
     2**20 input values."""
     dims = resolve_input_shapes(model, shapes)
-    per_sample = max(int(np.prod([d for v in dims.values() for d in v[1:]])), 1)
+    per_sample = max(sum(int(np.prod(v[1:])) for v in dims.values()), 1)  # input values per sample, all inputs
     cap = batch or (64 if any(len(v) >= 4 for v in dims.values()) else 1024)
     im = input_model if input_model is not None else infer_inputs(model, shapes)
     return im.draw(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, cap)), seed=STATS_SEED + seed)

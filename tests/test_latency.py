@@ -158,3 +158,22 @@ def test_layer_shape_of_graph_nodes() -> None:
     shapes = [latency.layer_shape(n) for n in g.nodes if n.op == "Conv"]
     assert shapes[0] == LayerShape("Conv", 3, 32, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (16, 16), "Relu")
     assert shapes[1].with_channels(cout=24).cout == 24 and shapes[2].activation == ""
+
+
+def test_dynamic_layers_are_timed_at_the_chosen_sizes() -> None:
+    """A [batch, seq, 384] MatMul has no concrete shape in the graph: the cost model reads it from
+    the chosen sizes (the transformer MLPs of issue 14 were costed at 0 ms before)."""
+    import onnx_graphsurgeon as gs
+
+    from redonnx.cost import folded_graph
+
+    x = gs.Variable("x", np.float32, ["batch", "seq", 16])
+    w = gs.Constant("w", np.ones((16, 64), np.float32))
+    y = gs.Variable("y", np.float32, ["batch", "seq", 64])
+    g = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x, w], outputs=[y])], inputs=[x], outputs=[y], opset=17)
+    node = g.nodes[0]
+    assert latency.layer_shape(node) is None
+    model = gs.export_onnx(g)
+    cm = CostModel(cache=latency.Cache("off"), timer=lambda s: 1.0,
+                   shape_source=lambda: folded_graph(model, {"x": [1, 37, 16]})[1])  # fmt: skip
+    assert cm.layer(node) == LayerShape("MatMul", 16, 64, spatial=(1, 37))

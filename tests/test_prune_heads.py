@@ -100,3 +100,37 @@ def test_layernorm_pins_the_residual_stream_and_says_so() -> None:
     res = prune(load_model(FIXTURES / "bert_tiny.onnx").model, exact=True, target="macs", inputs=inputs())
     merge = next(p for p in res.passes if p.name == "merge-channels")
     assert any("normalized over its channels by LayerNormalization" in d.reason for d in merge.declined)
+
+
+def test_a_head_predictable_from_the_others_goes_with_least_squares() -> None:
+    """Head 2 planted as head 0 with its values scaled by -3: its context is -3 x head 0's, so its
+    least-squares prediction from the kept heads is exact and the block's output does not move;
+    removing head 1 (not predictable) the same way moves it."""
+    from redonnx import planner
+
+    model = load_model(FIXTURES / "bert_tiny.onnx").model
+    folded, _ = run_passes(model, ["fold-constants", "fold-batchnorm"], True)
+    g = gs.import_onnx(folded)
+    att = H.find(g)[0][0]
+    for p, scale in ((att.q, 1.0), (att.k, 1.0), (att.v, -3.0)):
+        w = np.array(p.w, copy=True)
+        w[:, att.cols(2)] = scale * w[:, att.cols(0)]
+        p.matmul.inputs[1].values = w
+        b = np.array(p.b, copy=True)
+        b[att.cols(2)] = scale * b[att.cols(0)]
+        p.bias.inputs[[isinstance(t, gs.Constant) for t in p.bias.inputs].index(True)].values = b
+    block_out = att.out.bias.outputs[0].name
+    planted = gs.export_onnx(g)
+    planted.graph.output.append(onnx.helper.make_empty_tensor_value_info(block_out))
+    shapes = {k: list(v.shape) for k, v in inputs().items()}  # statistics on 256 drawn sequences
+    stats, _ = planner.score_heads(planted, H.find(gs.import_onnx(planted))[0], {"shapes": shapes})
+    ref = run(session(planted), inputs())[block_out]
+
+    def moved(head: int) -> float:
+        out, (res,) = run_passes(planted, ["prune-heads"], False, {"drop_heads": {att.key: [head]},
+                                                                   "head_stats": stats})  # fmt: skip
+        assert res.counts == {"heads removed with least-squares compensation": 1}
+        assert attention_shapes(out)[0] == (3, 24)
+        return float(np.max(np.abs(run(session(out), inputs())[block_out] - ref)) / np.max(np.abs(ref)))
+
+    assert moved(2) < 1e-3 < moved(1)

@@ -66,3 +66,31 @@ def test_statistics_never_use_the_verification_inputs(monkeypatch) -> None:
     verification = np.concatenate([f["x"] for f in feeds_for(model, None, None, 8, 0)[0]])
     rows = {r.tobytes() for r in seen[0]}
     assert not any(v.tobytes() in rows for v in verification)
+
+
+def test_few_rows_do_not_make_channels_free_to_remove() -> None:
+    """64 rows of 256 independent channels: the sample covariance is singular, so every channel
+    looks exactly predictable from the others (removal cost ~0). The shrunk covariance keeps each
+    channel's conditional variance near its variance; with many rows the sample covariance stands."""
+    rng = np.random.default_rng(0)
+    few = R.Stats.of_rows(rng.standard_normal((64, 256)))
+    assert np.all(1.0 / np.diag(few.precision()) > 0.3)  # conditional variances (true value 1)
+    sample = np.cov(rng.standard_normal((64, 256)), rowvar=False)
+    assert np.median(1.0 / np.diag(R.precision(sample))) < 1e-3
+    many = rng.standard_normal((4096, 8))
+    assert np.allclose(R.Stats.of_rows(many).cov, np.cov(many, rowvar=False))
+
+
+def test_statistics_draw_as_many_samples_for_several_inputs() -> None:
+    """Three [batch, 37] inputs: 111 values per sample, so 1024 samples (the product of the
+    inputs' sizes, 37**3, was once taken for the sum: 20 samples, fewer rows than MLP neurons)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq"]) for n in ("ids", "mask", "types")]
+    nodes = [helper.make_node("Add", ["ids", "mask"], ["s"]), helper.make_node("Add", ["s", "types"], ["y"])]
+    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = R.draw_stats_inputs(model, {n: [1, 37] for n in ("ids", "mask", "types")})
+    assert {k: v.shape for k, v in feeds.items()} == {n: (1024, 37) for n in ("ids", "mask", "types")}
+    assert isinstance(model, onnx.ModelProto)

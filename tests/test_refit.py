@@ -45,3 +45,23 @@ def test_calibration_refits_inside_the_budget_search() -> None:
     assert any(p.name == "refit" and p.modified for p in fitted.passes)
     top1 = lambda m: float(np.mean(run(session(m), {"input": x[160:]})["logits"].argmax(1) == y[160:]))  # noqa: E731
     assert top1(fitted.model) >= top1(plain.model)
+
+
+def test_a_wide_layer_with_few_rows_is_not_refitted() -> None:
+    """Least squares on fewer rows than inputs fits them exactly and worsens every other input: the
+    held-out check declines it; with many rows the same layer is refitted."""
+    import onnx_graphsurgeon as gs
+
+    from redonnx.refit import _generalizes
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 8))
+    node = gs.Node("MatMul", inputs=[gs.Variable("x"), gs.Constant("w", w)], outputs=[gs.Variable("y")])
+    truth = w + 0.05 * rng.standard_normal(w.shape)  # what the original computed: a better fit exists
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        a = rng.standard_normal((n, 256))
+        return a, a @ truth + 0.5 * rng.standard_normal((n, 8))
+
+    assert not _generalizes(node, *rows(200))
+    assert _generalizes(node, *rows(8192))

@@ -753,7 +753,6 @@ def _group_ms_saved(cg: ChannelGraph, info: ClassInfo, cost_model: Any, step: in
     model's timings of every layer they touch (0 when a layer cannot be timed). The slope is taken
     over a quarter of the channels (whole steps, at least one): one step of 8 in 1024 channels
     saves less than timing noise."""
-    from redonnx.latency import layer_shape
 
     n = cg.spaces[info.members[0][0]].size
     step = max(step, (n // 4) // step * step)
@@ -766,7 +765,7 @@ def _group_ms_saved(cg: ChannelGraph, info: ClassInfo, cost_model: Any, step: in
             if role is None or (id(it.node), role) in seen:
                 continue
             seen.add((id(it.node), role))
-            shape = layer_shape(it.node)
+            shape = cost_model.layer(it.node)
             if shape is None:
                 continue
             per = len(it.features[0]) if it.kind == "sink" and it.features is not None else 1

@@ -15,8 +15,10 @@ C_h Wo_h, so:
   to 1): it goes exactly, bo += bv_h Wo_h;
 - a head identical to another (Q, K, V columns and biases equal) has the same output: it goes
   exactly, Wo_keep += Wo_h;
-- any other head (lossy, chosen by the planner: ``drop_heads``) goes with C_h replaced by its mean
-  over the statistics' inputs (``head_means``): bo += mean(C_h) Wo_h.
+- any other head (lossy, chosen by the planner: ``drop_heads``) goes with its context replaced by
+  its least-squares prediction from the kept heads' contexts, C_h ~ C_K B + c, fitted on the
+  statistics of the H*D features (``head_stats``, :mod:`redonnx.reconstruct`): Wo_K += B Wo_h,
+  bo += c Wo_h (B = 0 would be mean replacement; the fit can only do better on those inputs).
 
 Matching is separate from rewriting; an attention block that is not in this form is left alone
 with the reason (fused Attention ops, grouped-query layouts with fewer K/V heads, scaling applied
@@ -32,6 +34,7 @@ import onnx_graphsurgeon as gs
 
 from redonnx.graph import add_to_bias, const_value, set_input_values
 from redonnx.passes.base import PassContext, PassResult
+from redonnx.reconstruct import Stats, regression
 
 name = "prune-heads"
 exact = True  # duplicates and constant heads only, unless the planner names heads (then lossy)
@@ -266,18 +269,25 @@ def exact_plan(att: Attention) -> tuple[dict[int, int], list[int]]:
     return dup, const
 
 
-def remove(graph: gs.Graph, att: Attention, dup: dict[int, int], means: dict[int, np.ndarray]) -> None:
-    """Drop the heads in ``dup`` (added into the head they equal) and ``means`` (their context
-    replaced by a constant [D] vector), and rewrite weights and Reshape targets."""
+def remove(graph: gs.Graph, att: Attention, dup: dict[int, int], means: dict[int, np.ndarray],
+           fitted: list[int] = (), stats: Stats | None = None) -> None:  # fmt: skip
+    """Drop the heads in ``dup`` (added into the head they equal), ``means`` (their context replaced
+    by a constant [D] vector) and ``fitted`` (their context replaced by its least-squares prediction
+    from the kept heads' contexts under ``stats``), and rewrite weights and Reshape targets."""
     wo = np.array(att.out.w, dtype=np.float64)
     delta = np.zeros(wo.shape[1])
     for h, keep in dup.items():
         wo[att.cols(keep)] += wo[att.cols(h)]
     for h, m in means.items():
         delta += np.asarray(m, np.float64) @ wo[att.cols(h)]
-    gone = set(dup) | set(means)
+    gone = set(dup) | set(means) | set(fitted)
     kept = [h for h in range(att.heads) if h not in gone]
     idx = np.concatenate([np.arange(att.cols(h).start, att.cols(h).stop) for h in kept])
+    if fitted:
+        cut = np.concatenate([np.arange(att.cols(h).start, att.cols(h).stop) for h in fitted])
+        coef, const = regression(stats, list(cut), list(idx))  # ctx[cut] ~ coef ctx[idx] + const
+        wo[idx] += coef.T @ wo[cut]
+        delta += const @ wo[cut]
     for p in (att.q, att.k, att.v):
         set_input_values(p.matmul, 1, np.ascontiguousarray(p.w[:, idx]))
         if p.bias is not None:
@@ -295,26 +305,31 @@ def remove(graph: gs.Graph, att: Attention, dup: dict[int, int], means: dict[int
 def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
     res = PassResult(name)
     chosen = ctx.options.get("drop_heads") or {}
-    head_means = ctx.options.get("head_means") or {}
+    head_stats = ctx.options.get("head_stats") or {}
     found, declined = find(graph)
     for node, why in declined:
         res.decline(node, why)
+    if found:
+        res.stats["attention blocks"] = len(found)
+        res.stats["heads"] = sum(a.heads for a in found)
     for att in found:
         dup, const = exact_plan(att)
         means = {h: att.v.b[att.cols(h)] if att.v.b is not None else np.zeros(att.dim) for h in const}
-        for h in chosen.get(att.key, []):
-            if h not in dup and h not in means and len(dup) + len(means) < att.heads - 1:
-                means[h] = head_means[att.key][h]
-        if not dup and not means:
+        fitted = [h for h in chosen.get(att.key, []) if h not in dup and h not in means]
+        fitted = fitted[: max(att.heads - 1 - len(dup) - len(means), 0)]
+        if not dup and not means and not fitted:
             continue
-        remove(graph, att, dup, means)
+        remove(graph, att, dup, means, fitted, head_stats.get(att.key) if fitted else None)
+        gone = set(dup) | set(means) | set(fitted)
+        cols = [c for h in range(att.heads) if h not in gone for c in range(att.cols(h).start, att.cols(h).stop)]
+        for p in (att.q, att.k, att.v):  # the projections' outputs keep these columns (for --calibration refits)
+            res.kept[p.matmul.outputs[0].name] = cols
         for what, n in (("duplicate heads merged", len(dup)), ("constant heads removed", len(const)),
-                        ("heads removed", len(means) - len(const))):  # fmt: skip
+                        ("heads removed with least-squares compensation", len(fitted))):  # fmt: skip
             if n:
                 res.count(what, n)
-        res.layers.append({"attention": att.key, "heads": att.heads, "kept": att.heads - len(dup) - len(means),
-                           "duplicates": sorted(dup), "constant": const,
-                           "removed": sorted(set(means) - set(const))})  # fmt: skip
+        res.layers.append({"attention": att.key, "heads": att.heads, "kept": att.heads - len(dup) - len(means)
+                           - len(fitted), "duplicates": sorted(dup), "constant": const, "removed": sorted(fitted)})
     if res.modified:
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
     return res

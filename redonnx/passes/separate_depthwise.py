@@ -139,14 +139,13 @@ def _measured_slower(node: gs.Node, f: Factors, form: str, cost_model) -> str | 
     against the original conv (cached by shape, form and multiplier), or None."""
     if cost_model is None:
         return None
-    from redonnx.latency import layer_shape
 
-    shape = layer_shape(node)
+    shape = cost_model.layer(node)
     if shape is None:
         return None
     key = f"separated {form} m={max(f.ranks)} " + shape.key()
     before = cost_model.ms(shape)
-    after = cost_model.timed(key, lambda: _form_model(node, f, form))
+    after = cost_model.timed(key, lambda: _form_model(node, f, form, [1, shape.cin, *shape.spatial]))
     if after < SPEEDUP * before:
         return None
     return f"separated form measured at {after:.4f} ms against {before:.4f} ms in onnxruntime: not faster"
@@ -155,9 +154,9 @@ def _measured_slower(node: gs.Node, f: Factors, form: str, cost_model) -> str | 
 SPEEDUP = 0.95  # a separated form must be this much faster alone (in a model, reorders can eat small gains)
 
 
-def _form_model(node: gs.Node, f: Factors, form: str):
-    """The separated form of ``node`` alone, as a model with an input for timing."""
-    x = gs.Variable("x", dtype=np.float32, shape=[1, *node.inputs[0].shape[1:]])
+def _form_model(node: gs.Node, f: Factors, form: str, x_shape: list[int]):
+    """The separated form of ``node`` alone, as a model with an input of ``x_shape`` for timing."""
+    x = gs.Variable("x", dtype=np.float32, shape=x_shape)
     w = gs.Constant("w", np.asarray(node.inputs[1].values, np.float32))
     ins = [x, w] + ([gs.Constant("b", np.asarray(node.inputs[2].values, np.float32))]
                     if len(node.inputs) > 2 and node.inputs[2].name else [])  # fmt: skip
