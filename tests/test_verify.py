@@ -107,3 +107,17 @@ def test_shape_hint_must_match_fixed_dims() -> None:
     m = b.model([("x", ["n", 3, 8, 8])], [b.op("Relu", ["x"])])
     with pytest.raises(RedonnxError, match="fixed at 8"):
         verify(m, m, shapes={"x": [1, 3, 16, 16]})
+
+
+def test_one_moved_sample_shows_in_the_worst_sample_cosine() -> None:
+    """47 embeddings unchanged, one rotated: the output-wide cosine stays near 1, the per-sample
+    minimum shows the moved one (and the summary line says so)."""
+    from redonnx.verify import compare_arrays
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((48, 384)).astype(np.float32)
+    cand = ref.copy()
+    cand[7] = 0.9 * ref[7] + 0.45 * rng.standard_normal(384).astype(np.float32)
+    c = compare_arrays("embedding", ref, cand, atol=1.0, rtol=1.0, min_cosine=0.99)
+    assert c.cosine > 0.99 and c.passed
+    assert c.worst_sample_cosine < 0.95 and "worst sample 0.8" in c.line()

@@ -1,7 +1,7 @@
 """Transformer encoders: attention heads and MLP neurons removed, MACs, speed, fidelity.
 
-Run: python benchmarks/transformers.py [--quick]
-Prints a Markdown table and writes benchmarks/results/transformers.json.
+Run: python benchmarks/encoders.py [--quick]
+Prints a Markdown table and writes benchmarks/results/encoders.json.
 
 Models:
 - bert_tiny: the torch-exported 2-layer BERT-style encoder of tests/fixtures (random weights, 4
@@ -61,16 +61,32 @@ def load_models() -> list[tuple[str, onnx.ModelProto, dict, dict]]:
     return out
 
 
-def heads_and_neurons(model: onnx.ModelProto) -> tuple[int, int]:
-    """Attention heads, and MLP neurons (outputs of the MatMuls that widen their input) of a model."""
-    folded, _ = run_passes(model, ["fold-constants"], True)
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Pow", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "Softplus"}
+
+
+def _reaches_matmul(t, depth: int = 8) -> bool:
+    """Does ``t`` reach a constant-weight MatMul through element-wise ops only (an MLP's activation)?"""
     import onnx_graphsurgeon as gs
 
+    for n in t.outputs:
+        if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant):
+            return True
+        if n.op in ELEMENTWISE and depth > 0 and _reaches_matmul(n.outputs[0], depth - 1):
+            return True
+    return False
+
+
+def heads_and_neurons(model: onnx.ModelProto) -> tuple[int, int]:
+    """Attention heads, and MLP neurons (outputs of a MatMul that reach the next MatMul through
+    element-wise ops only: the activation between them) of a model."""
+    import onnx_graphsurgeon as gs
+
+    folded, _ = run_passes(model, ["fold-constants"], True)
     g = gs.import_onnx(folded)
     heads = sum(a.heads for a in H.find(g)[0])
-    mms = [n for n in g.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)]
-    shapes = [np.shape(n.inputs[1].values) for n in mms]
-    return heads, sum(int(s[1]) for s in shapes if len(s) == 2 and s[1] > s[0])  # expansion layers' outputs
+    mlp = [n for n in g.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)
+           and _reaches_matmul(n.outputs[0])]  # fmt: skip
+    return heads, sum(int(np.shape(n.inputs[1].values)[-1]) for n in mlp)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -128,7 +144,7 @@ def main() -> int:
     cols = ["model", "variant", "written", "heads removed", "MLP neurons removed", "MACs removed %",
             "latency ratio", "90 % interval", "cosine mean", "cosine min", "tool s"]  # fmt: skip
     print(table(rows, cols))
-    print(f"wrote {write_json('transformers', rows)}")
+    print(f"wrote {write_json('encoders', rows)}")
     return 0
 
 
