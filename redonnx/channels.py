@@ -38,6 +38,9 @@ UNARY = {
 }  # fmt: skip
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow"}  # Pow: x^3 of GELU's tanh form
+#: activations onnxruntime's transformer optimizer writes (com.microsoft), with an optional
+#: per-channel bias input
+FUSED_ACTIVATIONS = {"FastGelu", "BiasGelu", "QuickGelu"}
 #: ops that normalize over the channels (a transformer's residual stream): they pin what they read and write
 NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
          "SkipSimplifiedLayerNormalization"}  # fmt: skip
@@ -186,8 +189,8 @@ def _visit(cg: ChannelGraph, node: gs.Node) -> None:
         _visit_layer(cg, node)
     elif op in UNARY or op in SPATIAL or op == "Clip":
         _pass_through(cg, node)
-    elif op in ("BatchNormalization", "InstanceNormalization", "PRelu"):
-        _per_channel_op(cg, node)
+    elif op in ("BatchNormalization", "InstanceNormalization", "PRelu") or op in FUSED_ACTIVATIONS:
+        _per_channel_op(cg, node)  # onnxruntime's FastGelu/BiasGelu(x, bias): bias cut with the channels
     elif op in BINARY:
         _binary(cg, node)
     elif op == "Concat":
@@ -284,6 +287,8 @@ def _pass_through(cg: ChannelGraph, node: gs.Node, axis: int | None = None) -> S
     if xs is None or not node.outputs:
         return None
     os_ = cg.add_space(node.outputs[0], xs.size, xs.axis if axis is None else axis, made=True)
+    if node.outputs[0].shape is None and node.inputs[0].shape is not None:  # contrib ops onnx cannot infer
+        node.outputs[0].shape = list(node.inputs[0].shape)
     cg.reads(node, node.inputs[0])
     cg.join_range(node.inputs[0].name, 0, node.outputs[0].name, 0, xs.size)
     if any(isinstance(t, gs.Variable) and t.name and t.name not in cg.spaces for t in node.inputs[1:]):

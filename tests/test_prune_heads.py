@@ -134,3 +134,31 @@ def test_a_head_predictable_from_the_others_goes_with_least_squares() -> None:
         return float(np.max(np.abs(run(session(out), inputs())[block_out] - ref)) / np.max(np.abs(ref)))
 
     assert moved(2) < 1e-3 < moved(1)
+
+
+def test_duplicate_neurons_through_onnxruntime_fastgelu_with_bias_merge() -> None:
+    """FastGelu(h, bias) (com.microsoft, as onnxruntime's transformer optimizer writes it): 6
+    neurons duplicated in W1 and the bias merge exactly, the bias cut with them."""
+    from builders import Builder
+
+    b = Builder(4)
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    w1[:, 26:], bias[26:] = w1[:, :6], bias[:6]
+    h = b.op("MatMul", ["x", b.const(w1)])
+    b.nodes.append(onnx.helper.make_node("FastGelu", [h, b.const(bias)], ["act"], domain="com.microsoft"))
+    m = b.model([("x", ["N", 16])], [b.op("MatMul", ["act", b.rand(32, 4)])])
+    m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    res = prune(m, exact=True, target="macs", shapes={"x": [8, 16]})
+    merge = next(p for p in res.passes if p.name == "merge-channels")
+    assert merge.counts == {"identical channels merged": 6} and res.verification
+
+
+def test_fused_attention_is_declined_with_its_reason() -> None:
+    x = gs.Variable("x", np.float32, [1, 8, 32])
+    y = gs.Variable("y", np.float32, [1, 8, 32])
+    w = gs.Constant("w", np.zeros((32, 96), np.float32))
+    node = gs.Node("Attention", inputs=[x, w], outputs=[y], attrs={"num_heads": 4}, domain="com.microsoft")
+    found, declined = H.find(gs.Graph(nodes=[node], inputs=[x], outputs=[y]))
+    assert not found and "fused Attention op" in declined[0][1]

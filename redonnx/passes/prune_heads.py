@@ -225,10 +225,17 @@ def _proj_after(mm: gs.Node) -> Proj:
     return Proj(mm)
 
 
+FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
+         "DecoderMaskedMultiHeadAttention"}  # fmt: skip
+
+
 def find(graph: gs.Graph) -> tuple[list[Attention], list[tuple[gs.Node, str]]]:
     found, declined = [], []
     for node in graph.nodes:
-        if node.op == "Softmax":
+        if node.op in FUSED:
+            declined.append((node, f"fused {node.op} op (onnxruntime's transformer optimizer): heads are not cut; "
+                                   "prune the model exported before that optimizer"))  # fmt: skip
+        elif node.op == "Softmax":
             m = match(node)
             if isinstance(m, Attention):
                 found.append(m)
