@@ -89,7 +89,6 @@ def score_branches(base: onnx.ModelProto, branches: list[D.Branch], options: dic
 
 
 def _saving(branch: D.Branch, options: dict[str, Any]) -> float:
-
     cm = options.get("cost_model")
     total = 0.0
     for n in branch.layers():
@@ -200,8 +199,8 @@ def score_heads(base: onnx.ModelProto, atts: list, options: dict[str, Any]) -> t
     effects = {}
     for a in atts:
         for h in range(a.heads):
-            cols = list(range(h * a.dim, (h + 1) * a.dim))
-            kept = [c for c in range(a.heads * a.dim) if c < cols[0] or c > cols[-1]]
+            cols = list(range(a.cols(h).start, a.cols(h).stop))
+            kept = [c for c in range(a.heads * a.dim) if c not in cols]
             coef, const = R.regression(stats[a.key], cols, kept)
 
             def replace(name: str, v: np.ndarray, a=a, h=h, kept=kept, coef=coef, const=const) -> np.ndarray | None:

@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from redonnx.graph import const_value, export, set_input_values, to_graph, to_model
+from redonnx.passes.merge_channels import out_axis
 from redonnx.runtime import run, session
 from redonnx.segments import Stepper
 
@@ -80,10 +81,7 @@ def _fit(a: np.ndarray, y: np.ndarray, intercept: bool = True) -> np.ndarray:
 
 def _width(node: gs.Node) -> int:
     """The layer's output features (channels)."""
-    w = np.asarray(node.inputs[1].shape)
-    if node.op == "Conv":
-        return int(w[0])
-    return int(w[0] if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w[-1])
+    return int(node.inputs[1].shape[out_axis(node)])
 
 
 def _takes_bias(node: gs.Node) -> bool:

@@ -96,7 +96,7 @@ def resnet_variant(rank: int) -> onnx.ModelProto:
 @pytest.mark.parametrize(("rank", "min_saving"), [(1, 0.60), (2, 0.35)])
 def test_resnet20_low_rank_variants(rank: int, min_saving: float) -> None:
     m = resnet_variant(rank)
-    res = prune(m, passes=["separate-depthwise", "cleanup"], exact=True)
+    res = prune(m, passes=["separate-depthwise", "cleanup"], exact=True, target="macs")  # no latency gate
     assert res.verification, res.verification.summary()
     assert res.after.macs <= (1 - min_saving) * res.before.macs
     assert res.after.params < res.before.params

@@ -155,7 +155,7 @@ class _Rows:
 
     def get(self, node: gs.Node) -> np.ndarray:
         w = np.asarray(node.inputs[1].values)
-        axis = _out_axis(node)
+        axis = out_axis(node)
         if axis == 0:
             return w.reshape(w.shape[0], -1)
         if id(node) not in self._cache:
@@ -169,14 +169,14 @@ def _row(node: gs.Node, c: int, rows: _Rows | None = None) -> np.ndarray:
     """Weights and bias of output channel ``c`` of a layer."""
     w = np.asarray(node.inputs[1].values)
     bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    parts = [rows.get(node)[c].astype(np.float64) if rows is not None else _channel_slice(w, _out_axis(node), c)]
+    parts = [rows.get(node)[c].astype(np.float64) if rows is not None else _channel_slice(w, out_axis(node), c)]
     if bias is not None:
         b = bias.reshape(-1)
         parts.append((b[c : c + 1] if b.size > 1 else b).astype(np.float64))
     return np.concatenate(parts)
 
 
-def _out_axis(node: gs.Node) -> int:
+def out_axis(node: gs.Node) -> int:
     if node.op == "ConvTranspose":
         return 1
     if node.op == "Gemm":
@@ -753,7 +753,6 @@ def _group_ms_saved(cg: ChannelGraph, info: ClassInfo, cost_model: Any, step: in
     model's timings of every layer they touch (0 when a layer cannot be timed). The slope is taken
     over a quarter of the channels (whole steps, at least one): one step of 8 in 1024 channels
     saves less than timing noise."""
-
     n = cg.spaces[info.members[0][0]].size
     step = max(step, (n // 4) // step * step)
     saved = 0.0
@@ -789,7 +788,7 @@ def _channel_macs(cg: ChannelGraph, info: ClassInfo) -> float:
             if it.kind not in ("row", "sink") and not depthwise_kernel:
                 continue
             w = np.asarray(node.inputs[1].values)
-            axis = _in_axis(node) if it.kind == "sink" else (0 if depthwise_kernel else _out_axis(node))
+            axis = _in_axis(node) if it.kind == "sink" else (0 if depthwise_kernel else out_axis(node))
             per_feature = _positions(node) * w.size / max(w.shape[axis], 1)
             features = len(it.features[c]) if it.kind == "sink" and it.features is not None else 1
             total += per_feature * features
@@ -1023,7 +1022,7 @@ def _absorb_constant(it: Item, c: int, k: float, biases: _Biases) -> None:
 
 def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
     w = np.array(node.inputs[1].values, copy=True)
-    axis = _out_axis(node)
+    axis = out_axis(node)
     idx = [slice(None)] * w.ndim
     idx[axis] = c
     n = w[tuple(idx)].size
@@ -1041,7 +1040,7 @@ def _rewrite(
 ) -> None:
     node, keep = it.node, keeps[it.tensor]
     if it.kind == "row":
-        _take(node, 1, keep, _out_axis(node))
+        _take(node, 1, keep, out_axis(node))
         if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]).size > 1:
             _take(node, 2, keep, 0, flat=True)
     elif it.kind == "param":

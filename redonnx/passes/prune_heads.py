@@ -277,10 +277,11 @@ def exact_plan(att: Attention) -> tuple[dict[int, int], list[int]]:
 
 
 def remove(graph: gs.Graph, att: Attention, dup: dict[int, int], means: dict[int, np.ndarray],
-           fitted: list[int] = (), stats: Stats | None = None) -> None:  # fmt: skip
+           fitted: list[int] = (), stats: Stats | None = None) -> np.ndarray:  # fmt: skip
     """Drop the heads in ``dup`` (added into the head they equal), ``means`` (their context replaced
     by a constant [D] vector) and ``fitted`` (their context replaced by its least-squares prediction
-    from the kept heads' contexts under ``stats``), and rewrite weights and Reshape targets."""
+    from the kept heads' contexts under ``stats``), and rewrite weights and Reshape targets.
+    Returns the Q, K, V columns kept."""
     wo = np.array(att.out.w, dtype=np.float64)
     delta = np.zeros(wo.shape[1])
     for h, keep in dup.items():
@@ -307,6 +308,7 @@ def remove(graph: gs.Graph, att: Attention, dup: dict[int, int], means: dict[int
         _set_target(r, 2, len(kept))
     if _target(att.out_reshape)[2] != -1:
         _set_target(att.out_reshape, 2, len(kept) * att.dim)
+    return idx
 
 
 def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -326,9 +328,7 @@ def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
         fitted = fitted[: max(att.heads - 1 - len(dup) - len(means), 0)]
         if not dup and not means and not fitted:
             continue
-        remove(graph, att, dup, means, fitted, head_stats.get(att.key) if fitted else None)
-        gone = set(dup) | set(means) | set(fitted)
-        cols = [c for h in range(att.heads) if h not in gone for c in range(att.cols(h).start, att.cols(h).stop)]
+        cols = remove(graph, att, dup, means, fitted, head_stats.get(att.key) if fitted else None).tolist()
         for p in (att.q, att.k, att.v):  # the projections' outputs keep these columns (for --calibration refits)
             res.kept[p.matmul.outputs[0].name] = cols
         for what, n in (("duplicate heads merged", len(dup)), ("constant heads removed", len(const)),
