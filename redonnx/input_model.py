@@ -22,28 +22,33 @@ the model's data. Each graph input gets a *kind*, a range and the evidence for t
 Given inputs (``--inputs``) replace the inference: :func:`from_given` fits the same kinds to the
 arrays (their value sets, scales and shapes), so synthetic samples drawn for statistics are valid
 and distinct from the samples verification uses.
+
+The pieces live in :mod:`redonnx.input_specs` (specs, drawing) and :mod:`redonnx.input_kinds`
+(kinds from the graph); this module chooses the scales and fits given inputs, and re-exports them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from redonnx import realism as RL
-from redonnx.errors import RedonnxError
+from redonnx.input_kinds import BRANCHING as BRANCHING
+from redonnx.input_kinds import FLOATS as FLOATS
+from redonnx.input_kinds import PASS_THROUGH as PASS_THROUGH
+from redonnx.input_kinds import SHAPE_SLOTS as SHAPE_SLOTS
+from redonnx.input_kinds import Constants as Constants
+from redonnx.input_kinds import constant_info as constant_info
+from redonnx.input_kinds import infer_kinds_only
+from redonnx.input_specs import COLOUR_CORRELATION as COLOUR_CORRELATION
+from redonnx.input_specs import InputModel, InputSpec
+from redonnx.input_specs import batch_is_leading as batch_is_leading
+from redonnx.input_specs import need_values_message as need_values_message
+from redonnx.input_specs import smooth_noise as smooth_noise
 from redonnx.segments import Stepper
-from redonnx.shapes import declared_shape, graph_inputs, resolve_input_shapes
-
-FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-_NP = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT16: np.int16,
-    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.UINT16: np.uint16,
-    onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.BOOL: np.bool_,
-}  # fmt: skip
+from redonnx.shapes import graph_inputs, resolve_input_shapes
 
 
 @dataclass(frozen=True)
@@ -64,202 +69,7 @@ CONVENTIONS = (
     RAW_PIXELS,
 )
 PIXEL_GAIN = 0.1  # first-layer gain below which inputs are raw 0..255 pixels (see module doc)
-COLOUR_CORRELATION = 0.9  # between the RGB channels of natural images (0.79-0.91 on the CIFAR-10 images)
 SCALE_PROBES = 16  # images drawn to compare conventions
-
-
-@dataclass
-class InputSpec:
-    """One input: its kind, how to draw it, and why we think so."""
-
-    name: str
-    dtype: str
-    kind: str  # image | vector | token ids | type ids | mask | integers | booleans | needs value | given
-    evidence: str
-    mean: float = 0.0
-    std: float = 1.0
-    low: float | None = None
-    high: float | None = None  # integers: exclusive
-    channel_axis: int | None = None
-    convention: str | None = None
-    values: np.ndarray | None = field(default=None, repr=False)  # given: the observed values (or rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "values" and v is not None}
-        return d
-
-    def describe(self) -> str:
-        rng = ""
-        if self.kind in ("token ids", "type ids", "integers"):
-            rng = f" in [{self.low:g}, {self.high:g})"
-        elif self.convention:
-            rng = f", {self.convention}"
-        elif self.kind in ("image", "vector"):
-            rng = f", mean {self.mean:.3g} std {self.std:.3g}"
-        return f"{self.name}: {self.kind}{rng} ({self.evidence})"
-
-
-@dataclass
-class InputModel:
-    """How to draw every input of a model."""
-
-    specs: dict[str, InputSpec]
-    source: str  # "inferred from the graph" or "fitted to the given inputs"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "inputs": [s.to_dict() for s in self.specs.values()]}
-
-    def describe(self) -> str:
-        return "; ".join(s.describe() for s in self.specs.values())
-
-    def npz_hint(self) -> str:
-        return ", ".join(f"{s.name}: {s.dtype}" for s in self.specs.values())
-
-    def missing_values(self) -> list[InputSpec]:
-        return [s for s in self.specs.values() if s.kind == "needs value"]
-
-    def draw(self, model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int, seed: int,
-             white: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
-        """Seeded inputs of the right shapes, dtypes, kinds and ranges; ``white``: images as white
-        noise at the same scale (a second kind of sample for verification)."""
-        need = self.missing_values()
-        if need:
-            raise RedonnxError(need_values_message(need))
-        concrete = resolve_input_shapes(model, shapes, batch=batch)
-        if batch_is_leading(model):  # a hint fixes the sample's shape, not how many samples
-            concrete = {k: [batch, *v[1:]] if v else v for k, v in concrete.items()}
-        rng = np.random.default_rng(seed)
-        return {name: _draw(spec, concrete[name], rng, white) for name, spec in self.specs.items()}
-
-
-def batch_is_leading(model: onnx.ModelProto) -> bool:
-    """Does every input have a dynamic leading dimension (the batch, shared by all)? Models whose
-    state inputs carry the batch elsewhere (RNN states [layers, batch, hidden]) are drawn at the
-    hinted shapes."""
-    dims = [vi.type.tensor_type.shape.dim for vi in graph_inputs(model)]
-    return bool(dims) and all(d and not d[0].HasField("dim_value") for d in dims)
-
-
-def need_values_message(specs: list[InputSpec]) -> str:
-    s = specs[0]
-    return (f"input {s.name!r} needs a real value: {s.evidence}; synthetic values would not exercise the model as "
-            f"it is used. Pass --inputs file.npz with an array named {s.name!r} (and the other inputs)")  # fmt: skip
-
-
-# ------------------------------------------------------------------ drawing
-
-
-def _draw(spec: InputSpec, shape: list[int], rng: np.random.Generator, white: bool = False) -> np.ndarray:
-    dtype = np.dtype(spec.dtype)
-    if spec.kind in ("token ids", "type ids", "integers"):
-        if spec.values is not None:  # given: the values seen
-            return rng.choice(spec.values, size=shape).astype(dtype)
-        return rng.integers(int(spec.low or 0), int(spec.high or 8), size=shape).astype(dtype)
-    if spec.kind == "mask":
-        return _mask(shape, rng, spec.values).astype(dtype)
-    if spec.kind == "booleans":
-        return rng.random(shape) < 0.5
-    if spec.kind == "given":  # e.g. a sample rate: exactly as given
-        return np.broadcast_to(spec.values, shape).astype(dtype) if spec.values is not None else np.zeros(shape, dtype)
-    if spec.kind == "image" and len(shape) == 4 and spec.channel_axis is not None and not white:
-        z = smooth_noise(shape, spec.channel_axis, rng)
-    else:
-        z = rng.standard_normal(shape)
-    x = spec.mean + spec.std * z
-    if spec.low is not None or spec.high is not None:
-        x = np.clip(x, spec.low, spec.high)
-    return x.astype(dtype)
-
-
-def _mask(shape: list[int], rng: np.random.Generator, rows: np.ndarray | None) -> np.ndarray:
-    if rows is not None and rows.ndim == len(shape) and list(rows.shape[1:]) == list(shape[1:]):
-        return rows[rng.integers(0, len(rows), size=shape[0])]
-    m = np.ones(shape)
-    if len(shape) == 2 and shape[1] > 1:
-        for i, n in enumerate(rng.integers(-(-shape[1] // 2), shape[1] + 1, size=shape[0])):
-            m[i, n:] = 0
-    return m
-
-
-def smooth_noise(shape: list[int], channel_axis: int, rng: np.random.Generator) -> np.ndarray:
-    """Zero-mean unit-variance noise with the coarse spatial structure and correlated colour
-    channels of natural images (random at 1/4 resolution, upsampled and blurred)."""
-    spatial = [ax for ax in range(1, 4) if ax != channel_axis]
-    low = [d if ax not in spatial else max(d // 4, 1) for ax, d in enumerate(shape)]
-    y = rng.standard_normal(low)
-    channels = shape[channel_axis]
-    if channels in (3, 4):
-        lum_shape = list(low)
-        lum_shape[channel_axis] = 1
-        y = np.sqrt(1 - COLOUR_CORRELATION) * y + np.sqrt(COLOUR_CORRELATION) * rng.standard_normal(lum_shape)
-    for ax in spatial:
-        y = np.repeat(y, -(-shape[ax] // y.shape[ax]), axis=ax).take(range(shape[ax]), axis=ax)
-        if shape[ax] >= 3:
-            y = (y + np.roll(y, 1, ax) + np.roll(y, -1, ax)) / 3.0
-    return (y - y.mean()) / max(float(y.std()), 1e-12)
-
-
-# ------------------------------------------------------------------ inference from the graph
-
-PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose", "Expand", "Tile",
-                "Slice", "Concat", "Gather", "CastLike"}  # fmt: skip
-BRANCHING = {"If", "Loop", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
-             "Where"}  # fmt: skip
-SHAPE_SLOTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "Range": 0, "ConstantOfShape": 0, "OneHot": 1, "TopK": 1,
-               "Slice": 1, "Resize": 1, "Pad": 1, "Upsample": 1, "Squeeze": 1, "Unsqueeze": 1}  # fmt: skip
-
-
-@dataclass
-class _Uses:
-    tables: list[int] = field(default_factory=list)
-    branches: list[str] = field(default_factory=list)
-    shapes: list[str] = field(default_factory=list)
-    arithmetic: list[str] = field(default_factory=list)
-    layouts: list[list[int]] = field(default_factory=list)  # Transpose perms on the way
-
-
-Constants = dict[str, tuple[tuple[int, ...], str]]
-
-
-def _uses(model: onnx.ModelProto, name: str, constants: Constants) -> _Uses:
-    """Where an input's values go, following pass-through ops."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
-    uses, frontier, seen = _Uses(), [name], {name}
-    while frontier:
-        t = frontier.pop()
-        for n in readers.get(t, []):
-            slots = [i for i, x in enumerate(n.input) if x == t]
-            if n.op_type in ("Gather", "GatherElements", "GatherND") and 1 in slots and n.input[0] in constants:
-                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-                uses.tables.append(int(constants[n.input[0]][0][axis]))
-                continue
-            if n.op_type in BRANCHING:
-                uses.branches.append(n.op_type)
-                continue
-            if any(SHAPE_SLOTS.get(n.op_type, -1) <= s and s > 0 for s in slots) or (
-                n.op_type in ("Range", "ConstantOfShape")
-            ):
-                uses.shapes.append(n.op_type)
-                continue
-            if n.op_type == "Transpose":
-                uses.layouts.append([a for a in next(a.ints for a in n.attribute if a.name == "perm")] or [])
-            if n.op_type in PASS_THROUGH or (n.op_type in ("Add", "Sub") and _is_int_cast_chain(n, constants)):
-                for o in n.output:
-                    if o and o not in seen:
-                        seen.add(o)
-                        frontier.append(o)
-            else:
-                uses.arithmetic.append(n.op_type)
-    return uses
-
-
-def _is_int_cast_chain(n: onnx.NodeProto, constants: Constants) -> bool:
-    """Adding an integer constant keeps ids ids (position offsets)."""
-    other = [x for x in n.input if x in constants]
-    return bool(other) and constants[other[0]][1] in "iu"
 
 
 def infer(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> InputModel:
@@ -267,66 +77,6 @@ def infer(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) ->
     specs = infer_kinds_only(model)
     _choose_scales(model, specs, shapes)
     return InputModel(specs, "inferred from the graph")
-
-
-def constant_info(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and numpy kind ('f', 'i', ...) of every initializer and Constant node, without reading data."""
-    out = {}
-    for t in model.graph.initializer:
-        out[t.name] = (tuple(t.dims), np.dtype(_NP.get(t.data_type, np.float32)).kind)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
-            t = n.attribute[0].t
-            out[n.output[0]] = (tuple(t.dims), np.dtype(_NP.get(t.data_type, np.float32)).kind)
-    return out
-
-
-def _single(dims: list) -> bool:
-    return all(isinstance(d, int) and d == 1 for d in dims)
-
-
-def _float_spec(model: onnx.ModelProto, name: str, dtype: str, dims: list, constants: Constants) -> InputSpec:
-    uses = _uses(model, name, constants)
-    if _single(dims) and (uses.branches or uses.shapes):
-        return InputSpec(name, dtype, "needs value", f"a single number that reaches {(uses.branches + uses.shapes)[0]}")
-    if len(dims) == 4:
-        return InputSpec(name, dtype, "image", "4-D float input", channel_axis=_channel_axis(model, name, dims))
-    return InputSpec(name, dtype, "vector", f"{len(dims)}-D float input")
-
-
-def _channel_axis(model: onnx.ModelProto, name: str, dims: list) -> int:
-    """NCHW unless a Transpose to NCHW follows the input (tf2onnx) or only the last dim looks like colours."""
-    uses = _uses(model, name, {})
-    for perm in uses.layouts:
-        if list(perm) == [0, 3, 1, 2]:
-            return 3
-    colours = (1, 3, 4)
-    if len(dims) == 4 and dims[3] in colours and dims[1] not in colours:
-        return 3
-    return 1
-
-
-def _discrete_spec(
-    model: onnx.ModelProto, name: str, dtype: str, dims: list, elem: int, constants: Constants
-) -> InputSpec:
-    uses = _uses(model, name, constants)
-    if uses.tables:
-        rows = min(uses.tables)
-        kind = "type ids" if rows <= 2 else "token ids"
-        return InputSpec(name, dtype, kind, f"indexes a table of {rows} rows (Gather)", low=0, high=rows)
-    single = _single(dims) or not dims
-    if single and (uses.branches or uses.shapes):
-        what = (uses.branches + uses.shapes)[0]
-        why = f"a single number that reaches {what} (a flag, size or sample rate)"
-        return InputSpec(name, dtype, "needs value", why)
-    if uses.arithmetic or uses.branches:
-        how = f"cast to float and used in {uses.arithmetic[0]}" if uses.arithmetic else "compared"
-        return InputSpec(name, dtype, "mask", f"{how} (0/1 values)", low=0, high=2)
-    if uses.shapes:
-        return InputSpec(name, dtype, "needs value", f"used as a shape by {uses.shapes[0]}")
-    if elem == onnx.TensorProto.BOOL:
-        return InputSpec(name, dtype, "booleans", "boolean input")
-    return InputSpec(name, dtype, "integers", "nothing in the graph bounds it", low=0, high=8)
 
 
 # ------------------------------------------------------------------ scale of float inputs
@@ -463,19 +213,6 @@ def from_given(model: onnx.ModelProto, given: dict[str, np.ndarray]) -> InputMod
                              high=float(vals.max()) + 1, values=vals)  # fmt: skip
         specs[name] = spec
     return InputModel(specs, "fitted to the given inputs")
-
-
-def infer_kinds_only(model: onnx.ModelProto) -> dict[str, InputSpec]:
-    """Kinds from the graph, without the scale measurement (no onnxruntime run)."""
-    constants = constant_info(model)
-    out = {}
-    for vi in graph_inputs(model):
-        elem = vi.type.tensor_type.elem_type
-        dtype = np.dtype(_NP.get(elem, np.float32)).name
-        dims = declared_shape(vi) or []
-        out[vi.name] = (_float_spec(model, vi.name, dtype, dims, constants) if elem in FLOATS
-                        else _discrete_spec(model, vi.name, dtype, dims, elem, constants))  # fmt: skip
-    return out
 
 
 def given_shapes(model: onnx.ModelProto, given: dict[str, np.ndarray]) -> dict[str, list[int]]:
