@@ -39,10 +39,8 @@ def main() -> None:
     for goal in (10, 20, 30, 40, None):
         for label, opts in settings:
             t0 = time.perf_counter()
-            if goal is None:
-                res = prune(src, options=dict(opts))
-            else:
-                res = prune(src, target_macs=goal, target="macs", options=dict(opts))
+            goal_kw = {} if goal is None else {"target_macs": goal, "target": "macs"}
+            res = prune(src, **goal_kw, **opts)
             speed = res.speed.final_vs_input["speedup"] if res.speed and res.speed.final_vs_input else None
             rows.append({"goal": f"{goal} % MACs" if goal else "default (speed, budget)", "statistics": label,
                          "MACs -%": res.report()["removed"]["macs_pct"], "top-1": top1(res.model),

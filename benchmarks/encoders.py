@@ -100,7 +100,7 @@ def variants(held: dict, cal: dict) -> list[tuple[str, dict]]:
         ("default --inputs held-out", {"inputs": held}),
         ("--min-cosine 0.99 --inputs held-out", {"inputs": held, "min_cosine": 0.99}),
         ("--min-cosine 0.99 --inputs held-out --calibration other half",
-         {"inputs": held, "min_cosine": 0.99, "options": {"calibration": cal}}),
+         {"inputs": held, "min_cosine": 0.99, "calibration": cal}),
     ]  # fmt: skip
 
 

@@ -24,8 +24,7 @@ from common import SHARED, available, table, write_json
 
 from redonnx.graph import to_graph, to_model
 from redonnx.io import load_model
-from redonnx.passes import hash_weights
-from redonnx.passes.base import PassContext
+from redonnx.passes.hash_weights import HashWeights
 from redonnx.pipeline import run_passes
 from redonnx.runtime import run, session
 from redonnx.verify import verify
@@ -67,18 +66,18 @@ def synthetic_graph(shapes: list[tuple[int, ...]], seed: int = 0) -> gs.Graph:
     return gs.Graph(nodes=nodes, inputs=[x], outputs=[n.outputs[0] for n in nodes], opset=17)
 
 
-def time_hashing(make_graph, options: dict | None = None) -> dict:
+def time_hashing(make_graph, hashing: HashWeights | None = None) -> dict:
     """Seconds (plain run) and peak extra memory (a second run under tracemalloc, which is slower)."""
-    ctx = PassContext(opset=17, options=options or {})
+    hashing = hashing or HashWeights()
     graph = make_graph()
     weights = sum(n.inputs[1].values.nbytes for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul"))
     t0 = time.perf_counter()
-    res = hash_weights.run(graph, ctx)
+    res = hashing(graph)
     seconds = time.perf_counter() - t0
     graph = make_graph()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    hash_weights.run(graph, ctx)
+    hashing(graph)
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     return {
@@ -99,7 +98,7 @@ def speed_rows(quick: bool) -> list[dict]:
     rows.append({"model": "resnet56-shaped", **time_hashing(lambda: synthetic_graph(RESNET56))})
     if not quick:
         rows.append({"model": "resnet50-shaped", **time_hashing(lambda: synthetic_graph(RESNET50))})
-        paper = time_hashing(lambda: synthetic_graph(RESNET50), {"hash_rule": "paper"})
+        paper = time_hashing(lambda: synthetic_graph(RESNET50), HashWeights(rule="paper"))
         rows.append({"model": "resnet50-shaped, paper rule", **paper})
     return rows
 
@@ -119,16 +118,16 @@ def resnet20_rows(quick: bool) -> list[dict]:
     x, y = cifar()
     ref = run(session(src), {"input": x})["logits"]
     z_src = deflated_size(src)
-    settings = [(f"paper tau {t}", {"hash_rule": "paper", "tau": t}) for t in (0, 5, 10)]
+    settings = [(f"paper tau {t}", {"rule": "paper", "tau": t}) for t in (0, 5, 10)]
     bounds = (0.02, 0.04, 0.06, 0.08, 0.12) if not quick else (0.06,)
-    settings += [(f"bounded {e}", {"hash_error": e}) for e in bounds]
+    settings += [(f"bounded {e}", {"max_error": e}) for e in bounds]
     if not quick:
-        settings += [(f"bounded 0.06 grid {g}", {"hash_error": 0.06, "grid": g}) for g in (1024, 16384)]
-        settings += [("bounded 0.06 tau 5", {"hash_error": 0.06, "tau": 5})]
+        settings += [(f"bounded 0.06 grid {g}", {"max_error": 0.06, "grid": g}) for g in (1024, 16384)]
+        settings += [("bounded 0.06 tau 5", {"max_error": 0.06, "tau": 5})]
     rows = [{"setting": "original", "top1": float(np.mean(ref.argmax(1) == y)), "agree": 1.0, "deflate x": 1.0}]
     for label, opts in settings:
         graph = to_graph(run_passes(src, ["fold-batchnorm"], exact=True)[0])
-        res = hash_weights.run(graph, PassContext(opset=17, options=opts))
+        res = HashWeights(**opts)(graph)
         model = to_model(graph, src)
         out = run(session(model), {"input": x})["logits"]
         rows.append(

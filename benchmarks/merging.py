@@ -22,6 +22,7 @@ from common import SHARED, table, write_json
 
 from redonnx.cost import model_cost
 from redonnx.io import load_model
+from redonnx.passes import MergeChannels, PassContext
 from redonnx.pipeline import run_passes
 from redonnx.runtime import random_inputs, run, session
 
@@ -100,14 +101,14 @@ def sweep(label, rel, cifar_kw, shapes, alphas) -> list[dict]:
     scorer = Scorer(base, cifar_kw, shapes)
     c0 = model_cost(base, shapes or None)
     rows = [{"model": label, "method": "original", "score": scorer.score(base), "params -%": 0.0, "MACs -%": 0.0}]
-    settings = [("paper", {"merge_criterion": "paper"}), ("reconstruct", {})]
+    settings = [("paper", {"criterion": "paper"}, None), ("reconstruct", {}, None)]
     if scorer.calib is not None:
-        settings.append(("reconstruct + 64 images", {"calibration": scorer.calib}))
+        settings.append(("reconstruct + 64 images", {}, scorer.calib))
     for alpha in alphas:
-        for method, opts in settings:
+        for method, params, calib in settings:
             t0 = time.perf_counter()
-            m, _ = run_passes(base, ["merge-channels", "cleanup"], exact=False,
-                              options={"alpha": alpha, "shapes": shapes or None, **opts})  # fmt: skip
+            m, _ = run_passes(base, [MergeChannels(alpha=alpha, **params), "cleanup"], exact=False,
+                              ctx=PassContext(shapes=shapes or None, calibration=calib))  # fmt: skip
             c = model_cost(m, shapes or None)
             rows.append({"model": label, "method": method, "alpha": alpha, "score": scorer.score(m),
                          "params -%": 100 * (1 - c.params / c0.params), "MACs -%": 100 * (1 - c.macs / c0.macs),

@@ -20,6 +20,7 @@ from common import SHARED, interleaved_medians, table, write_json
 
 from redonnx.cost import model_cost
 from redonnx.io import load_model
+from redonnx.passes import SeparateDepthwise
 from redonnx.pipeline import run_passes
 from redonnx.runtime import random_inputs, run, session
 
@@ -50,7 +51,7 @@ def latency_rows(base, runs: int) -> list[dict]:
         m = variant(base, rank_of)
         forms = {"original": m}
         for form in ("multiplier", "gather", "stacked"):
-            out, _ = run_passes(m, ["separate-depthwise", "cleanup"], exact=True, options={"separate_form": form})
+            out, _ = run_passes(m, [SeparateDepthwise(form=form), "cleanup"], exact=True)
             forms[form] = out
         c0 = model_cost(m).macs
         for batch in (1, 32):
@@ -78,8 +79,7 @@ def truncation_rows(base) -> list[dict]:
     c0 = model_cost(base).macs
     rows = []
     for err in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
-        opts = {"separate_error": err} if err else {}
-        out, (res, _) = run_passes(base, ["separate-depthwise", "cleanup"], exact=not err, options=opts)
+        out, (res, _) = run_passes(base, [SeparateDepthwise(max_error=err), "cleanup"], exact=not err)
         top1 = float(np.mean(run(session(out), {"input": x})["logits"].argmax(1) == y))
         rows.append({"separate_error": err, "convs separated": sum(res.counts.values()),
                      "MACs -%": 100 * (1 - model_cost(out).macs / c0), "top1": top1})  # fmt: skip

@@ -26,6 +26,7 @@ from merging import Scorer, onnxsim_at
 from redonnx.bench import interleaved_times
 from redonnx.cost import model_cost
 from redonnx.io import load_model
+from redonnx.passes import HashWeights, MergeChannels, PassContext
 from redonnx.pipeline import prune, run_passes
 from redonnx.runtime import random_inputs, session
 from redonnx.weights import deflated_size
@@ -116,19 +117,21 @@ def ablation_rows(label, path, shapes) -> list[dict]:
     src = load_model(path).model
     base, _ = run_passes(src, ["fold-constants", "fold-batchnorm"], True)
     p0 = model_cost(base, shapes or None).params
-    alpha = prune(src, shapes=shapes or None).search.alpha
+    search = prune(src, shapes=shapes or None, target="macs").search  # the budget's choice a*
+    alpha = {search.knob: search.value}
     combos = [
-        ("merge a=0", False, 0.0, False),
+        ("merge a=0", False, {"alpha": 0.0}, False),
         ("merge a*", False, alpha, False),
-        ("hash + merge a=0", True, 0.0, False),
+        ("hash + merge a=0", True, {"alpha": 0.0}, False),
         ("hash + merge a*", True, alpha, False),
         ("hash + merge a* + separation", True, alpha, True),
     ]
     rows = []
     for name, hashing, a, sep in combos:
-        names = (["hash-weights"] if hashing else []) + ["merge-channels"] + (["separate-depthwise"] if sep else [])
-        out, _ = run_passes(base, [*names, "cleanup"], False, {"alpha": a, "hash_error": 0.02, "shapes": shapes})
-        rows.append({"model": label, "steps": name, "alpha": a,
+        passes = [HashWeights(max_error=0.02)] if hashing else []
+        passes += [MergeChannels(**a), *(["separate-depthwise"] if sep else []), "cleanup"]
+        out, _ = run_passes(base, passes, False, PassContext(shapes=shapes or None))
+        rows.append({"model": label, "steps": name, **a,
                      "params -%": 100 * (1 - model_cost(out, shapes or None).params / p0)})  # fmt: skip
     return rows
 

@@ -63,13 +63,33 @@ def _hash_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--separate-error", type=float, help="truncate per-channel ranks within this relative error")
 
 
-def _pass_options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("tau", "tau_strategy", "hash_rule", "hash_error", "bandwidth", "grid", "plot_dir", "alpha",
-            "merge_criterion", "alpha_strategy", "separate_error", "channel_multiple")  # fmt: skip
-    opts = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def _configured(args: argparse.Namespace, plot_dir: str | None = None) -> list[Any]:
+    """Pass instances configured by the flags (only for the passes whose flags were given); they
+    stand in for the pipeline's passes of the same names."""
+    from redonnx.passes import DEFAULT_HASH_ERROR, HashWeights, MergeChannels, SeparateDepthwise
+
+    out: list[Any] = []
+    flags = {"tau": "tau", "tau_strategy": "tau_strategy", "hash_rule": "rule", "hash_error": "max_error",
+             "bandwidth": "bandwidth", "grid": "grid"}  # fmt: skip
+    hashing = {param: getattr(args, flag) for flag, param in flags.items() if getattr(args, flag) is not None}
     if args.hash_biases:
-        opts["hash_biases"] = True
-    return opts
+        hashing["biases"] = True
+    if plot_dir is not None:
+        hashing.update(plot_dir=plot_dir, plot_limit=4)
+    if args.plot_dir:
+        hashing["plot_dir"] = args.plot_dir
+    if hashing:
+        if not args.passes and not args.exact:  # the default pipeline's bound unless one is given
+            hashing.setdefault("max_error", DEFAULT_HASH_ERROR)
+        out.append(HashWeights(**hashing))
+    flags = {"alpha": "alpha", "merge_criterion": "criterion", "alpha_strategy": "alpha_strategy",
+             "channel_multiple": "channel_multiple"}  # fmt: skip
+    merging = {param: getattr(args, flag) for flag, param in flags.items() if getattr(args, flag) is not None}
+    if merging:
+        out.append(MergeChannels(**merging))
+    if args.separate_error is not None:
+        out.append(SeparateDepthwise(max_error=args.separate_error))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,12 +252,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from redonnx.weights import SCRATCH
 
     SCRATCH.use(out.parent)  # large models: scratch data files on the output's disk, not in /tmp
-    options = _pass_options(args)
+    calibration = None
     if args.calibration:
         from redonnx.runtime import load_npz_inputs
 
-        options["calibration"] = load_npz_inputs(args.calibration, src.model)
-        options["refit"] = not args.no_refit
+        calibration = load_npz_inputs(args.calibration, src.model)
     kw = _verify_kwargs(args)
     if args.max_error is not None:
         kw["rtol"] = args.max_error
@@ -251,10 +270,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.html:
         check_writable(Path(args.html))
         density_dir = tempfile.mkdtemp(prefix="redonnx-plots-")
-        options.setdefault("plot_dir", density_dir)
-        options.setdefault("plot_limit", 4)
     progress = (lambda msg: print(f"  {msg}", file=sys.stderr)) if sys.stderr.isatty() and not args.json else None
-    result = prune(src, passes=names, exact=args.exact, shapes=_shapes(args), options=options, progress=progress,
+    result = prune(src, passes=names, configured=_configured(args, density_dir), exact=args.exact,
+                   shapes=_shapes(args), calibration=calibration, refit=not args.no_refit, progress=progress,
                    min_agreement=args.min_agreement, target_macs=args.target_macs, check=not args.no_verify,
                    target=args.target, **kw)  # fmt: skip
     report = result.report()

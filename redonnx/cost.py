@@ -81,14 +81,13 @@ def folded_graph(model: onnx.ModelProto, concrete: dict[str, list[int]]) -> tupl
     Folding first makes weights computed from constants (CNTK's Reshape of a parameter) count as
     weights, and resolves Shape -> Reshape arithmetic so every layer's output shape is known.
     """
-    from redonnx.passes import fold_constants
-    from redonnx.passes.base import PassContext
+    from redonnx.passes.fold_constants import FoldConstants
 
     graph = to_graph(model)
     for t in graph.inputs:
         if isinstance(t, gs.Variable) and t.name in concrete:
             t.shape = list(concrete[t.name])
-    fold_constants.run(graph, PassContext(opset=int(graph.opset)))
+    FoldConstants()(graph)
     shapes = graph_shapes(graph)
     return graph, shapes or infer_shapes(model)
 

@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from redonnx.graph import const_value, export, set_input_values, to_graph, to_model
-from redonnx.passes.merge_channels import out_axis
+from redonnx.redundancy.classes import out_axis
 from redonnx.runtime import run, session
 from redonnx.segments import Stepper
 

@@ -8,6 +8,7 @@ from conftest import MODELS, cifar_batch, shared_model
 from onnx import numpy_helper
 
 from redonnx.io import load_model
+from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
 from redonnx.runtime import run, session
 
@@ -41,7 +42,7 @@ def test_target_macs_reports_fidelity() -> None:
 
 def test_channel_multiple_keeps_counts_aligned() -> None:
     src = run_passes(load_model(RESNET).model, None, True)[0]
-    out, _ = run_passes(src, ["merge-channels", "cleanup"], False, {"alpha": 0.3, "channel_multiple": 8})
+    out, _ = run_passes(src, [MergeChannels(alpha=0.3, channel_multiple=8), "cleanup"], False)
     shapes = {t.name: numpy_helper.to_array(t).shape for t in out.graph.initializer}
     couts = [shapes[n.input[1]][0] for n in out.graph.node if n.op_type == "Conv"]
     assert all(c % 8 == 0 for c in couts)
@@ -74,7 +75,7 @@ def test_resnet20_macs_target_keeps_top1() -> None:
 
 
 def test_aligned_prune_has_no_alignment_note() -> None:
-    res = prune(shared_model("cifar10/resnet20_bn.onnx"), target="macs", options={"channel_multiple": 8})
+    res = prune(shared_model("cifar10/resnet20_bn.onnx"), target="macs", configured=[MergeChannels(channel_multiple=8)])
     assert res.verification and not res.notes
 
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import MODELS, assert_equivalent, shared_model
 
 from redonnx import pipeline
+from redonnx.graph import to_graph
 from redonnx.runtime import REPRODUCIBLE_THREADS, try_session
 
 reconstruct = sys.modules["redonnx.reconstruct"]
@@ -75,7 +76,7 @@ def test_statistics_and_verification_use_a_fixed_onnxruntime_thread_count(monkey
         return sess
 
     monkeypatch.setattr(reconstruct, "session", spy)
-    graph = pipeline.to_graph(model)
+    graph = to_graph(model)
     conv = next(n for n in graph.nodes if n.op == "Conv")
     reconstruct.channel_stats(graph, {conv.outputs[0].name: 1}, batch=2)
     assert threads == [REPRODUCIBLE_THREADS]
@@ -83,7 +84,7 @@ def test_statistics_and_verification_use_a_fixed_onnxruntime_thread_count(monkey
 
 def test_statistics_do_not_depend_on_the_order_tensors_are_asked_in() -> None:
     """One generator samples every tensor's rows in turn: the tensors are taken in name order."""
-    graph = pipeline.to_graph(onnx.load(MODELS / "digits_resnet.onnx"))
+    graph = to_graph(onnx.load(MODELS / "digits_resnet.onnx"))
     names = [n.outputs[0].name for n in graph.nodes if n.op == "Conv"][:3]
     assert len(names) == 3
     # 1024 images of 8x8: more rows than are kept, so rows are sampled

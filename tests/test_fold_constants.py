@@ -8,6 +8,7 @@ from builders import Builder
 from conftest import MODELS, assert_equivalent, shared_model
 
 from redonnx.io import load_model
+from redonnx.passes import FoldConstants
 from redonnx.pipeline import run_passes
 from redonnx.runtime import random_inputs, run, session
 
@@ -47,7 +48,7 @@ def test_large_results_not_folded() -> None:
     m = b.model([("x", [2000, 4])], [b.op("Add", ["x", big])])
     out, _ = run_passes(m, ["fold-constants"], exact=True)
     assert "Tile" not in [n.op_type for n in out.graph.node]  # 32 kB: below the default limit
-    out2, _ = run_passes(m, ["fold-constants"], exact=True, options={"fold_size_limit": 1024})
+    out2, _ = run_passes(m, [FoldConstants(size_limit=1024)], exact=True)
     assert "Tile" in [n.op_type for n in out2.graph.node]
     assert_equivalent(m, out2)
 

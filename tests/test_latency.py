@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 from redonnx import latency, speed
 from redonnx.latency import Cache, CostModel, LayerShape, compare
+from redonnx.passes import MergeChannels, PassContext
 from redonnx.pipeline import prune, run_passes
 
 
@@ -45,8 +46,8 @@ def test_block_is_measured_and_the_planner_keeps_to_it(block: int) -> None:
     assert cm.block() == block
     model = conv_net()
     for budget in (0.01, 0.1, 1.0, 10.0):
-        out, _ = run_passes(model, ["merge-channels"], False, {"error_budget": budget, "target": "ort-cpu",
-                                                                "cost_model": cm})  # fmt: skip
+        out, _ = run_passes(model, [MergeChannels(error_budget=budget)], False,
+                            PassContext(target="ort-cpu", cost_model=cm))
         for cout, _ in conv_counts(out)[:2]:
             assert cout % block == 0 or cout == 32, (budget, conv_counts(out))
     assert any(c[0] < 32 for c in conv_counts(out)[:2])  # the largest budget did remove channels
@@ -61,8 +62,8 @@ def test_exact_merges_are_undone_rather_than_misalign() -> None:
     h = b.op("Relu", [b.op("Conv", ["x", b.const(w)], pads=[1] * 4, kernel_shape=[3, 3])])
     model = b.model([("x", ["N", 3, 8, 8])], [b.conv(h, 9, 2, k=1, pad=0)])
     cm = CostModel(Cache("off"), timer=fake_timer(8))
-    fast, (res,) = run_passes(model, ["merge-channels"], True, {"target": "ort-cpu", "cost_model": cm})
-    small, (res2,) = run_passes(model, ["merge-channels"], True, {"target": "macs"})
+    fast, (res,) = run_passes(model, ["merge-channels"], True, PassContext(target="ort-cpu", cost_model=cm))
+    small, (res2,) = run_passes(model, ["merge-channels"], True, PassContext(target="macs"))
     assert conv_counts(fast)[0][0] == 9 and not res.modified
     assert conv_counts(small)[0][0] == 8 and res2.counts == {"identical channels merged": 1}
 

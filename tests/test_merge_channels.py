@@ -11,6 +11,7 @@ from widen import widen
 
 from redonnx.cost import model_cost
 from redonnx.io import load_model
+from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
 
 
@@ -18,8 +19,8 @@ def exact_base(rel: str) -> onnx.ModelProto:
     return run_passes(load_model(shared_model(rel)).model, None, exact=True)[0]
 
 
-def merged(model: onnx.ModelProto, **opts):
-    out, results = run_passes(model, ["merge-channels", "cleanup"], exact=not opts, options=opts)
+def merged(model: onnx.ModelProto, **params):
+    out, results = run_passes(model, [MergeChannels(**params), "cleanup"], exact=not params)
     return out, results[0]
 
 
@@ -213,11 +214,11 @@ def test_constant_channel_absorbed_only_where_exact() -> None:
 
 def test_relaxed_merging_is_lossy_and_bounded() -> None:
     src = load_model(shared_model(RESNET)).model
-    res = prune(src, passes=["fold-batchnorm", "merge-channels", "cleanup"], options={"alpha": 0.1}, target="macs")
+    res = prune(src, passes=["fold-batchnorm", MergeChannels(alpha=0.1), "cleanup"], target="macs")
     assert res.after.params < res.before.params * 0.95
     assert res.verification is not None and res.verification.min_cosine == 0.99
     with pytest.raises(Exception, match="lossy"):
-        run_passes(src, ["merge-channels"], exact=True, options={"alpha": 0.1})
+        run_passes(src, [MergeChannels(alpha=0.1)], exact=True)
 
 
 def test_relaxed_merging_of_a_bias_free_matmul_chain() -> None:
@@ -230,7 +231,7 @@ def test_relaxed_merging_of_a_bias_free_matmul_chain() -> None:
         if i < 3:
             x = b.op("Relu", [x])
     model = b.model([("x", ["N", 64])], [x])
-    res = prune(model, passes=["merge-channels"], options={"alpha": 0.3}, target="macs")
+    res = prune(model, passes=[MergeChannels(alpha=0.3)], target="macs")
     assert res.verification is not None and res.after.params < res.before.params
     adds = [n for n in res.model.graph.node if n.op_type == "Add"]
     assert adds, "compensation should have added biases"

@@ -8,8 +8,10 @@ import onnx_graphsurgeon as gs
 from conftest import ROOT
 
 from redonnx.io import load_model
+from redonnx.passes import PassContext
 from redonnx.passes import prune_heads as H
 from redonnx.pipeline import prune, run_passes
+from redonnx.planner.stages import score_heads
 from redonnx.runtime import run, session
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -106,8 +108,6 @@ def test_a_head_predictable_from_the_others_goes_with_least_squares() -> None:
     """Head 2 planted as head 0 with its values scaled by -3: its context is -3 x head 0's, so its
     least-squares prediction from the kept heads is exact and the block's output does not move;
     removing head 1 (not predictable) the same way moves it."""
-    from redonnx import planner
-
     model = load_model(FIXTURES / "bert_tiny.onnx").model
     folded, _ = run_passes(model, ["fold-constants", "fold-batchnorm"], True)
     g = gs.import_onnx(folded)
@@ -123,12 +123,11 @@ def test_a_head_predictable_from_the_others_goes_with_least_squares() -> None:
     planted = gs.export_onnx(g)
     planted.graph.output.append(onnx.helper.make_empty_tensor_value_info(block_out))
     shapes = {k: list(v.shape) for k, v in inputs().items()}  # statistics on 256 drawn sequences
-    stats, _ = planner.score_heads(planted, H.find(gs.import_onnx(planted))[0], {"shapes": shapes})
+    stats, _ = score_heads(planted, H.find(gs.import_onnx(planted))[0], PassContext(shapes=shapes))
     ref = run(session(planted), inputs())[block_out]
 
     def moved(head: int) -> float:
-        out, (res,) = run_passes(planted, ["prune-heads"], False, {"drop_heads": {att.key: [head]},
-                                                                   "head_stats": stats})  # fmt: skip
+        out, (res,) = run_passes(planted, [H.PruneHeads(drop={att.key: [head]}, stats=stats)], False)
         assert res.counts == {"heads removed with least-squares compensation": 1}
         assert attention_shapes(out)[0] == (3, 24)
         return float(np.max(np.abs(run(session(out), inputs())[block_out] - ref)) / np.max(np.abs(ref)))

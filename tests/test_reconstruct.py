@@ -7,6 +7,7 @@ from builders import Builder
 from conftest import assert_equivalent
 
 from redonnx import reconstruct as R
+from redonnx.passes import MergeChannels
 from redonnx.pipeline import run_passes
 
 
@@ -39,7 +40,7 @@ def test_predictable_channel_removed_with_compensation() -> None:
     w[3], bias[3] = 0.5 * w[0] - w[1], 0.5 * bias[0] - bias[1] + 0.2
     y = b.op("Conv", ["x", b.const(w), b.const(bias)], pads=[1] * 4, kernel_shape=[3, 3])
     m = b.model([("x", [2, 3, 8, 8])], [b.conv(y, 4, 5, k=1, pad=0)])
-    out, (res, _) = run_passes(m, ["merge-channels", "cleanup"], exact=False, options={"alpha": 0.25})
+    out, (res, _) = run_passes(m, [MergeChannels(alpha=0.25), "cleanup"], exact=False)
     assert res.counts == {"channels removed with reconstruction": 1}
     assert_equivalent(m, out, rtol=1e-3)
 
@@ -61,7 +62,7 @@ def test_statistics_never_use_the_verification_inputs(monkeypatch) -> None:
         return feeds
 
     monkeypatch.setattr(R, "draw_stats_inputs", spy)
-    run_passes(model, ["merge-channels"], exact=False, options={"alpha": 0.2})
+    run_passes(model, [MergeChannels(alpha=0.2)], exact=False)
     assert seen and len(seen[0]) >= 256  # vectors: many samples, not 16
     verification = np.concatenate([f["x"] for f in feeds_for(model, None, None, 8, 0)[0]])
     rows = {r.tobytes() for r in seen[0]}

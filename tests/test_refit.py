@@ -6,6 +6,7 @@ import numpy as np
 from conftest import MODELS
 
 from redonnx.io import load_model
+from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
 from redonnx.refit import refit
 from redonnx.runtime import run, session
@@ -26,7 +27,7 @@ def test_refit_moves_a_pruned_model_back_towards_the_original() -> None:
     x, _ = digits()
     calib, held = {"input": x[:160]}, {"input": x[160:]}
     base, _ = run_passes(src, ["fold-constants", "fold-batchnorm"], True)
-    pruned, results = run_passes(base, ["merge-channels"], False, {"alpha": 0.4})
+    pruned, results = run_passes(base, [MergeChannels(alpha=0.4)], False)
     kept = {k: v for r in results for k, v in r.kept.items()}
     fitted = refit(pruned, src, calib, kept)
     assert fitted.layers and all(lay["error_after"] < lay["error_before"] for lay in fitted.layers)
@@ -40,8 +41,8 @@ def test_calibration_refits_inside_the_budget_search() -> None:
     src = load_model(MODELS / "digits_resnet.onnx").model
     x, y = digits()
     calib = {"input": x[:160]}
-    plain = prune(src, target_macs=40, target="macs", options={"calibration": calib, "refit": False})
-    fitted = prune(src, target_macs=40, target="macs", options={"calibration": calib})
+    plain = prune(src, target_macs=40, target="macs", calibration=calib, refit=False)
+    fitted = prune(src, target_macs=40, target="macs", calibration=calib)
     assert any(p.name == "refit" and p.modified for p in fitted.passes)
     top1 = lambda m: float(np.mean(run(session(m), {"input": x[160:]})["logits"].argmax(1) == y[160:]))  # noqa: E731
     assert top1(fitted.model) >= top1(plain.model)

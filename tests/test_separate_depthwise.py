@@ -11,6 +11,7 @@ from conftest import assert_equivalent, shared_model
 
 from redonnx.cost import model_cost
 from redonnx.io import load_model
+from redonnx.passes import PassContext, SeparateDepthwise
 from redonnx.passes.separate_depthwise import costs, factorize
 from redonnx.pipeline import prune, run_passes
 
@@ -26,8 +27,9 @@ def low_rank(w: np.ndarray, ranks: list[int]) -> np.ndarray:
     return out.astype(w.dtype)
 
 
-def separated(m: onnx.ModelProto, **opts):
-    out, (res, _) = run_passes(m, ["separate-depthwise", "cleanup"], exact=not opts, options=opts)
+def separated(m: onnx.ModelProto, **params):
+    exact = not params.get("max_error")
+    out, (res, _) = run_passes(m, [SeparateDepthwise(**params), "cleanup"], exact=exact)
     return out, res
 
 
@@ -47,7 +49,7 @@ def test_exact_forms_keep_outputs(ranks: list[int], form: str) -> None:
     w = low_rank(rng.standard_normal((16, 4, 3, 3)).astype(np.float32), ranks)
     y = b.op("Conv", ["x", b.const(w), b.rand(16)], pads=[1, 1, 1, 1], strides=[2, 2], kernel_shape=[3, 3])
     m = b.model([("x", [2, 4, 9, 9])], [b.op("Relu", [y])])
-    out, res = separated(m, separate_form=form)
+    out, res = separated(m, form=form)
     assert res.counts == {f"convs separated ({form})": 1}
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("Gather") == (form == "gather") and ops.count("Conv") == 2
@@ -78,8 +80,8 @@ def test_truncation_is_lossy_and_reports_error() -> None:
     b = Builder()
     m = b.model([("x", [1, 4, 8, 8])], [b.conv("x", 4, 32)])
     with pytest.raises(Exception, match="lossy"):
-        run_passes(m, ["separate-depthwise"], exact=True, options={"separate_error": 0.5})
-    _out, res = separated(m, separate_error=0.6)
+        run_passes(m, [SeparateDepthwise(max_error=0.5)], exact=True)
+    _out, res = separated(m, max_error=0.6)
     assert res.counts and 0 < res.layers[0]["rel_error"] <= 0.6
 
 
@@ -113,7 +115,7 @@ def test_stacked_form_keeps_outputs(ranks: list[int]) -> None:
     w = low_rank(rng.standard_normal((16, 4, 3, 3)).astype(np.float32), ranks)
     y = b.op("Conv", ["x", b.const(w), b.rand(16)], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
     m = b.model([("x", [2, 4, 7, 7])], [y])
-    out, res = separated(m, separate_form="stacked")
+    out, res = separated(m, form="stacked")
     assert res.counts == {"convs separated (stacked)": 1}
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("Conv") == max(ranks) + 1 and "Concat" in ops
@@ -135,8 +137,8 @@ def test_separation_gated_on_a_measurement() -> None:
     slow_forms = CostModel(Cache("off"), timer=lambda shape: 1.0, model_timer=lambda model, feeds: 2.0)
     fast_forms = CostModel(Cache("off"), timer=lambda shape: 1.0, model_timer=lambda model, feeds: 0.5)
     model = rank_one_conv()
-    _, (kept,) = run_passes(model, ["separate-depthwise"], True, {"cost_model": slow_forms})
+    _, (kept,) = run_passes(model, ["separate-depthwise"], True, PassContext(cost_model=slow_forms))
     assert not kept.modified and "measured at 2.0000 ms against 1.0000 ms" in kept.declined[0].reason
-    out, (done,) = run_passes(model, ["separate-depthwise"], True, {"cost_model": fast_forms})
+    out, (done,) = run_passes(model, ["separate-depthwise"], True, PassContext(cost_model=fast_forms))
     assert done.counts == {"convs separated (stacked)": 1}
     assert_equivalent(model, out, rtol=1e-4)

@@ -63,7 +63,7 @@ def test_a_rewrite_valid_at_one_size_only_is_caught(monkeypatch) -> None:
     """A pass that folds a shape into a constant agrees at the size it was folded at and not at the
     second size: verification fails there, nothing would be written."""
     original, baked = scaled_by_width(False), scaled_by_width(True)
-    monkeypatch.setattr(pipeline, "run_passes", lambda model, names, exact, options=None: (baked, []))
+    monkeypatch.setattr(pipeline, "run_passes", lambda model, passes, exact, ctx=None: (baked, []))
     res = prune(original, exact=True)
     first = [o for o in res.verification.outputs if "(at" not in o.name]
     second = [o for o in res.verification.outputs if "(at" in o.name]

@@ -7,6 +7,7 @@ from builders import Builder
 from conftest import assert_equivalent, shared_model
 
 from redonnx.io import load_model
+from redonnx.passes import SplitInputs
 from redonnx.passes.split_inputs import codebook
 from redonnx.pipeline import run_passes
 
@@ -30,7 +31,7 @@ def test_gemm_and_matmul_split_exactly() -> None:
     g = b.op("Gemm", ["x", b.const(w1.T.copy()), b.rand(64)], transB=1, alpha=0.5, beta=2.0)
     y = b.op("MatMul", [b.op("Relu", [g]), b.const(hashed((64, 48), 3, 2))])
     m = b.model([("x", [3, 16])], [y])
-    out, (res, _) = run_passes(m, ["split-inputs", "cleanup"], exact=True, options={"split_check_latency": False})
+    out, (res, _) = run_passes(m, [SplitInputs(check_latency=False), "cleanup"], exact=True)
     assert res.counts["layers split"] == 2
     assert res.counts["multiplications removed per sample"] == 16 * 64 - sum(codebook(w1)[2]) + 64 * 48 - sum(
         codebook(hashed((64, 48), 3, 2))[2]
@@ -61,7 +62,6 @@ def test_unhashed_weights_declined() -> None:
 def test_hashed_autoencoder_split_is_exact() -> None:
     src = load_model(shared_model("tf/mlperf_tiny_fc_autoencoder.onnx")).model
     hashed_model, _ = run_passes(src, ["fold-batchnorm", "hash-weights"], exact=False)
-    out, (res, _) = run_passes(hashed_model, ["split-inputs", "cleanup"], exact=True,
-                               options={"split_check_latency": False})  # fmt: skip
+    out, (res, _) = run_passes(hashed_model, [SplitInputs(check_latency=False), "cleanup"], exact=True)
     assert res.counts["layers split"] == 10
     assert_equivalent(hashed_model, out)

@@ -1,4 +1,5 @@
-"""Pass protocol: every pass rewrites a gs.Graph in place and returns a :class:`PassResult`.
+"""Pass protocol: every pass is a configured :class:`Pass` object that rewrites a gs.Graph in place
+and returns a :class:`PassResult`.
 
 Matching is kept apart from rewriting: a matcher returns either a plan or a :class:`Decline`
 naming the node and the reason, so reports can say why a layer was left alone.
@@ -6,10 +7,18 @@ naming the node and the reason, so reports can say why a layer was left alone.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from redonnx.input_model import InputModel
+    from redonnx.latency import CostModel
 
 
 @dataclass
@@ -61,16 +70,41 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Settings shared by passes."""
+    """What passes share besides their own parameters: the model's input sizes, the target, and
+    the services the pipeline sets up (cost model, input model, statistics inputs, a memo)."""
 
-    opset: int
-    options: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, list[int]] | None = None
+    target: str = "macs"
+    cost_model: CostModel | None = None  # --target ort-cpu: measured layer latencies
+    input_model: InputModel | None = None  # how synthetic statistics inputs are drawn
+    corrections: list | None = None  # BatchNorm corrections of the synthetic activations
+    calibration: dict[str, np.ndarray] | None = None  # real inputs for channel statistics
+    memo: dict[str, Any] | None = None  # results that depend only on the graph a pass starts from
 
 
-class Pass(Protocol):
-    """A graph rewrite. ``run`` mutates ``graph`` and reports what it did."""
+class Pass(ABC):
+    """A graph rewrite with typed parameters (subclasses are dataclasses): ``pass_(graph, ctx)``
+    mutates ``graph`` and returns what it did. ``name`` is the CLI's and the registry's name;
+    ``exact`` says whether this instance is lossless (a property of its parameters)."""
 
-    name: str
-    exact: bool
+    name: ClassVar[str]
 
+    @property
+    def exact(self) -> bool:
+        return True
+
+    def __call__(self, graph: gs.Graph, ctx: PassContext | None = None) -> PassResult:
+        t0 = time.perf_counter()
+        res = self.run(graph, ctx if ctx is not None else PassContext())
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    @abstractmethod
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult: ...
+
+    def result(self) -> PassResult:
+        return PassResult(self.name)
+
+    def with_params(self, **params: Any) -> Pass:
+        """A copy with some parameters changed (how the planner tries values of a tunable)."""
+        return dataclasses.replace(self, **params)  # type: ignore[type-var]

@@ -12,33 +12,39 @@ If/Loop/Scan bodies are left untouched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx import weights
 from redonnx.graph import const_value, is_graph_output, replace_uses
-from redonnx.passes.base import PassContext, PassResult
-
-name = "cleanup"
-exact = True
+from redonnx.passes.base import Pass, PassContext, PassResult
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    for node in list(graph.nodes):
-        if node.op in ("Identity", "Dropout"):
-            reason = _bypass_reason(graph, node)
-            if reason:
-                res.decline(node, reason)
-            else:
-                _bypass(graph, node)
-                res.count(f"{node.op} removed")
-    res.count("duplicate initializers shared", _share_duplicates(graph))
-    before_nodes, before_consts = len(graph.nodes), _n_constants(graph)
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    res.count("unused nodes removed", before_nodes - len(graph.nodes))
-    res.count("unused initializers removed", max(0, before_consts - _n_constants(graph)))
-    return res
+@dataclass
+class Cleanup(Pass):
+    """Bypasses Identity and inference Dropout, shares duplicate initializers, removes dead nodes (exact)."""
+
+    name: ClassVar[str] = "cleanup"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        for node in list(graph.nodes):
+            if node.op in ("Identity", "Dropout"):
+                reason = _bypass_reason(graph, node)
+                if reason:
+                    res.decline(node, reason)
+                else:
+                    _bypass(graph, node)
+                    res.count(f"{node.op} removed")
+        res.count("duplicate initializers shared", _share_duplicates(graph))
+        before_nodes, before_consts = len(graph.nodes), _n_constants(graph)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        res.count("unused nodes removed", before_nodes - len(graph.nodes))
+        res.count("unused initializers removed", max(0, before_consts - _n_constants(graph)))
+        return res
 
 
 def _n_constants(graph: gs.Graph) -> int:

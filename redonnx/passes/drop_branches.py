@@ -20,21 +20,15 @@ and nothing outside it may read its tensors. Declined (with the reason) otherwis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.graph import LINEAR_OPS, const_value, is_graph_output
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.shapes import annotate_graph
-
-name = "drop-branches"
-exact = True  # only provably constant branches, unless the planner names others (then lossy)
-
-
-def is_exact(options: dict) -> bool:
-    return not options.get("drop")
 
 
 @dataclass
@@ -168,25 +162,36 @@ def drop(graph: gs.Graph, branch: Branch, constant: np.ndarray) -> None:
     branch.add.inputs[branch.side] = c
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    chosen = set(ctx.options.get("drop") or [])
-    means = ctx.options.get("branch_means") or {}
-    found, declined = find_branches(graph)
-    for add, why in declined:
-        res.decline(add, why)
-    for br in found:
-        if br.constant is not None:
-            drop(graph, br, br.constant)
-            res.count("constant branches removed")
-            res.layers.append({"add": br.key, "layers": [n.name for n in br.layers()], "exact": True})
-        elif br.key in chosen and br.key in means:
-            drop(graph, br, means[br.key])
-            res.count("branches removed")
-            res.layers.append({"add": br.key, "layers": [n.name for n in br.layers()], "exact": False})
-    if res.modified:
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    return res
+@dataclass
+class DropBranches(Pass):
+    """Removes residual branches: provably constant ones exactly, and those the planner names."""
+
+    name: ClassVar[str] = "drop-branches"
+    drop: tuple[str, ...] = ()  # the Add nodes whose (non-constant) branch goes, chosen by the planner
+    means: dict[str, np.ndarray] = field(default_factory=dict)  # Add -> the branch output's per-channel mean
+
+    @property
+    def exact(self) -> bool:
+        return not self.drop
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        chosen, means = set(self.drop), self.means
+        found, declined = find_branches(graph)
+        for add, why in declined:
+            res.decline(add, why)
+        for br in found:
+            if br.constant is not None:
+                drop(graph, br, br.constant)
+                res.count("constant branches removed")
+                res.layers.append({"add": br.key, "layers": [n.name for n in br.layers()], "exact": True})
+            elif br.key in chosen and br.key in means:
+                drop(graph, br, means[br.key])
+                res.count("branches removed")
+                res.layers.append({"add": br.key, "layers": [n.name for n in br.layers()], "exact": False})
+        if res.modified:
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        return res
 
 
 def per_channel_mean(v: np.ndarray, axis: int) -> np.ndarray:

@@ -24,16 +24,15 @@ declined, as are folds into a weight other nodes share, or through a tensor othe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.graph import add_to_bias, const_value, is_graph_output, new_constant, sole_reader
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.shapes import annotate_graph
 
-name = "fold-batchnorm"
-exact = True
 AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 
 
@@ -56,29 +55,35 @@ class Chain:
     shift: np.ndarray
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    annotate_graph(graph)
-    reasons: dict[int, str] = {}
-    for node in list(graph.nodes):
-        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            continue
-        chain = _match_chain(graph, node, reasons)
-        if chain is not None:
-            _apply_chain(graph, chain)
-            for n in chain.nodes:
-                res.count("BatchNormalization folded" if n.op == "BatchNormalization" else f"{n.op} folded")
-            res.layers.append({"layer": node.name, "op": node.op, "folded": [n.op for n in chain.nodes]})
-    for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and n.outputs]:
-        why = _fold_forward(graph, bn)
-        if why is None:
-            res.count("BatchNormalization folded forward")
-            res.layers.append({"layer": bn.name, "op": bn.op, "folded": ["into consumers"]})
-        else:
-            backward = reasons.get(id(bn))
-            res.decline(bn, f"{backward}; {why}" if backward else why)
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    return res
+@dataclass
+class FoldBatchNorm(Pass):
+    """Folds per-channel affine maps (BatchNormalization, Mul/Add/Sub/Div) into neighbouring linear layers (exact)."""
+
+    name: ClassVar[str] = "fold-batchnorm"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        annotate_graph(graph)
+        reasons: dict[int, str] = {}
+        for node in list(graph.nodes):
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                continue
+            chain = _match_chain(graph, node, reasons)
+            if chain is not None:
+                _apply_chain(graph, chain)
+                for n in chain.nodes:
+                    res.count("BatchNormalization folded" if n.op == "BatchNormalization" else f"{n.op} folded")
+                res.layers.append({"layer": node.name, "op": node.op, "folded": [n.op for n in chain.nodes]})
+        for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and n.outputs]:
+            why = _fold_forward(graph, bn)
+            if why is None:
+                res.count("BatchNormalization folded forward")
+                res.layers.append({"layer": bn.name, "op": bn.op, "folded": ["into consumers"]})
+            else:
+                backward = reasons.get(id(bn))
+                res.decline(bn, f"{backward}; {why}" if backward else why)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        return res
 
 
 # ------------------------------------------------------------------ matching

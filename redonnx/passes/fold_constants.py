@@ -12,37 +12,43 @@ already states are used. If/Loop/Scan bodies are left untouched.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
 import redonnx.runtime  # noqa: F401  (quiets onnxruntime's logger)
 from redonnx.graph import lift_constant_nodes
-from redonnx.passes.base import Decline, PassContext, PassResult
+from redonnx.passes.base import Decline, Pass, PassContext, PassResult
 from redonnx.shapes import annotate_graph, restore_constants, swap_constants
 from redonnx.weights import ExternalValues
 
-name = "fold-constants"
-exact = True
 DEFAULT_SIZE_LIMIT = 16 * 2**20
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    annotate_graph(graph)
-    graph.toposort(recurse_subgraphs=False)
-    _load_folded_weights(graph)
-    limit = int(ctx.options.get("fold_size_limit", DEFAULT_SIZE_LIMIT))
-    before = len(graph.nodes)
-    _quiet_gs()
-    try:
-        _fold(graph, limit)
-    except Exception as exc:  # gs surfaces onnxruntime failures as bare exceptions
-        res.declined.append(Decline("<graph>", "", f"constant folding failed, skipped: {exc}"))
+@dataclass
+class FoldConstants(Pass):
+    """Evaluates every node that depends only on constants, in one onnxruntime run (exact)."""
+
+    name: ClassVar[str] = "fold-constants"
+    size_limit: int = DEFAULT_SIZE_LIMIT  # bytes: larger folded tensors stay computed
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        annotate_graph(graph)
+        graph.toposort(recurse_subgraphs=False)
+        _load_folded_weights(graph)
+        before = len(graph.nodes)
+        _quiet_gs()
+        try:
+            _fold(graph, self.size_limit)
+        except Exception as exc:  # gs surfaces onnxruntime failures as bare exceptions
+            res.declined.append(Decline("<graph>", "", f"constant folding failed, skipped: {exc}"))
+            return res
+        lift_constant_nodes(graph)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        res.count("nodes folded", max(0, before - len(graph.nodes)))
         return res
-    lift_constant_nodes(graph)
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    res.count("nodes folded", max(0, before - len(graph.nodes)))
-    return res
 
 
 def _fold(graph: gs.Graph, limit: int) -> None:

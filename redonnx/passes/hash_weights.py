@@ -23,66 +23,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx import hashing as H
 from redonnx.errors import RedonnxError
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 
-name = "hash-weights"
-exact = False
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_ERROR = 0.06
 STRATEGIES = ("constant", "block", "ascending", "descending")
-
-
-@dataclass
-class Settings:
-    rule: str = "bounded"
-    error: float = DEFAULT_ERROR
-    bandwidth: str | float | None = None
-    grid: int | None = None
-    tau: float = 0.0
-    tau_strategy: str = "constant"
-    biases: bool = False
-    plot_dir: str | None = None
-
-    @classmethod
-    def from_options(cls, opts: dict[str, Any]) -> Settings:
-        s = cls(
-            rule=opts.get("hash_rule", "bounded"),
-            error=float(opts.get("hash_error", DEFAULT_ERROR)),
-            bandwidth=opts.get("bandwidth"),
-            grid=opts.get("grid"),
-            tau=float(opts.get("tau", 0.0)),
-            tau_strategy=opts.get("tau_strategy", "constant"),
-            biases=bool(opts.get("hash_biases", False)),
-            plot_dir=opts.get("plot_dir"),
-        )
-        s.validate()
-        return s
-
-    def validate(self) -> None:
-        if self.rule not in ("bounded", "paper"):
-            raise RedonnxError(f"hash rule {self.rule!r}: expected 'bounded' or 'paper'")
-        if not 0 < self.error < 1:
-            raise RedonnxError("--hash-error must be between 0 and 1 (a fraction, e.g. 0.06)")
-        if not 0 <= self.tau <= 100:
-            raise RedonnxError("--tau must be a percentage between 0 and 100")
-        if self.tau_strategy not in STRATEGIES:
-            raise RedonnxError(f"--tau-strategy must be one of {', '.join(STRATEGIES)}")
-        if self.grid is not None and not 16 <= int(self.grid) <= 2**24:
-            raise RedonnxError("--grid must be between 16 and 16777216")
-        if isinstance(self.bandwidth, str) and self.bandwidth not in ("paper", "silverman", "scott"):
-            try:
-                self.bandwidth = float(self.bandwidth)
-            except ValueError:
-                raise RedonnxError("--bandwidth must be paper, silverman, scott or a number") from None
-        if isinstance(self.bandwidth, float) and self.bandwidth <= 0:
-            raise RedonnxError("--bandwidth must be positive")
 
 
 def layer_taus(tau: float, strategy: str, n_layers: int) -> list[float]:
@@ -119,48 +71,85 @@ def targets(graph: gs.Graph, biases: bool) -> list[tuple[gs.Node, gs.Constant]]:
     return out
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    cfg = Settings.from_options(ctx.options)
-    pairs = targets(graph, cfg.biases)
-    taus = layer_taus(cfg.tau, cfg.tau_strategy, len(pairs))
-    for (node, tensor), tau in zip(pairs, taus, strict=True):
-        values = np.asarray(tensor.values)
-        if values.dtype.kind != "f":
-            res.decline(node, f"{tensor.name}: {values.dtype} weights are not floating point")
-            continue
-        if not np.all(np.isfinite(values)):
-            res.decline(node, f"{tensor.name}: weights contain NaN or Inf")
-            continue
-        if np.unique(values).size < 3:
-            res.decline(node, f"{tensor.name}: two or fewer distinct values, nothing to hash")
-            continue
-        t0 = time.perf_counter()
-        hashed, record, hashing, binned = hash_tensor(values, cfg, tau)
-        record.update(layer=node.name, op=node.op, tensor=tensor.name, seconds=round(time.perf_counter() - t0, 5))
-        tensor.values = hashed
-        res.layers.append(record)
-        res.count("tensors hashed")
-        if cfg.plot_dir and res.counts["tensors hashed"] <= int(ctx.options.get("plot_limit", 10**9)):
-            _plot(cfg.plot_dir, node, tensor, binned, hashing)
-    if res.layers:
-        res.counts["weights hashed"] = int(sum(r["n"] for r in res.layers))
-        res.stats["hashing_seconds"] = round(sum(r["seconds"] for r in res.layers), 4)
-        res.stats["max_rel_error"] = max(r["rel_error"] for r in res.layers)
-    return res
+@dataclass
+class HashWeights(Pass):
+    """Replaces each weight by the value of its density basin (RED step 1); lossy."""
+
+    name: ClassVar[str] = "hash-weights"
+    rule: str = "bounded"  # bounded (error-bounded bandwidth, centroid values) or paper
+    max_error: float = DEFAULT_ERROR  # bounded rule: relative error allowed per tensor
+    bandwidth: str | float | None = None  # fixed KDE bandwidth: paper, silverman, scott or a number
+    grid: int | None = None  # density grid points
+    tau: float = 0.0  # contrast: modes closer than tau % of a layer's range merge
+    tau_strategy: str = "constant"  # per-layer tau: constant, block, ascending, descending
+    biases: bool = False  # hash biases too
+    plot_dir: str | None = None  # a density plot per hashed layer
+    plot_limit: int = 10**9  # at most this many plots
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("bounded", "paper"):
+            raise RedonnxError(f"hash rule {self.rule!r}: expected 'bounded' or 'paper'")
+        if not 0 < self.max_error < 1:
+            raise RedonnxError("--hash-error must be between 0 and 1 (a fraction, e.g. 0.06)")
+        if not 0 <= self.tau <= 100:
+            raise RedonnxError("--tau must be a percentage between 0 and 100")
+        if self.tau_strategy not in STRATEGIES:
+            raise RedonnxError(f"--tau-strategy must be one of {', '.join(STRATEGIES)}")
+        if self.grid is not None and not 16 <= int(self.grid) <= 2**24:
+            raise RedonnxError("--grid must be between 16 and 16777216")
+        if isinstance(self.bandwidth, str) and self.bandwidth not in ("paper", "silverman", "scott"):
+            try:
+                self.bandwidth = float(self.bandwidth)
+            except ValueError:
+                raise RedonnxError("--bandwidth must be paper, silverman, scott or a number") from None
+        if isinstance(self.bandwidth, float) and self.bandwidth <= 0:
+            raise RedonnxError("--bandwidth must be positive")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        pairs = targets(graph, self.biases)
+        taus = layer_taus(self.tau, self.tau_strategy, len(pairs))
+        for (node, tensor), tau in zip(pairs, taus, strict=True):
+            values = np.asarray(tensor.values)
+            if values.dtype.kind != "f":
+                res.decline(node, f"{tensor.name}: {values.dtype} weights are not floating point")
+                continue
+            if not np.all(np.isfinite(values)):
+                res.decline(node, f"{tensor.name}: weights contain NaN or Inf")
+                continue
+            if np.unique(values).size < 3:
+                res.decline(node, f"{tensor.name}: two or fewer distinct values, nothing to hash")
+                continue
+            t0 = time.perf_counter()
+            hashed, record, hashing, binned = hash_tensor(values, self, tau)
+            record.update(layer=node.name, op=node.op, tensor=tensor.name, seconds=round(time.perf_counter() - t0, 5))
+            tensor.values = hashed
+            res.layers.append(record)
+            res.count("tensors hashed")
+            if self.plot_dir and res.counts["tensors hashed"] <= self.plot_limit:
+                _plot(self.plot_dir, node, tensor, binned, hashing)
+        if res.layers:
+            res.counts["weights hashed"] = int(sum(r["n"] for r in res.layers))
+            res.stats["hashing_seconds"] = round(sum(r["seconds"] for r in res.layers), 4)
+            res.stats["max_rel_error"] = max(r["rel_error"] for r in res.layers)
+        return res
 
 
-def hash_tensor(values: np.ndarray, cfg: Settings, tau: float) -> tuple[np.ndarray, dict, H.Hashing, H.Binned]:
+def hash_tensor(values: np.ndarray, cfg: HashWeights, tau: float) -> tuple[np.ndarray, dict, H.Hashing, H.Binned]:
     """Hash one tensor; returns the new values, a report record, and the grid-level result."""
     h_fixed = _fixed_bandwidth(values, cfg)
-    grid = cfg.grid or _grid_size(values, h_fixed if cfg.rule == "paper" else None, cfg.error)
+    grid = cfg.grid or _grid_size(values, h_fixed if cfg.rule == "paper" else None, cfg.max_error)
     binned = H.bin_values(values, grid)
     if h_fixed is not None:
         hashing = H.hash_binned(
             binned, h_fixed, tau, centroids=cfg.rule == "bounded", lloyd_steps=8 * (cfg.rule == "bounded")
         )
     else:
-        hashing = H.choose_bandwidth(binned, cfg.error, tau)
+        hashing = H.choose_bandwidth(binned, cfg.max_error, tau)
     hashed = H.apply(binned, hashing, values.shape, values.dtype)
     diff = np.abs(hashed.astype(np.float64) - values)
     norm = float(np.sqrt(binned.sumsq))
@@ -181,7 +170,7 @@ def hash_tensor(values: np.ndarray, cfg: Settings, tau: float) -> tuple[np.ndarr
     return hashed, record, hashing, binned
 
 
-def _fixed_bandwidth(values: np.ndarray, cfg: Settings) -> float | None:
+def _fixed_bandwidth(values: np.ndarray, cfg: HashWeights) -> float | None:
     if cfg.rule == "paper" and cfg.bandwidth is None:
         return H.paper_bandwidth(values)
     if cfg.bandwidth is None:

@@ -28,20 +28,14 @@ to Q before the Reshape are declined, not guessed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.graph import add_to_bias, const_value, set_input_values
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.reconstruct import Stats, regression
-
-name = "prune-heads"
-exact = True  # duplicates and constant heads only, unless the planner names heads (then lossy)
-
-
-def is_exact(options: dict) -> bool:
-    return not options.get("drop_heads")
 
 
 @dataclass
@@ -311,32 +305,43 @@ def remove(graph: gs.Graph, att: Attention, dup: dict[int, int], means: dict[int
     return idx
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    chosen = ctx.options.get("drop_heads") or {}
-    head_stats = ctx.options.get("head_stats") or {}
-    found, declined = find(graph)
-    for node, why in declined:
-        res.decline(node, why)
-    if found:
-        res.stats["attention blocks"] = len(found)
-        res.stats["heads"] = sum(a.heads for a in found)
-    for att in found:
-        dup, const = exact_plan(att)
-        means = {h: att.v.b[att.cols(h)] if att.v.b is not None else np.zeros(att.dim) for h in const}
-        fitted = [h for h in chosen.get(att.key, []) if h not in dup and h not in means]
-        fitted = fitted[: max(att.heads - 1 - len(dup) - len(means), 0)]
-        if not dup and not means and not fitted:
-            continue
-        cols = remove(graph, att, dup, means, fitted, head_stats.get(att.key) if fitted else None).tolist()
-        for p in (att.q, att.k, att.v):  # the projections' outputs keep these columns (for --calibration refits)
-            res.kept[p.matmul.outputs[0].name] = cols
-        for what, n in (("duplicate heads merged", len(dup)), ("constant heads removed", len(const)),
-                        ("heads removed with least-squares compensation", len(fitted))):  # fmt: skip
-            if n:
-                res.count(what, n)
-        res.layers.append({"attention": att.key, "heads": att.heads, "kept": att.heads - len(dup) - len(means)
-                           - len(fitted), "duplicates": sorted(dup), "constant": const, "removed": sorted(fitted)})
-    if res.modified:
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    return res
+@dataclass
+class PruneHeads(Pass):
+    """Removes attention heads: duplicate and zero-value heads exactly, and those the planner names."""
+
+    name: ClassVar[str] = "prune-heads"
+    drop: dict[str, list[int]] = field(default_factory=dict)  # attention block -> heads the planner removes
+    stats: dict[str, Stats] = field(default_factory=dict)  # block -> statistics of its output projection's inputs
+
+    @property
+    def exact(self) -> bool:
+        return not self.drop
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        chosen, head_stats = self.drop, self.stats
+        found, declined = find(graph)
+        for node, why in declined:
+            res.decline(node, why)
+        if found:
+            res.stats["attention blocks"] = len(found)
+            res.stats["heads"] = sum(a.heads for a in found)
+        for att in found:
+            dup, const = exact_plan(att)
+            means = {h: att.v.b[att.cols(h)] if att.v.b is not None else np.zeros(att.dim) for h in const}
+            fitted = [h for h in chosen.get(att.key, []) if h not in dup and h not in means]
+            fitted = fitted[: max(att.heads - 1 - len(dup) - len(means), 0)]
+            if not dup and not means and not fitted:
+                continue
+            cols = remove(graph, att, dup, means, fitted, head_stats.get(att.key) if fitted else None).tolist()
+            for p in (att.q, att.k, att.v):  # the projections' outputs keep these columns (for --calibration refits)
+                res.kept[p.matmul.outputs[0].name] = cols
+            for what, n in (("duplicate heads merged", len(dup)), ("constant heads removed", len(const)),
+                            ("heads removed with least-squares compensation", len(fitted))):  # fmt: skip
+                if n:
+                    res.count(what, n)
+            res.layers.append({"attention": att.key, "heads": att.heads, "kept": att.heads - len(dup) - len(means)
+                               - len(fitted), "duplicates": sorted(dup), "constant": const, "removed": sorted(fitted)})
+        if res.modified:
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        return res

@@ -32,20 +32,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.errors import RedonnxError
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 
-name = "separate-depthwise"
-exact = True  # unless separate_error > 0; see is_exact
 RANK_TOL = 1e-5
-
-
-def is_exact(options: dict) -> bool:
-    return float(options.get("separate_error", 0.0)) == 0.0
 
 
 @dataclass
@@ -92,46 +87,58 @@ def costs(cout: int, cin: int, k: int, ranks: list[int]) -> dict[str, tuple[int,
     }
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    max_error = float(ctx.options.get("separate_error", 0.0))
-    if not 0.0 <= max_error < 1.0:
-        raise RedonnxError("--separate-error must be in [0, 1)")
-    if ctx.options.get("separate_form", "auto") not in ("auto", "multiplier", "gather", "stacked"):
-        raise RedonnxError("separate_form must be auto, multiplier, gather or stacked")
-    tags = _used_tags(graph)
-    for node in list(graph.nodes):
-        why = _reason(node)
-        if why:
-            if why != "skip":
-                res.decline(node, why)
-            continue
-        w = np.asarray(node.inputs[1].values)
-        f = factorize(w, max_error=max_error)
-        k = int(np.prod(w.shape[2:]))
-        c = costs(w.shape[0], w.shape[1], k, f.ranks)
-        form = ctx.options.get("separate_form", "auto")
-        form = "stacked" if form == "auto" else form  # fastest in onnxruntime (benchmarks/separation.py)
-        if c[form][0] >= c["original"][0] or c[form][1] >= c["original"][1]:
-            res.decline(node, f"ranks {_rank_summary(f.ranks)}: separation would not lower MACs and parameters")
-            continue
-        slower = _measured_slower(node, f, form, ctx.options.get("cost_model"))
-        if slower:
-            res.decline(node, f"ranks {_rank_summary(f.ranks)}: {slower}")
-            continue
-        _rewrite(graph, node, f, form, w.dtype, _new_tag(node, tags))
-        res.count(f"convs separated ({form})")
-        res.layers.append(
-            {
-                "layer": node.name,
-                "form": form,
-                "ranks": _rank_summary(f.ranks),
-                "rel_error": f.rel_error,
-                "macs_per_position": [c["original"][0], c[form][0]],
-            }
-        )
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    return res
+@dataclass
+class SeparateDepthwise(Pass):
+    """Uneven depthwise separation of convolutions whose kernels have low rank per input channel."""
+
+    name: ClassVar[str] = "separate-depthwise"
+    max_error: float = 0.0  # relative Frobenius error allowed per kernel when truncating ranks (0: exact)
+    form: str = "auto"  # auto (stacked), multiplier, gather or stacked
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error < 1.0:
+            raise RedonnxError("--separate-error must be in [0, 1)")
+        if self.form not in ("auto", "multiplier", "gather", "stacked"):
+            raise RedonnxError("separate_form must be auto, multiplier, gather or stacked")
+
+    @property
+    def exact(self) -> bool:
+        return self.max_error == 0.0
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        tags = _used_tags(graph)
+        for node in list(graph.nodes):
+            why = _reason(node)
+            if why:
+                if why != "skip":
+                    res.decline(node, why)
+                continue
+            w = np.asarray(node.inputs[1].values)
+            f = factorize(w, max_error=self.max_error)
+            k = int(np.prod(w.shape[2:]))
+            c = costs(w.shape[0], w.shape[1], k, f.ranks)
+            form = "stacked" if self.form == "auto" else self.form  # fastest in onnxruntime (benchmarks/separation.py)
+            if c[form][0] >= c["original"][0] or c[form][1] >= c["original"][1]:
+                res.decline(node, f"ranks {_rank_summary(f.ranks)}: separation would not lower MACs and parameters")
+                continue
+            slower = _measured_slower(node, f, form, ctx.cost_model)
+            if slower:
+                res.decline(node, f"ranks {_rank_summary(f.ranks)}: {slower}")
+                continue
+            _rewrite(graph, node, f, form, w.dtype, _new_tag(node, tags))
+            res.count(f"convs separated ({form})")
+            res.layers.append(
+                {
+                    "layer": node.name,
+                    "form": form,
+                    "ranks": _rank_summary(f.ranks),
+                    "rel_error": f.rel_error,
+                    "macs_per_position": [c["original"][0], c[form][0]],
+                }
+            )
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        return res
 
 
 def _measured_slower(node: gs.Node, f: Factors, form: str, cost_model) -> str | None:

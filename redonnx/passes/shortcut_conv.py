@@ -18,33 +18,40 @@ zeros on the channel axis only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.channels import slice_params
 from redonnx.graph import const_value
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.shapes import annotate_graph
 
-name = "shortcut-conv"
-exact = True
 BIG = 2**31 - 1
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    annotate_graph(graph)
-    for pad in [n for n in graph.nodes if n.op == "Pad"]:
-        plan = _match(pad)
-        if isinstance(plan, str):
-            if plan:
-                res.decline(pad, plan)
-            continue
-        _rewrite(graph, pad, *plan)
-        res.count("shortcuts as 1x1 conv")
-    if res.modified:
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort()
-    return res
+@dataclass
+class ShortcutConv(Pass):
+    """Rewrites option-A shortcuts (strided Slice + channel zero Pad) as one strided 1x1 conv (exact)."""
+
+    name: ClassVar[str] = "shortcut-conv"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        annotate_graph(graph)
+        for pad in [n for n in graph.nodes if n.op == "Pad"]:
+            plan = _match(pad)
+            if isinstance(plan, str):
+                if plan:
+                    res.decline(pad, plan)
+                continue
+            _rewrite(graph, pad, *plan)
+            res.count("shortcuts as 1x1 conv")
+        if res.modified:
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort()
+        return res
 
 
 def _channel_pads(pad: gs.Node) -> tuple[int, int] | str:

@@ -20,16 +20,16 @@ report gives the multiplications removed and the measured ratio either way.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.graph import const_value
-from redonnx.passes.base import PassContext, PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.shapes import annotate_graph
 
-name = "split-inputs"
-exact = True
 _ids = itertools.count()
 
 
@@ -46,37 +46,43 @@ def codebook(w_km: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return v, codes, [int(np.count_nonzero(u)) for u, _ in rows]
 
 
-def run(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    res = PassResult(name)
-    check = bool(ctx.options.get("split_check_latency", True))
-    annotate_graph(graph)
-    for node in list(graph.nodes):
-        plan = _match(node)
-        if isinstance(plan, str):
-            if plan != "skip":
-                res.decline(node, plan)
-            continue
-        w_km, alpha = plan
-        v, codes, d = codebook(w_km)
-        before, after = int(np.count_nonzero(w_km)), int(sum(d))
-        record = {"layer": node.name, "K": w_km.shape[0], "M": w_km.shape[1], "mults_before": before,
-                  "mults_after": after, "max_distinct": v.shape[1]}  # fmt: skip
-        if after >= before:
-            res.decline(node, f"every input meets {v.shape[1]} distinct values: no multiplication saved")
-            continue
-        if check:
-            ratio = _latency_ratio(w_km, v * alpha, codes, graph.opset)
-            record["split_over_original_latency"] = ratio
-            if ratio >= 1.0:
-                res.decline(node, f"{before - after} multiplications saved, but {ratio:.1f}x slower in onnxruntime")
-                res.layers.append({**record, "kept": False})
+@dataclass
+class SplitInputs(Pass):
+    """RED++ input splitting of hashed Gemm/MatMul layers (exact)."""
+
+    name: ClassVar[str] = "split-inputs"
+    check_latency: bool = True  # keep a split only where onnxruntime runs it faster
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = self.result()
+        annotate_graph(graph)
+        for node in list(graph.nodes):
+            plan = _match(node)
+            if isinstance(plan, str):
+                if plan != "skip":
+                    res.decline(node, plan)
                 continue
-        _rewrite(graph, node, v * alpha, codes)
-        res.count("layers split")
-        res.count("multiplications removed per sample", before - after)
-        res.layers.append({**record, "kept": True})
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-    return res
+            w_km, alpha = plan
+            v, codes, d = codebook(w_km)
+            before, after = int(np.count_nonzero(w_km)), int(sum(d))
+            record = {"layer": node.name, "K": w_km.shape[0], "M": w_km.shape[1], "mults_before": before,
+                      "mults_after": after, "max_distinct": v.shape[1]}  # fmt: skip
+            if after >= before:
+                res.decline(node, f"every input meets {v.shape[1]} distinct values: no multiplication saved")
+                continue
+            if self.check_latency:
+                ratio = _latency_ratio(w_km, v * alpha, codes, graph.opset)
+                record["split_over_original_latency"] = ratio
+                if ratio >= 1.0:
+                    res.decline(node, f"{before - after} multiplications saved, but {ratio:.1f}x slower in onnxruntime")
+                    res.layers.append({**record, "kept": False})
+                    continue
+            _rewrite(graph, node, v * alpha, codes)
+            res.count("layers split")
+            res.count("multiplications removed per sample", before - after)
+            res.layers.append({**record, "kept": True})
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        return res
 
 
 def _match(node: gs.Node) -> tuple[np.ndarray, float] | str:

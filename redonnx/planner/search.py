@@ -1,6 +1,7 @@
-"""Fidelity budgets: how much relaxed merging a model can take, found by measuring.
+"""The merge search: how much relaxed merging a model can take, found by measuring.
 
-The passes before merge-channels run once. Merging then runs for several values of its knob:
+The passes before merge-channels run once (:mod:`redonnx.planner`). Merging then runs for
+several values of its tunable (:attr:`MergeChannels.knob`):
 ``error_budget`` (the summed relative reconstruction error it may spend, searched on a geometric
 ladder: the greedy takes the most efficient steps that fit, see merge_channels) or, for the
 paper's rule, ``alpha`` (the fraction of channels removed). Each candidate is checked against
@@ -12,14 +13,14 @@ and its MACs are counted:
 - with ``--target-macs P``, bisection finds the smallest value removing at least P % of the
   MACs, and the report states the fidelity that cost.
 
-Channel statistics are computed on the first trial and reused (they only depend on the graph
-before merging).
+Channel statistics are computed on the first trial and reused through the context's memo (they
+only depend on the graph before merging); the pass does not know it is being searched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ import onnx
 
 from redonnx import weights
 from redonnx.cost import model_cost
-from redonnx.passes.base import PassResult
+from redonnx.passes.base import Pass, PassContext, PassResult
+from redonnx.passes.merge_channels import MergeChannels
 from redonnx.verify import Reference, Tolerance, VerificationResult
 
 ALPHA_MAX = 0.6
@@ -69,23 +71,24 @@ class SearchResult:
         self.fallbacks = []
 
 
-Runner = Callable[[onnx.ModelProto, list[str], dict[str, Any]], tuple[onnx.ModelProto, list[PassResult]]]
+Runner = Callable[[onnx.ModelProto, list[Pass], PassContext], tuple[onnx.ModelProto, list[PassResult]]]
 
 
-def search_alpha(
+def search_merging(
     base: onnx.ModelProto,
-    suffix: list[str],
-    options: dict[str, Any],
+    merge: MergeChannels,
+    after: list[Pass],
+    ctx: PassContext,
     reference: Reference,
     tol: Tolerance,
     run_passes: Runner,
     target_macs: float | None = None,
-    shapes: dict[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, list[PassResult], SearchResult]:
-    """Run ``suffix`` (starting at merge-channels) on ``base`` for the knob value the budget allows."""
-    opts = {**options, "stats_cache": {}}
-    knob = "alpha" if options.get("merge_criterion") == "paper" else "error_budget"
+    """Run ``merge`` then ``after`` on ``base`` for the value of merging's tunable the budget allows."""
+    ctx = replace(ctx, memo={})  # every trial starts from ``base``: what depends on it only, once
+    knob = merge.knob
+    shapes = ctx.shapes
     ladder = [round(ALPHA_MAX * i / 2**STEPS, 4) for i in range(2**STEPS + 1)] if knob == "alpha" else ERROR_LADDER
     macs0 = model_cost(base, shapes).macs if target_macs is not None else None
     trials: dict[float, tuple[onnx.ModelProto, list[PassResult], VerificationResult, float | None]] = {}
@@ -93,7 +96,7 @@ def search_alpha(
     def trial(index: int):
         value = ladder[index]
         if value not in trials:
-            model, results = run_passes(base, suffix, {**opts, knob: value})
+            model, results = run_passes(base, [merge.with_params(**{knob: value}), *after], ctx)
             v = reference.check(model, tol)
             removed = None
             if macs0:

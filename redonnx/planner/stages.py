@@ -24,15 +24,15 @@ import numpy as np
 import onnx
 
 from redonnx import reconstruct as R
-from redonnx.budget import Trial
 from redonnx.graph import export, to_graph
 from redonnx.passes import drop_branches as D
-from redonnx.passes.base import PassResult
+from redonnx.passes import prune_heads as H
+from redonnx.passes.base import PassContext, PassResult
+from redonnx.planner.search import Runner, Trial
 from redonnx.realism import intervene
 from redonnx.segments import Stepper
 from redonnx.verify import Reference, Tolerance
 
-Runner = Callable[[onnx.ModelProto, list[str], dict[str, Any]], tuple[onnx.ModelProto, list[PassResult]]]
 DEPTH_SEED = 2  # the scores' synthetic inputs: neither the statistics' nor verification's samples
 SCORE_BATCH = 8  # samples (at most) the branch scores run on
 HEAD_BATCH = 256  # samples (at most) the heads' least-squares statistics are fitted on
@@ -58,14 +58,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0
 
 
-def score_branches(base: onnx.ModelProto, branches: list[D.Branch], options: dict[str, Any]) -> tuple[dict, dict]:
+def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassContext) -> tuple[dict, dict]:
     """Per-channel means of each branch's output, and the output deviation removing it alone causes."""
     model = export(to_graph(base))
     del model.graph.value_info[:]
-    if options.get("corrections"):
-        model = intervene(model, options["corrections"])
-    feeds = R.draw_stats_inputs(model, options.get("shapes"), options.get("input_model"), batch=SCORE_BATCH,
-                              seed=DEPTH_SEED)  # fmt: skip
+    if ctx.corrections:
+        model = intervene(model, ctx.corrections)
+    feeds = R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=SCORE_BATCH, seed=DEPTH_SEED)
     stepper = Stepper(model, [b.output.name for b in branches])
     by_out = {b.output.name: b for b in branches}
     means: dict[str, np.ndarray] = {}
@@ -88,8 +87,7 @@ def score_branches(base: onnx.ModelProto, branches: list[D.Branch], options: dic
     return means, effects
 
 
-def _saving(branch: D.Branch, options: dict[str, Any]) -> float:
-    cm = options.get("cost_model")
+def _saving(branch: D.Branch, cm: Any) -> float:
     total = 0.0
     for n in branch.layers():
         if cm is not None:
@@ -148,7 +146,7 @@ def _removal_stage(
 
 def depth_stage(
     base: onnx.ModelProto,
-    options: dict[str, Any],
+    ctx: PassContext,
     reference: Reference,
     tol: Tolerance,
     run_passes: Runner,
@@ -158,13 +156,13 @@ def depth_stage(
     branches = [b for b in D.find_branches(to_graph(base))[0] if b.constant is None]
     if not branches:
         return DepthResult(base)
-    means, effects = score_branches(base, branches, options)
-    saving = {b.key: _saving(b, options) for b in branches}
+    means, effects = score_branches(base, branches, ctx)
+    saving = {b.key: _saving(b, ctx.cost_model) for b in branches}
     ranked = sorted(((b.key, effects[b.key], saving[b.key]) for b in branches),
                     key=lambda r: (r[1] / max(r[2], 1e-12), r[0]))  # fmt: skip
 
     def apply(keys: list[str]):
-        return run_passes(base, ["drop-branches"], {**options, "drop": keys, "branch_means": means})
+        return run_passes(base, [D.DropBranches(drop=tuple(keys), means=means)], ctx)
 
     return _removal_stage(base, ranked, apply, reference, tol, "residual branch(es)", progress)
 
@@ -175,16 +173,16 @@ def _features(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, np.float64).transpose(0, 2, 1, 3).reshape(b * s, h * d)
 
 
-def score_heads(base: onnx.ModelProto, atts: list, options: dict[str, Any]) -> tuple[dict, dict]:
+def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext) -> tuple[dict, dict]:
     """Per attention block, the statistics (mean, covariance) of the output projection's H*D input
     features; per (block, head), the output deviation replacing that head's context by its least-
     squares prediction from the other heads' contexts causes (statistics' inputs)."""
     model = export(to_graph(base))
     del model.graph.value_info[:]
-    if options.get("corrections"):
-        model = intervene(model, options["corrections"])
-    feeds = options.get("calibration") or R.draw_stats_inputs(
-        model, options.get("shapes"), options.get("input_model"), batch=HEAD_BATCH, seed=DEPTH_SEED)
+    if ctx.corrections:
+        model = intervene(model, ctx.corrections)
+    feeds = ctx.calibration or R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=HEAD_BATCH,
+                                                   seed=DEPTH_SEED)  # fmt: skip
     by_ctx = {a.ctx.name: a for a in atts}
     stepper = Stepper(model, list(by_ctx))
     stats: dict[str, R.Stats] = {}
@@ -219,7 +217,7 @@ def score_heads(base: onnx.ModelProto, atts: list, options: dict[str, Any]) -> t
 
 def head_stage(
     base: onnx.ModelProto,
-    options: dict[str, Any],
+    ctx: PassContext,
     reference: Reference,
     tol: Tolerance,
     run_passes: Runner,
@@ -227,12 +225,10 @@ def head_stage(
 ) -> DepthResult:
     """Remove as many attention heads as the budget allows, best score first (MACs a head costs:
     its share of the four projections)."""
-    from redonnx.passes import prune_heads as H
-
     atts = H.find(to_graph(base))[0]
     if not atts:
         return DepthResult(base)
-    stats, effects = score_heads(base, atts, options)
+    stats, effects = score_heads(base, atts, ctx)
     ranked = []
     for a in atts:
         saving = 4.0 * a.q.w.shape[0] * a.dim
@@ -244,6 +240,6 @@ def head_stage(
         for k in keys:
             att, h = k.rsplit("#", 1)
             drop.setdefault(att, []).append(int(h))
-        return run_passes(base, ["prune-heads"], {**options, "drop_heads": drop, "head_stats": stats})
+        return run_passes(base, [H.PruneHeads(drop=drop, stats=stats)], ctx)
 
     return _removal_stage(base, ranked, apply, reference, tol, "attention head(s)", progress)

@@ -1,0 +1,128 @@
+"""Channel counts and what a channel saves: channels are removed in the runtime's block
+(``channel_multiple``), exact merges are undone where they would leave it, and each coupled
+group's saving per channel is measured (cost model milliseconds) or counted (MACs).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from redonnx.channels import ChannelGraph
+from redonnx.redundancy.classes import ClassInfo, Plan, in_axis, out_axis
+
+CHANNEL_MULTIPLE = 1  # 8 keeps onnxruntime CPU convs on their blocked fast path
+
+
+def channel_multiple(target: str, cost_model: Any = None, requested: int | None = None) -> int:
+    """Channels are removed in multiples of this: the runtime's channel block (``target``), or
+    ``channel_multiple``; 1 for ``target=macs`` or when neither is set."""
+    if target == "ort-cpu" and cost_model is not None:
+        return int(cost_model.block())
+    return {"trt": 8, "trt-int8": 16}.get(target, int(requested or CHANNEL_MULTIPLE))
+
+
+def align(plan: Plan, groups: dict[tuple, list[ClassInfo]], chosen: list[ClassInfo], multiple: int) -> list[ClassInfo]:
+    """Per coupled group, make the channels removed (exact and chosen) a multiple of ``multiple``:
+    the costliest picks go back first (``chosen`` is cheapest first), then exact merges are
+    undone. A count like 61 leaves onnxruntime's blocked kernels: 62 channels run a depthwise
+    conv 2.3x slower than 64 (benchmarks/speed.py), so a channel more or less matters."""
+    if multiple <= 1:
+        return chosen
+    key_of = {i.root: key for key, members in groups.items() for i in members}
+    picks: dict[tuple, list[ClassInfo]] = defaultdict(list)
+    for info in chosen:
+        picks[info.key].append(info)
+    exact: dict[tuple, list[int]] = defaultdict(list)
+    for root in plan.exact:
+        exact[key_of[root]].append(root)
+    kept: list[ClassInfo] = []
+    undo: set[int] = set()
+    for key in sorted(set(picks) | set(exact), key=str):
+        allowed = (len(picks[key]) + len(exact[key])) // multiple * multiple
+        if allowed >= len(exact[key]):
+            kept += picks[key][: allowed - len(exact[key])]
+        else:
+            undo.update(exact[key][allowed:])
+    plan.undo(undo)
+    order = {i.root: k for k, i in enumerate(chosen)}
+    return sorted(kept, key=lambda i: order[i.root])
+
+
+def savings(
+    cg: ChannelGraph,
+    cands: list[ClassInfo],
+    cost_model: Any,
+    multiple: int,
+) -> dict[int, float]:
+    """What removing one channel of each candidate saves: measured milliseconds with a cost model
+    (per group: the touched layers' latency at the current count minus at ``multiple`` fewer,
+    per channel), else multiply-accumulates."""
+    if cost_model is None:
+        return {i.root: _channel_macs(cg, i) for i in cands}
+    by_group: dict[tuple, float] = {}
+    out = {}
+    for info in cands:
+        if info.key not in by_group:
+            by_group[info.key] = _group_ms_saved(cg, info, cost_model, multiple)
+        out[info.root] = by_group[info.key]
+    return out
+
+
+def _group_ms_saved(cg: ChannelGraph, info: ClassInfo, cost_model: Any, step: int) -> float:
+    """Milliseconds per channel saved by removing channels of this class's tensors, from the cost
+    model's timings of every layer they touch (0 when a layer cannot be timed). The slope is taken
+    over a quarter of the channels (whole steps, at least one): one step of 8 in 1024 channels
+    saves less than timing noise."""
+    n = cg.spaces[info.members[0][0]].size
+    step = max(step, (n // 4) // step * step)
+    saved = 0.0
+    seen: set[tuple[int, str]] = set()
+    for t, _c in info.members:
+        for it in cg.items.get(t, []):
+            role = "out" if it.kind == "row" else "in" if it.kind == "sink" else "dw" if (
+                it.kind == "param" and it.node.op == "Conv" and it.index == 1) else None  # fmt: skip
+            if role is None or (id(it.node), role) in seen:
+                continue
+            seen.add((id(it.node), role))
+            shape = cost_model.layer(it.node)
+            if shape is None:
+                continue
+            per = len(it.features[0]) if it.kind == "sink" and it.features is not None else 1
+            if role == "out":
+                smaller = shape.with_channels(cout=shape.cout - step)
+            else:
+                smaller = shape.with_channels(cin=shape.cin - step * per)
+            if min(smaller.cin, smaller.cout) < 1:
+                continue
+            saved += cost_model.ms(shape) - cost_model.ms(smaller)
+    return saved / step
+
+
+def _channel_macs(cg: ChannelGraph, info: ClassInfo) -> float:
+    """Multiply-accumulates per sample that removing this channel saves (rows, sinks, depthwise)."""
+    total = 0.0
+    for t, c in info.members:
+        for it in cg.items.get(t, []):
+            node = it.node
+            depthwise_kernel = it.kind == "param" and it.index == 1 and node.op == "Conv"
+            if it.kind not in ("row", "sink") and not depthwise_kernel:
+                continue
+            w = np.asarray(node.inputs[1].values)
+            axis = in_axis(node) if it.kind == "sink" else (0 if depthwise_kernel else out_axis(node))
+            per_feature = _positions(node) * w.size / max(w.shape[axis], 1)
+            features = len(it.features[c]) if it.kind == "sink" and it.features is not None else 1
+            total += per_feature * features
+    return total
+
+
+def _positions(node: gs.Node) -> float:
+    """Output positions per sample (spatial size for convs, leading dims for MatMul)."""
+    shape = node.outputs[0].shape
+    if not shape:
+        return 1.0
+    dims = shape[2:] if node.op in ("Conv", "ConvTranspose") else shape[1:-1]
+    return float(np.prod([d for d in dims if isinstance(d, int) and d > 0]))

@@ -1,0 +1,181 @@
+"""What ``prune`` returns: the rewritten model with the evidence behind it, as a report and a summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+import redonnx
+from redonnx import realism as realism_mod
+from redonnx import speed as speed_mod
+from redonnx import weights
+from redonnx.cost import ModelCost
+from redonnx.input_model import InputModel
+from redonnx.io import LoadedModel
+from redonnx.passes.base import PassResult
+from redonnx.planner.search import SearchResult
+from redonnx.realism import Realism
+from redonnx.verify import VerificationResult
+
+
+@dataclass
+class PruneResult:
+    """The rewritten model and everything the report says about it."""
+
+    model: onnx.ModelProto
+    source: LoadedModel
+    passes: list[PassResult]
+    before: ModelCost
+    after: ModelCost
+    verification: VerificationResult | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    search: SearchResult | None = None
+    evidence: Evidence | None = None
+    speed: speed_mod.SpeedCheck | None = None
+    target: str = "ort-cpu"
+    _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
+
+    @property
+    def modified(self) -> bool:
+        return any(p.modified for p in self.passes)
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report: sizes before/after, what each pass did and declined, verification."""
+        if self._sizes is None:  # serializing and deflating both models is the costly part: once
+            self._sizes = (_sizes(self.source.model, self.before), _sizes(self.model, self.after))
+        before, after = self._sizes
+        return {
+            "tool": f"redonnx {redonnx.__version__}",
+            "input": str(self.source.path) if self.source.path else None,
+            "input_shapes": self.before.input_shapes,
+            "target": self.target,
+            "before": before,
+            "after": after,
+            "removed": {
+                "params": before["params"] - after["params"],
+                "params_pct": _pct(before["params"], after["params"]),
+                "macs": (before["macs"] - after["macs"]) if before["macs"] is not None else None,
+                "macs_pct": _pct(before["macs"], after["macs"]),
+            },
+            "passes": [p.to_dict() for p in self.passes],
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "budget": self.search.to_dict() if self.search is not None else None,
+            **(self.evidence.to_dict() if self.evidence is not None else {}),
+            "speed": self.speed.to_dict() if self.speed is not None else None,
+            "notes": self.source.notes + self.notes,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary(self, command: str | None = None) -> str:
+        """A readable terminal summary; the full detail is in :meth:`report`. ``command``: how the
+        user ran us (for the advice to pass real inputs)."""
+        r = self.report()
+        b, a = r["before"], r["after"]
+        lines = [p.summary() for p in self.passes]
+        for p in self.passes:
+            if p.declined:
+                shown = "; ".join(f"{d.node}: {d.reason}" for d in p.declined[:2])
+                more = f" (+{len(p.declined) - 2} more in --report)" if len(p.declined) > 2 else ""
+                lines.append(f"  {p.name} left {len(p.declined)} alone, e.g. {shown}{more}")
+        if self.search is not None:
+            s = self.search
+            lines.append(
+                f"budget: {s.goal} -> {s.knob.replace('_', ' ')} {s.value:.3g} after {len(s.trials)} trials"
+                + ("" if s.met else " (NOT met)")
+                + "".join(f"; {n}" for n in s.notes)
+            )
+        lines.append(
+            f"parameters {b['params']:,} -> {a['params']:,} ({_fmt_pct(r['removed']['params_pct'])} removed); "
+            f"MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({_fmt_pct(r['removed']['macs_pct'])} removed); "
+            f"deflated {'~' if a['deflated_estimated'] else ''}{b['deflated_bytes']:,} -> {a['deflated_bytes']:,} bytes"
+        )
+        lines += [f"note: {n}" for n in self.notes]
+        if self.speed is not None:
+            lines.append(self.speed.describe())
+        if self.evidence is not None:
+            src = self.source.path or "IN.onnx"
+            lines += self.evidence.summary_lines(command or f"redonnx prune {src} -o OUT.onnx")
+        if self.verification is not None:
+            lines.append(self.verification.summary())
+        return "\n".join(lines)
+
+
+def _fmt(v: int | None) -> str:
+    return f"{v:,}" if v is not None else "?"
+
+
+def _fmt_pct(v: float | None) -> str:
+    return f"{v:.1f}%" if v is not None else "?"
+
+
+def _pct(before: int | None, after: int | None) -> float | None:
+    if before is None or after is None or before == 0:
+        return None
+    return round(100.0 * (before - after) / before, 3)
+
+
+def _sizes(model: onnx.ModelProto, cost: ModelCost) -> dict[str, Any]:
+    return {
+        "params": cost.params,
+        "macs": cost.macs,
+        "bytes": weights.model_nbytes(model),
+        "deflated_bytes": weights.deflated_size(model),
+        "deflated_estimated": weights.deflate_estimated(model),
+        "nodes": len(model.graph.node),
+        "ops": cost.ops,
+        "layers": [
+            {"name": lay.name, "op": lay.op, "weight": lay.weight_shape, "params": lay.params, "macs": lay.macs}
+            for lay in cost.layers
+        ],
+    }
+
+
+@dataclass
+class Evidence:
+    """What the synthetic inputs are, and how realistic they look to the model's BatchNorm layers."""
+
+    inputs: InputModel
+    given: bool
+    realism: Realism | None = None
+    calibration: bool = False
+    tightened: float | None = None  # the default budget's cosine, when tightened for want of realism
+    sizes: str = ""  # dynamic dimensions' sizes, when chosen for the user
+
+    @property
+    def corrections(self) -> list | None:
+        return self.realism.corrections if self.realism is not None and not self.calibration else None
+
+    @property
+    def cautious(self) -> bool:
+        """Synthetic verification whose realism is poor or cannot be measured (no BatchNorm)."""
+        return not self.given and (self.realism is None or self.realism.poor)
+
+    def why_cautious(self) -> str:
+        if self.realism is None or self.realism.overall is None:
+            return "the realism of synthetic inputs cannot be measured (no BatchNorm statistics)"
+        return f"synthetic inputs look unlike the data (realism {self.realism.overall:.2f} < {realism_mod.POOR:g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        verified_on = "given inputs" if self.given else "synthetic inputs"
+        return {
+            "inputs": {**self.inputs.to_dict(), "verified_on": verified_on, "sizes": self.sizes or None},
+            "realism": self.realism.to_dict() if self.realism is not None else None,
+        }
+
+    def summary_lines(self, command: str) -> list[str]:
+        lines = [f"inputs: {self.inputs.source}: {self.inputs.describe()}"]
+        if self.sizes:
+            lines.append(self.sizes)
+        if self.realism is not None:
+            fixed = (f"; channel statistics measured with the activations corrected to the running statistics of "
+                     f"{len(self.realism.corrections)} BatchNorm layers") if self.corrections else ""  # fmt: skip
+            lines.append(f"synthetic {self.realism.describe()}{fixed}")
+        if self.tightened is not None:
+            lines.append(f"budget tightened to cosine >= {self.tightened:g}: {self.why_cautious()}")
+        if (self.cautious and self.tightened is not None) or (self.realism is not None and self.realism.poor):
+            lines.append(f"for evidence on your data, verify on real inputs: {command} --inputs real.npz "
+                         f"(arrays {self.inputs.npz_hint()})")  # fmt: skip
+        return lines
