@@ -141,18 +141,29 @@ def _set_row(node: gs.Node, c: int, vec: np.ndarray) -> None:
 def _rewrite(
     cg: ChannelGraph, it: Item, keeps: dict[str, list[int]], target: dict[str, dict[int, tuple[int | None, float]]]
 ) -> None:
-    node, keep = it.node, keeps[it.tensor]
-    if it.kind == "row":
-        _take(node, 1, keep, out_axis(node))
-        if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]).size > 1:
-            _take(node, 2, keep, 0, flat=True)
-    elif it.kind == "param":
-        v = np.asarray(const_value(node.inputs[it.index]))
-        _take(node, it.index, keep, param_axis(v, cg.spaces[it.tensor].size))
-    elif it.kind == "sink":
-        _fold_columns(it, keep, target[it.tensor])
+    if it.kind == "sink":
+        _fold_columns(it, keeps[it.tensor], target[it.tensor])
     elif it.kind == "op":
-        _rewrite_op(cg, node, keeps)
+        cutter = CUTTERS.get(it.node.op)
+        if cutter is None:  # the channel graph made an op item no cutter knows: a bug, never a guess
+            raise AssertionError(f"no channel cutter for {it.node.op} ({it.node.name})")
+        cutter(cg, it.node, keeps)
+    else:
+        ITEM_CUTTERS[it.kind](cg, it, keeps)
+
+
+def _cut_rows(cg: ChannelGraph, it: Item, keeps: dict[str, list[int]]) -> None:
+    """A layer writing the channels: its output rows and per-channel bias."""
+    node, keep = it.node, keeps[it.tensor]
+    _take(node, 1, keep, out_axis(node))
+    if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]).size > 1:
+        _take(node, 2, keep, 0, flat=True)
+
+
+def _cut_param(cg: ChannelGraph, it: Item, keeps: dict[str, list[int]]) -> None:
+    """A per-channel parameter on the way (PRelu slope, Mul/Add constant, depthwise kernel)."""
+    v = np.asarray(const_value(it.node.inputs[it.index]))
+    _take(it.node, it.index, keeps[it.tensor], param_axis(v, cg.spaces[it.tensor].size))
 
 
 def _take(node: gs.Node, index: int, keep: list[int], axis: int, flat: bool = False) -> None:
@@ -192,34 +203,38 @@ def _fold_columns(it: Item, keep: list[int], moves: dict[int, tuple[int | None, 
     set_input_values(node, 1, out)
 
 
-def _rewrite_op(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
-    if node.op == "Conv":  # depthwise: one group per channel
-        node.attrs["group"] = len(keeps.get(node.outputs[0].name, [])) or node.attrs["group"]
-    elif node.op == "Split":
-        sizes = [len(keeps[o.name]) if o.name in keeps else cg.spaces[o.name].size for o in node.outputs]
-        if "split" in node.attrs:
-            node.attrs["split"] = sizes
-        elif len(node.inputs) > 1 and node.inputs[1].name:
-            set_input_values(node, 1, np.array(sizes, np.int64))
-    elif node.op == "Slice":
-        _rewrite_slice(cg, node, keeps)
-    elif node.op == "Pad":
-        _rewrite_pad(cg, node, keeps)
-    elif node.op == "Reshape":
-        t = const_value(node.inputs[1])
-        if t is not None and int(t[1]) != -1 and int(t[0]) != -1:
-            set_input_values(node, 1, np.array([t[0], -1], dtype=t.dtype))
-        elif t is not None and int(t[1]) != -1:
-            sp = cg.spaces[node.inputs[0].name]
-            per_channel = int(t[1]) // sp.size
-            set_input_values(node, 1, np.array([-1, per_channel * len(keeps[sp.tensor.name])], dtype=t.dtype))
+def _cut_depthwise(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    node.attrs["group"] = len(keeps.get(node.outputs[0].name, [])) or node.attrs["group"]  # one group per channel
+
+
+def _cut_split(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    sizes = [len(keeps[o.name]) if o.name in keeps else cg.spaces[o.name].size for o in node.outputs]
+    if "split" in node.attrs:
+        node.attrs["split"] = sizes
+    elif len(node.inputs) > 1 and node.inputs[1].name:
+        set_input_values(node, 1, np.array(sizes, np.int64))
+
+
+def _cut_reshape(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    """Flattening Reshape [N, C*P] (or [-1, C*P]): the feature count follows the channels."""
+    t = const_value(node.inputs[1])
+    if t is not None and int(t[1]) != -1 and int(t[0]) != -1:
+        set_input_values(node, 1, np.array([t[0], -1], dtype=t.dtype))
+    elif t is not None and int(t[1]) != -1:
+        sp = cg.spaces[node.inputs[0].name]
+        per_channel = int(t[1]) // sp.size
+        set_input_values(node, 1, np.array([-1, per_channel * len(keeps[sp.tensor.name])], dtype=t.dtype))
+
+
+def _unchanged(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+    """Concat and Flatten carry no channel count: their inputs' cuts are enough."""
 
 
 def _kept_before(keep: list[int], pos: int) -> int:
     return int(np.searchsorted(np.array(keep), pos))
 
 
-def _rewrite_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+def _cut_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
     src = node.inputs[0].name
     sp = cg.spaces[src]
     keep = keeps.get(src, list(range(sp.size)))
@@ -238,7 +253,7 @@ def _rewrite_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]])
         set_input_values(node, 2, np.array(ends, np.int64))
 
 
-def _rewrite_pad(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
+def _cut_pad(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> None:
     out = node.outputs[0].name
     sp, xs = cg.spaces[out], cg.spaces[node.inputs[0].name]
     keep = keeps.get(out, list(range(sp.size)))
@@ -252,3 +267,21 @@ def _rewrite_pad(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -
         node.attrs["pads"] = pads
     else:
         set_input_values(node, 1, np.array(pads, np.int64))
+
+
+def _no_cut(cg: ChannelGraph, it: Item, keeps: dict[str, list[int]]) -> None:
+    """Zero padding channels: the Pad's own op item rewrites its amounts."""
+
+
+#: How each item kind that indexes channels loses the dropped ones (sinks fold their columns).
+ITEM_CUTTERS = {"row": _cut_rows, "param": _cut_param, "zero": _no_cut}
+#: How each op carrying a channel count in its attributes or inputs is rewritten ("op" items).
+CUTTERS = {
+    "Conv": _cut_depthwise,
+    "Split": _cut_split,
+    "Slice": _cut_slice,
+    "Pad": _cut_pad,
+    "Reshape": _cut_reshape,
+    "Concat": _unchanged,
+    "Flatten": _unchanged,
+}

@@ -9,9 +9,9 @@ its latency, whatever its channel counts:
 with c measured on the channel statistics' synthetic inputs (the same BatchNorm-corrected ones
 merging uses; :func:`branch_means`). Where f(x) is provably constant (its last layer's weights
 are all zero and nothing nonlinear follows it) c is that constant and the rewrite is exact: the
-only branches removed by ``--exact``. Otherwise the planner (``drop`` option: the Add nodes whose
+only branches removed by ``--exact``. Otherwise the planner (parameter ``drop``: the Add nodes whose
 branch goes) chooses, ranking branches by how much removing each alone changes the outputs per
-millisecond it saves (:func:`redonnx.pipeline` depth stage).
+millisecond it saves (:func:`redonnx.planner.stages.depth_stage`).
 
 Matching: for y = Add(p, q) with p and q of the same shape, the branch behind p is every node
 that p depends on and q does not; it must be entered through one tensor x (which q depends on),

@@ -15,9 +15,9 @@ C_h Wo_h, so:
   to 1): it goes exactly, bo += bv_h Wo_h;
 - a head identical to another (Q, K, V columns and biases equal) has the same output: it goes
   exactly, Wo_keep += Wo_h;
-- any other head (lossy, chosen by the planner: ``drop_heads``) goes with its context replaced by
+- any other head (lossy, chosen by the planner: parameter ``drop``) goes with its context replaced by
   its least-squares prediction from the kept heads' contexts, C_h ~ C_K B + c, fitted on the
-  statistics of the H*D features (``head_stats``, :mod:`redonnx.reconstruct`): Wo_K += B Wo_h,
+  statistics of the H*D features (parameter ``stats``, :mod:`redonnx.reconstruct`): Wo_K += B Wo_h,
   bo += c Wo_h (B = 0 would be mean replacement; the fit can only do better on those inputs).
 
 Matching is separate from rewriting; an attention block that is not in this form is left alone

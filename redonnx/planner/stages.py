@@ -58,12 +58,16 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0
 
 
-def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassContext) -> tuple[dict, dict]:
-    """Per-channel means of each branch's output, and the output deviation removing it alone causes."""
+def _scoring_model(base: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """``base`` without stale shapes, its activations BatchNorm-corrected where the context says."""
     model = export(to_graph(base))
     del model.graph.value_info[:]
-    if ctx.corrections:
-        model = intervene(model, ctx.corrections)
+    return intervene(model, ctx.corrections) if ctx.corrections else model
+
+
+def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassContext) -> tuple[dict, dict]:
+    """Per-channel means of each branch's output, and the output deviation removing it alone causes."""
+    model = _scoring_model(base, ctx)
     feeds = R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=SCORE_BATCH, seed=DEPTH_SEED)
     stepper = Stepper(model, [b.output.name for b in branches])
     by_out = {b.output.name: b for b in branches}
@@ -177,10 +181,7 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
     """Per attention block, the statistics (mean, covariance) of the output projection's H*D input
     features; per (block, head), the output deviation replacing that head's context by its least-
     squares prediction from the other heads' contexts causes (statistics' inputs)."""
-    model = export(to_graph(base))
-    del model.graph.value_info[:]
-    if ctx.corrections:
-        model = intervene(model, ctx.corrections)
+    model = _scoring_model(base, ctx)
     feeds = ctx.calibration or R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=HEAD_BATCH,
                                                    seed=DEPTH_SEED)  # fmt: skip
     by_ctx = {a.ctx.name: a for a in atts}
