@@ -37,9 +37,9 @@ from redonnx.verify import (
     DEFAULT_SAMPLES,
     LOSSY_MIN_COSINE,
     LOSSY_RTOL,
+    AtTwoSizes,
     Reference,
     Tolerance,
-    at_second_size,
 )
 
 __all__ = ["TARGETS", "Evidence", "PruneResult", "prune", "run_passes"]
@@ -54,7 +54,7 @@ def _evidence(
 ) -> Evidence:
     """The input model, and for lossy pipelines the realism of its draws and their corrections."""
     im = input_model.from_given(model, given) if given is not None else input_model.infer(model, shapes)
-    ev = Evidence(im, given is not None, calibration=calibration)
+    ev = Evidence(im, given is not None, calibration=calibration, lossy=lossy)
     if lossy and not im.missing_values() and realism_mod.bn_points(model):
         try:
             feeds = R.draw_stats_inputs(model, shapes, im, batch=REALISM_BATCH, seed=REALISM_SEED)
@@ -161,8 +161,7 @@ def prune(
     if tol.min_cosine == CAUTIOUS_MIN_COSINE:
         evidence.tightened = tol.min_cosine
     before = model_cost(source.model, shapes)
-    reference = (Reference(source.model, inputs=inputs, shapes=shapes, samples=samples, input_model=evidence.inputs)
-                 if check or searching else None)  # fmt: skip
+    reference = _reference(source.model, inputs, shapes, samples, evidence, sized) if check or searching else None
     search = speed = None
     if searching:
         gate = target == "ort-cpu" and target_macs is None
@@ -175,15 +174,23 @@ def prune(
         ctx.cost_model.save()
     after = model_cost(model, shapes)
     verification = reference.check(model, tol) if check else None
-    if verification is not None and sized is not None and sized.second:
-        again = Reference(source.model, shapes=sized.second, samples=samples, input_model=evidence.inputs)
-        verification = at_second_size(verification, again.check(model, tol), sized.second_picks)
     merge = next((p for p in chosen if isinstance(p, MergeChannels)), None)
     multiple = channel_multiple(target, ctx.cost_model, merge.channel_multiple if merge is not None else None)
     aligned = _alignment_note(before, after, multiple)
     return PruneResult(model=model, source=source, passes=results, before=before, after=after,
                        verification=verification, seconds=time.perf_counter() - t0, search=search,
                        notes=[aligned] if aligned else [], evidence=evidence, speed=speed, target=target)  # fmt: skip
+
+
+def _reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None, shapes: dict[str, list[int]] | None,
+               samples: int, evidence: Evidence, sized: sizes_mod.Chosen | None) -> Reference | AtTwoSizes:  # fmt: skip
+    """The original's outputs on the verification inputs; where sizes were chosen for dynamic
+    dimensions, at the second size too: the planner's trials and the final check hold at both."""
+    first = Reference(model, inputs=inputs, shapes=shapes, samples=samples, input_model=evidence.inputs)
+    if sized is None or not sized.second:
+        return first
+    again = Reference(model, shapes=sized.second, samples=samples, input_model=evidence.inputs)
+    return AtTwoSizes(first, again, sized.second_picks)
 
 
 def _loaded(source: LoadedModel | onnx.ModelProto | str | Path) -> LoadedModel:

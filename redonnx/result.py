@@ -143,6 +143,7 @@ class Evidence:
     calibration: bool = False
     tightened: float | None = None  # the default budget's cosine, when tightened for want of realism
     sizes: str = ""  # dynamic dimensions' sizes, when chosen for the user
+    lossy: bool = False  # the passes may change outputs (a budget is at stake)
 
     @property
     def corrections(self) -> list | None:
@@ -175,7 +176,10 @@ class Evidence:
             lines.append(f"synthetic {self.realism.describe()}{fixed}")
         if self.tightened is not None:
             lines.append(f"budget tightened to cosine >= {self.tightened:g}: {self.why_cautious()}")
-        if (self.cautious and self.tightened is not None) or (self.realism is not None and self.realism.poor):
+        elif self.cautious and self.lossy:  # a budget given by the user, on inputs nothing vouches for
+            lines.append(f"budget checked on synthetic inputs only: {self.why_cautious()}; on real data the "
+                         "outputs can move more than it shows")  # fmt: skip
+        if (self.cautious and self.lossy) or (self.realism is not None and self.realism.poor):
             lines.append(f"for evidence on your data, verify on real inputs: {command} --inputs real.npz "
                          f"(arrays {self.inputs.npz_hint()})")  # fmt: skip
         return lines

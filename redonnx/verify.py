@@ -323,6 +323,23 @@ def verify(
     return result
 
 
+class AtTwoSizes:
+    """A model's references at the chosen sizes of its dynamic dimensions and at a second size: a
+    candidate passes only if it passes at both (a shape baked into a constant, or a pruned model
+    that holds at 16 tokens but not at 64, fails at the second). Checks like :class:`Reference`."""
+
+    def __init__(self, first: Reference, second: Reference, picks: dict[str, int]) -> None:
+        self.first, self.second, self.picks = first, second, picks
+
+    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
+        cand = _as_proto(candidate)
+        return at_second_size(self.first.check(cand, tol), self.second.check(cand, tol), self.picks)
+
+
+#: What the planner and the final check verify candidates with.
+Checker = Reference | AtTwoSizes
+
+
 def at_second_size(first: VerificationResult, second: VerificationResult, picks: dict[str, int]) -> VerificationResult:
     """One result: the outputs at the chosen sizes and again at the second ones (dynamic dimensions)."""
     where = ", ".join(f"{k}={v}" for k, v in picks.items())

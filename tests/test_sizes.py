@@ -104,3 +104,26 @@ def test_conv3d_encoder_verified_at_two_sizes() -> None:
     res = prune(model, exact=True)
     assert res.verification and len(res.verification.outputs) == 2
     assert res.verification.outputs[1].shape[2:] != res.verification.outputs[0].shape[2:]
+
+
+def test_the_planner_checks_every_trial_at_both_sizes(monkeypatch) -> None:
+    """The planner's reference holds the second size too: a candidate that is right at the first
+    size only is over the budget in the search, not refused after it (the search then writes less)."""
+    from redonnx import planner
+    from redonnx.verify import AtTwoSizes, Tolerance
+
+    original, baked = scaled_by_width(False), scaled_by_width(True)
+    seen = []
+    real_plan = planner.Planner.plan
+
+    def spy(self, source, passes, feeds=None):
+        seen.append(self.reference)
+        return real_plan(self, source, passes, feeds)
+
+    monkeypatch.setattr(planner.Planner, "plan", spy)
+    prune(original, target="macs")
+    (reference,) = seen
+    assert isinstance(reference, AtTwoSizes)
+    tol = Tolerance(1e-6, 1e-4, 0.99)
+    assert reference.check(original, tol) and not reference.check(baked, tol)
+    assert reference.first.check(baked, tol)  # the first size alone would have let it through

@@ -38,7 +38,7 @@ from redonnx.passes.hash_weights import HashWeights
 from redonnx.passes.merge_channels import MergeChannels
 from redonnx.planner.search import SearchResult, search_merging
 from redonnx.planner.stages import DepthResult, depth_stage, head_stage
-from redonnx.verify import Reference, Tolerance
+from redonnx.verify import Checker, Tolerance
 
 FALLBACKS = 2  # passing trials with less pruning the speed gate tries before the lossless result
 MILDER = 4.0  # hashing's bound is divided by this when hashing alone is over the budget
@@ -64,7 +64,7 @@ class Planned:
 class Planner:
     """Searches the tunables of a pipeline against ``tol`` on ``reference`` (see the module)."""
 
-    reference: Reference
+    reference: Checker
     tol: Tolerance
     ctx: PassContext
     target_macs: float | None = None

@@ -30,7 +30,7 @@ from redonnx import weights
 from redonnx.cost import model_cost
 from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.passes.merge_channels import MergeChannels
-from redonnx.verify import Reference, Tolerance, VerificationResult
+from redonnx.verify import Checker, Tolerance, VerificationResult
 
 ALPHA_MAX = 0.6
 STEPS = 6
@@ -79,7 +79,7 @@ def search_merging(
     merge: MergeChannels,
     after: list[Pass],
     ctx: PassContext,
-    reference: Reference,
+    reference: Checker,
     tol: Tolerance,
     run_passes: Runner,
     target_macs: float | None = None,

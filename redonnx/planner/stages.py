@@ -31,7 +31,7 @@ from redonnx.passes.base import PassContext, PassResult
 from redonnx.planner.search import Runner, Trial
 from redonnx.realism import intervene
 from redonnx.segments import Stepper
-from redonnx.verify import Reference, Tolerance
+from redonnx.verify import Checker, Tolerance
 
 DEPTH_SEED = 2  # the scores' synthetic inputs: neither the statistics' nor verification's samples
 SCORE_BATCH = 8  # samples (at most) the branch scores run on
@@ -109,7 +109,7 @@ def _removal_stage(
     base: onnx.ModelProto,
     ranked: list[tuple[str, float, float]],
     apply: Callable[[list[str]], tuple[onnx.ModelProto, list[PassResult]]],
-    reference: Reference,
+    reference: Checker,
     tol: Tolerance,
     what: str,
     progress: Callable[[str], None] | None,
@@ -151,7 +151,7 @@ def _removal_stage(
 def depth_stage(
     base: onnx.ModelProto,
     ctx: PassContext,
-    reference: Reference,
+    reference: Checker,
     tol: Tolerance,
     run_passes: Runner,
     progress: Callable[[str], None] | None = None,
@@ -219,7 +219,7 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
 def head_stage(
     base: onnx.ModelProto,
     ctx: PassContext,
-    reference: Reference,
+    reference: Checker,
     tol: Tolerance,
     run_passes: Runner,
     progress: Callable[[str], None] | None = None,
