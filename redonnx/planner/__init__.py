@@ -125,7 +125,7 @@ class Planner:
         merge, rest = passes[cut], passes[cut + 1 :]
         # exact passes after merging cannot change fidelity: they run once, after the search
         later = [p for p in rest if p.name != "cleanup"] if all(p.exact for p in rest) else []
-        in_trials = [p for p in rest if p not in later]
+        in_trials = [p for p in rest if not any(p is q for q in later)]  # equal instances are still distinct
         attempts = self._attempts(passes[:cut])
         for i, before in enumerate(attempts):
             base, results = P.apply(source, before, self.ctx)
