@@ -69,9 +69,8 @@ def _configured(args: argparse.Namespace, plot_dir: str | None = None) -> list[A
     from redonnx.passes import DEFAULT_HASH_ERROR, HashWeights, MergeChannels, SeparateDepthwise
 
     out: list[Any] = []
-    flags = {"tau": "tau", "tau_strategy": "tau_strategy", "hash_rule": "rule", "hash_error": "max_error",
-             "bandwidth": "bandwidth", "grid": "grid"}  # fmt: skip
-    hashing = {param: getattr(args, flag) for flag, param in flags.items() if getattr(args, flag) is not None}
+    hashing = _given(args, {"tau": "tau", "tau_strategy": "tau_strategy", "hash_rule": "rule",
+                            "hash_error": "max_error", "bandwidth": "bandwidth", "grid": "grid"})  # fmt: skip
     if args.hash_biases:
         hashing["biases"] = True
     if plot_dir is not None:
@@ -82,14 +81,18 @@ def _configured(args: argparse.Namespace, plot_dir: str | None = None) -> list[A
         if not args.passes and not args.exact:  # the default pipeline's bound unless one is given
             hashing.setdefault("max_error", DEFAULT_HASH_ERROR)
         out.append(HashWeights(**hashing))
-    flags = {"alpha": "alpha", "merge_criterion": "criterion", "alpha_strategy": "alpha_strategy",
-             "channel_multiple": "channel_multiple"}  # fmt: skip
-    merging = {param: getattr(args, flag) for flag, param in flags.items() if getattr(args, flag) is not None}
+    merging = _given(args, {"alpha": "alpha", "merge_criterion": "criterion", "alpha_strategy": "alpha_strategy",
+                            "channel_multiple": "channel_multiple"})  # fmt: skip
     if merging:
         out.append(MergeChannels(**merging))
     if args.separate_error is not None:
         out.append(SeparateDepthwise(max_error=args.separate_error))
     return out
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """Pass parameters (flag name -> parameter name) for the flags given on the command line."""
+    return {param: getattr(args, flag) for flag, param in flags.items() if getattr(args, flag) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:

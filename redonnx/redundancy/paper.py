@@ -9,17 +9,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from redonnx.errors import RedonnxError
 from redonnx.passes.base import PassResult
 from redonnx.redundancy.classes import ClassInfo, Plan
 
 
 def _layer_alphas(groups: dict[tuple, list[ClassInfo]], alpha: float, strategy: str) -> dict[tuple, float]:
     keys = list(groups)
-    if strategy == "constant":
+    if strategy == "constant":  # else "block" (MergeChannels checks the name)
         return dict.fromkeys(keys, alpha)
-    if strategy != "block":
-        raise RedonnxError("--alpha-strategy must be constant or block")
     n = len(keys)
     third = [max(2 * alpha - 1, 0.0), alpha, min(2 * alpha, 0.95)]
     return {k: third[min(3 * i // max(n, 1), 2)] for i, k in enumerate(keys)}
