@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to optimize: ort-cpu (measured onnxruntime CPU latency, default), trt / trt-int8 (MACs "
                         "with channel counts in multiples of 8 / 16 for TensorRT), macs (MACs, any count; hashing "
                         "for size)")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"],
+                   help="auto (default with --target ort-cpu): INT8 layers where they fit the budget and the "
+                        "model runs measurably faster; int8: every layer the budget allows, even if not faster "
+                        "(default with --target trt-int8: TensorRT QDQ); fp32: keep float")  # fmt: skip
     g = p.add_argument_group("fidelity budget (default: output cosine >= 0.998 on the verification inputs)")
     g.add_argument("--max-error", type=float, help="max |diff| as a fraction of max |ref|, per output")
     g.add_argument("--min-agreement", type=float, help="top-1 agreement of 2-D score outputs (0..1)")
@@ -277,7 +281,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = prune(src, passes=names, configured=_configured(args, density_dir), exact=args.exact,
                    shapes=_shapes(args), calibration=calibration, refit=not args.no_refit, progress=progress,
                    min_agreement=args.min_agreement, target_macs=args.target_macs, check=not args.no_verify,
-                   target=args.target, **kw)  # fmt: skip
+                   target=args.target, precision=args.precision, **kw)  # fmt: skip
     report = result.report()
     if args.bench:
         from redonnx.report import latency

@@ -27,6 +27,7 @@ from redonnx.latency import CostModel
 from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.passes.merge_channels import MergeChannels
 from redonnx.planner import Planner, searched
+from redonnx.planner import precision as precision_mod
 from redonnx.redundancy.blocks import channel_multiple
 from redonnx.result import Evidence, PruneResult
 from redonnx.verify import (
@@ -125,6 +126,7 @@ def prune(
     calibration: dict[str, np.ndarray] | None = None,
     refit: bool = True,
     progress: Callable[[str], None] | None = None,
+    precision: str | None = None,
 ) -> PruneResult:
     """Rewrite a model with the chosen passes and verify it against the original.
 
@@ -135,7 +137,9 @@ def prune(
     rtol 1e-4. ``target`` (see :data:`TARGETS`) decides the channel counts allowed and the
     objective; with ``ort-cpu`` a lossy result is written only if it runs measurably faster
     (:mod:`redonnx.speed`). ``calibration``: real inputs for the statistics (and, with ``refit``, a
-    least-squares refit of the pruned layers).
+    least-squares refit of the pruned layers). ``precision`` (see :mod:`redonnx.planner.precision`):
+    ``auto`` (default under ort-cpu) adds INT8 where it fits the budget and is measurably faster,
+    ``int8`` wherever the budget allows, ``fp32`` keeps float.
     """
     if target not in TARGETS:
         raise RedonnxError(f"--target must be one of {', '.join(TARGETS)}")
@@ -149,37 +153,70 @@ def prune(
         sized = None  # --exact --no-verify: the lossless passes need no concrete sizes
     chosen = passes_mod.resolve(passes, exact=exact, configured=configured, target=target)
     searching = searched(chosen, exact) and (passes is None or target_macs is not None)
-    lossy = any(not p.exact for p in chosen)
+    prec = precision_mod.resolve(precision, target, exact)
+    quantizing = prec == "int8" or (prec == "auto" and searching and target_macs is None)
+    lossy = any(not p.exact for p in chosen) or quantizing
     ctx = PassContext(shapes=shapes, target=target, calibration=calibration)
     if target == "ort-cpu":
         ctx.cost_model = CostModel(shape_source=lambda: folded_graph(source.model, shapes or {})[1])
     evidence = _evidence(source.model, inputs, shapes, calibration is not None, lossy or searching)
     evidence.sizes = sized.describe() if sized is not None else ""
     ctx.input_model, ctx.corrections = evidence.inputs, evidence.corrections
-    tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching,
+    tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching or quantizing,
                      evidence.cautious)  # fmt: skip
     if tol.min_cosine == CAUTIOUS_MIN_COSINE:
         evidence.tightened = tol.min_cosine
     before = model_cost(source.model, shapes)
     reference = _reference(source.model, inputs, shapes, samples, evidence, sized) if check or searching else None
-    search = speed = None
+    search = speed = quant = None
+    gate = target == "ort-cpu" and target_macs is None
+    feeds = evidence.inputs.draw(source.model, shapes, batch=1, seed=0) if gate and (searching or quantizing) else None
     if searching:
-        gate = target == "ort-cpu" and target_macs is None
-        feeds = evidence.inputs.draw(source.model, shapes, batch=1, seed=0) if gate else None
         planned = Planner(reference, tol, ctx, target_macs, refit, progress).plan(source.model, chosen, feeds)
         model, results, search, speed = planned.model, planned.results, planned.search, planned.speed
     else:
         model, results = run_passes(source.model, chosen, exact, ctx)
+    after = model_cost(model, shapes)
+    if quantizing and reference is not None:
+        model, results, quant = _precision(source.model, model, results, speed, prec, target, reference, tol,
+                                           evidence, ctx, feeds)  # fmt: skip
     if ctx.cost_model is not None:
         ctx.cost_model.save()
-    after = model_cost(model, shapes)
     verification = reference.check(model, tol) if check else None
     merge = next((p for p in chosen if isinstance(p, MergeChannels)), None)
     multiple = channel_multiple(target, ctx.cost_model, merge.channel_multiple if merge is not None else None)
     aligned = _alignment_note(before, after, multiple)
     return PruneResult(model=model, source=source, passes=results, before=before, after=after,
                        verification=verification, seconds=time.perf_counter() - t0, search=search,
-                       notes=[aligned] if aligned else [], evidence=evidence, speed=speed, target=target)  # fmt: skip
+                       notes=[aligned] if aligned else [], evidence=evidence, speed=speed, target=target,
+                       precision=quant)  # fmt: skip
+
+
+def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[PassResult], speed, prec: str,
+               target: str, reference, tol: Tolerance, evidence: Evidence, ctx: PassContext,
+               feeds: dict[str, np.ndarray] | None):  # fmt: skip
+    """The INT8 stage on the float result, held to the same budget against the original."""
+    from redonnx.input_specs import batch_is_leading
+    from redonnx.planner.precision import PrecisionStage
+    from redonnx.quantize import StageInputs
+
+    shapes, cost = ctx.shapes, ctx.cost_model
+
+    def layer_shapes(prepared: onnx.ModelProto) -> dict:
+        import onnx_graphsurgeon as gs
+
+        g = gs.import_onnx(prepared)
+        return {n.name: cost.layer(n) for n in g.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+
+    inputs = StageInputs(
+        source=source, check=lambda m: reference.check(m, tol),
+        draw=lambda batch, seed: evidence.inputs.draw(source, shapes, batch=batch, seed=seed),
+        batched=batch_is_leading(source), calibration=ctx.calibration, corrections=evidence.corrections,
+        cost_model=cost, layer_shapes=layer_shapes if cost is not None else None,
+        image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input))  # fmt: skip
+    stage = PrecisionStage(prec, target, inputs, feeds, cost.cache if cost is not None else None)
+    float_cosine = reference.check(model, tol).worst_cosine
+    return stage.run(model, results, speed, float_cosine)
 
 
 def _reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None, shapes: dict[str, list[int]] | None,

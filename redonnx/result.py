@@ -36,6 +36,7 @@ class PruneResult:
     evidence: Evidence | None = None
     speed: speed_mod.SpeedCheck | None = None
     target: str = "ort-cpu"
+    precision: Any = None  # redonnx.planner.precision.PrecisionResult when the INT8 stage ran
     _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -65,6 +66,7 @@ class PruneResult:
             "budget": self.search.to_dict() if self.search is not None else None,
             **(self.evidence.to_dict() if self.evidence is not None else {}),
             "speed": self.speed.to_dict() if self.speed is not None else None,
+            "precision": self.precision.to_dict() if self.precision is not None else None,
             "notes": self.source.notes + self.notes,
             "seconds": round(self.seconds, 3),
         }
@@ -95,6 +97,8 @@ class PruneResult:
         lines += [f"note: {n}" for n in self.notes]
         if self.speed is not None:
             lines.append(self.speed.describe())
+        if self.precision is not None:
+            lines += self.precision.lines()
         if self.evidence is not None:
             src = self.source.path or "IN.onnx"
             lines += self.evidence.summary_lines(command or f"redonnx prune {src} -o OUT.onnx")

@@ -1,0 +1,168 @@
+"""Precision, planned with the channels: INT8 where it fits the budget left and runs faster.
+
+After the channel and depth stages chose the float result, the INT8 stage
+(:mod:`redonnx.quantize.stage`) proposes a model per scheme (static QDQ; dynamic MatMul weights on
+models without convolutions), each held to the same budget against the original. Under
+``precision auto`` each proposal is timed against the float result and the input
+(:func:`redonnx.speed.measure`, interleaved) and the fastest that is measurably faster (the speed
+gate's rule) is kept, else the float result. ``precision int8`` keeps the INT8 proposal even when
+not faster (timed where a cost model is set, to say so). Where the float result was lossy and no
+INT8 proposal fits the budget that pruning left, the lossless float result is quantized too: the
+channels and the precision share one budget, and the gate picks between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from redonnx import speed as speed_mod
+from redonnx.errors import RedonnxError
+from redonnx.passes.base import PassResult
+from redonnx.quantize import QuantResult, Scheme, StageInputs, run_stage
+from redonnx.quantize.cpu import detect
+from redonnx.quantize.quantizer import TRT_OPS
+
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def resolve(precision: str | None, target: str, exact: bool) -> str:
+    """The precision asked for: ``auto`` by default under ort-cpu, ``int8`` under trt-int8, else fp32;
+    ``--exact`` is lossless, so fp32."""
+    if precision is not None and precision not in PRECISIONS:
+        raise RedonnxError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if exact:
+        if precision == "int8":
+            raise RedonnxError("--exact is lossless: it cannot be combined with --precision int8")
+        return "fp32"
+    if precision is not None:
+        return precision
+    return "auto" if target == "ort-cpu" else "int8" if target == "trt-int8" else "fp32"
+
+
+def schemes(target: str, model: onnx.ModelProto) -> list[Scheme]:
+    """What to propose: TensorRT's symmetric QDQ for trt-int8; for onnxruntime static QDQ with the
+    CPU's weight range, and dynamic MatMul quantization where the model has no convolution."""
+    if target == "trt-int8":
+        return [Scheme("static", reduce_range=False, symmetric=True, op_types=TRT_OPS)]
+    rr = detect().reduce_range
+    out = [Scheme("static", reduce_range=rr)]
+    if not any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node):
+        out.append(Scheme("dynamic", reduce_range=rr))
+    return out
+
+
+@dataclass
+class PrecisionResult:
+    """What the precision stage proposed and kept, and each stage's share."""
+
+    precision: str
+    target: str
+    kept: str = "float"
+    proposals: list[QuantResult] = field(default_factory=list)
+    measured: list[dict[str, Any]] = field(default_factory=list)  # per proposal: vs float, vs input
+    float_vs_input: dict[str, Any] | None = None
+    float_cosine: float | None = None
+    note: str = ""
+
+    @property
+    def chosen(self) -> QuantResult | None:
+        return next((p for p in self.proposals if p.describe() == self.kept), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "target": self.target, "kept": self.kept, "cpu": detect().to_dict(),
+                "proposals": [p.to_dict() for p in self.proposals], "measured": self.measured,
+                "stages": self.stages(), "note": self.note}  # fmt: skip
+
+    def stages(self) -> dict[str, Any]:
+        """Each stage's share of the speed-up and of the fidelity spent."""
+        chosen = next((m for m in self.measured if m["kept"]), None)
+        q = self.chosen
+        return {
+            "float": {"speedup_vs_input": _speedup(self.float_vs_input), "cosine": self.float_cosine},
+            "int8": {"speedup_vs_float": _speedup(chosen.get("vs_float")) if chosen else None,
+                     "cosine": q.verification.worst_cosine if q is not None and q.verification is not None else None},
+        }  # fmt: skip
+
+    def lines(self) -> list[str]:
+        out = [f"precision {self.precision} ({detect().describe()}):"]
+        for p in self.proposals:
+            m = next((m for m in self.measured if m["label"] == p.describe()), None)
+            speed = ""
+            if m is not None and "vs_float" in m:
+                f = m["vs_float"]
+                speed = (f"; {1 / f['ratio']:.2f}x the float result (latency ratio {f['ratio']:.3f}, 90 % interval "
+                         f"{f['ratio_low']:.3f}-{f['ratio_high']:.3f})")  # fmt: skip
+            out.append(f"  {p.describe()}{speed}")
+        st = self.stages()
+        if self.kept != "float" and st["float"]["speedup_vs_input"] is not None:
+            fl, i8 = st["float"], st["int8"]
+            out.append(f"  stages: float {fl['speedup_vs_input']:.2f}x (cosine {fl['cosine']:.5f}), then INT8 "
+                       f"{(i8['speedup_vs_float'] or 1):.2f}x (cosine {i8['cosine']:.5f})")  # fmt: skip
+        out.append(f"  writing the {'float result' if self.kept == 'float' else 'INT8 model'}"
+                   + (f": {self.note}" if self.note else ""))  # fmt: skip
+        return out
+
+
+def _speedup(t: dict[str, Any] | None) -> float | None:
+    return round(1.0 / t["ratio"], 4) if t and t.get("ratio") else None
+
+
+@dataclass
+class PrecisionStage:
+    """Runs the INT8 stage on the float result and gates it (see the module)."""
+
+    precision: str
+    target: str
+    inputs: StageInputs
+    feeds: dict[str, np.ndarray] | None = None  # batch-1 timing inputs (ort-cpu)
+    cache: Any = None  # latency.Cache
+
+    def run(self, float_model: onnx.ModelProto, results: list[PassResult], float_speed: Any = None,
+            float_cosine: float | None = None) -> tuple[onnx.ModelProto, list[PassResult], PrecisionResult]:
+        out = PrecisionResult(self.precision, self.target, float_cosine=float_cosine)
+        if float_speed is not None:
+            out.float_vs_input = float_speed.final_vs_input
+        timed = self.feeds is not None and self.cache is not None and self.target == "ort-cpu"
+        out.proposals = run_stage(float_model, self.inputs, schemes(self.target, float_model),
+                                  speed=timed and self.precision == "auto")  # fmt: skip
+        best = None
+        for p in out.proposals:
+            if p.model is None:
+                continue
+            entry = {"label": p.describe(), "kept": False}
+            if timed:
+                hit = speed_mod.measure(self.inputs.source, float_model, p.model, self.feeds, self.cache)
+                entry.update(vs_float=hit["vs_exact"], vs_input=hit["vs_input"], rounds=hit["rounds"])
+                ok = hit["vs_exact"]["ratio_high"] < 1.0 - speed_mod.MIN_GAIN and hit["vs_input"]["ratio"] <= 1.0
+                entry["accepted"] = ok
+                if (ok or self.precision == "int8") and (best is None or hit["vs_exact"]["ratio"] < best[1]):
+                    best = (p, hit["vs_exact"]["ratio"], entry)
+            elif best is None:
+                entry["accepted"] = True
+                best = (p, 1.0, entry)
+            out.measured.append(entry)
+        if best is None:
+            out.note = _why_float(out, timed)
+            return float_model, results, out
+        p, _, entry = best
+        entry["kept"] = True
+        out.kept = p.describe()
+        if timed and not entry["accepted"]:
+            out.note = "--precision int8: kept although not measurably faster"
+        elif not timed:
+            out.note = "not timed: a profile for the target" if self.target != "ort-cpu" else "not timed"
+        res = PassResult("quantize-int8", modified=True, layers=[c.to_dict() for c in p.layers],
+                         counts={"layers in INT8": p.int8_layers,
+                                 "layers kept float": len(p.layers) - p.int8_layers})  # fmt: skip
+        res.seconds = p.seconds
+        return p.model, [*results, res], out
+
+
+def _why_float(out: PrecisionResult, timed: bool) -> str:
+    if not any(p.model is not None for p in out.proposals):
+        return "; ".join(sorted({p.declined or "" for p in out.proposals if p.declined}))
+    return "no INT8 proposal was measurably faster than the float result" if timed else "no INT8 proposal"

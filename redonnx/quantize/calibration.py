@@ -1,0 +1,111 @@
+"""Calibration without data: activation ranges for static INT8 from the input model's draws.
+
+Static quantization needs each activation's range. Without data the ranges come from the input
+model's realistic draws (:mod:`redonnx.input_model`) of their own seed, so calibration and
+verification never share a sample; where the model has BatchNorm and its draws were corrected
+(:mod:`redonnx.realism`: a per-channel affine after each BatchNorm brings the synthetic activations
+to the running mean and variance), the ranges of every tensor the corrected original shares by
+name with the model being quantized (folding keeps the BatchNorm's output name) are read from the
+corrected original, so they are the ranges real data would give. ``--calibration c.npz`` replaces
+both with the user's inputs.
+
+The ranges are computed by onnxruntime's calibrators (MinMax, Percentile, Entropy: which one is
+chosen per model by the fidelity budget, :mod:`redonnx.quantize.stage`), once per method, and
+written as onnxruntime's calibration cache, so every quantization trial reuses them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+CALIBRATION_SEED = 200_017  # neither verification (0...), realism (1), depth (2) nor statistics (100_003)
+IMAGES = 64  # calibration draws of image inputs
+VECTORS = 256  # of other inputs
+CHUNK = 16  # samples per calibration run
+METHODS = ("MinMax", "Percentile", "Entropy")  # in order of cost
+
+
+def sample_count(feeds: dict[str, np.ndarray]) -> int:
+    return min((len(v) for v in feeds.values() if np.ndim(v)), default=1)
+
+
+def chunks(feeds: dict[str, np.ndarray], batched: bool) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs in runs of :data:`CHUNK` samples (one run when the batch is fixed)."""
+    if not batched:
+        return [feeds]
+    n = sample_count(feeds)
+    return [{k: v[i : i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over prepared runs."""
+
+    def __init__(self, runs: list[dict[str, np.ndarray]], names: set[str]) -> None:
+        self._runs = [{k: v for k, v in r.items() if k in names} for r in runs]
+        self._it: Iterator = iter(self._runs)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __iter__(self):
+        return iter(self._runs)
+
+
+def _one_thread(calibrator) -> None:
+    """Recreate the calibrator's session with one intra-op thread: sums split by the thread count
+    differ in their last bits, and the ranges (so the scales, so the file) would follow."""
+    import onnxruntime as ort
+
+    from redonnx.runtime import REPRODUCIBLE_THREADS
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = REPRODUCIBLE_THREADS
+    opts.log_severity_level = 4
+    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, opts,
+                                                    providers=["CPUExecutionProvider"])  # fmt: skip
+
+
+def tensor_ranges(model: onnx.ModelProto, runs: list[dict[str, np.ndarray]], method: str, work: Path):
+    """onnxruntime's calibration of every float tensor of ``model`` on ``runs`` (TensorsData)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path))
+        calibrator = create_calibrator(path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=getattr(CalibrationMethod, method))  # fmt: skip
+        _one_thread(calibrator)
+        calibrator.collect_data(_Reader(runs, {i.name for i in model.graph.input}))
+        data = calibrator.compute_data()
+        del calibrator
+    return data
+
+
+def merged(plain, corrected) -> tuple[object, int]:
+    """``plain`` with every tensor ``corrected`` also has taken from ``corrected``; how many."""
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    if corrected is None:
+        return plain, 0
+    data = dict(plain.data)
+    shared = [k for k in data if k in corrected.data]
+    for k in shared:
+        data[k] = corrected.data[k]
+    return TensorsData(plain.calibration_method, data), len(shared)
+
+
+def write_cache(data, path: Path) -> Path:
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    save_tensors_data(data, path)
+    return path

@@ -1,0 +1,199 @@
+"""onnxruntime's quantizers, driven: prepare a float model once, then write it in INT8 with any set
+of layers kept in float.
+
+Nothing here inserts QuantizeLinear/DequantizeLinear by hand: static models are written by
+``onnxruntime.quantization.quantize_static`` (QDQ, per-channel weights) from a calibration cache
+(:mod:`redonnx.quantize.calibration`), dynamic ones by ``quantize_dynamic`` (MatMul weights, the
+activations quantized at run time). The float model is prepared once with the library's own
+pre-processing (``quant_pre_process``: shape inference and onnxruntime's basic optimizations) and
+every unnamed node is named, since the quantizers select nodes by name.
+
+A :class:`Scheme` is how a model is quantized: static or dynamic, weight range (7-bit on CPUs
+whose int8 kernels saturate, :mod:`redonnx.quantize.cpu`), symmetric activations (TensorRT explicit
+quantization), and which op types the library may quantize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+#: layers whose precision the stage decides, one by one: weighted ops with a constant weight
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+#: TensorRT explicit quantization, following NVIDIA's "Q/DQ layer-placement recommendations"
+#: (TensorRT developer guide, "Working with Quantized Types"): symmetric int8 (zero point 0) for
+#: activations and weights, per-channel weights, Q/DQ on the *inputs* of weighted layers and of
+#: residual Adds, none on their outputs (TensorRT fuses the following Q into the layer, and folds
+#: BatchNorm and ReLU itself).
+TRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a model is quantized."""
+
+    mode: str = "static"  # static (QDQ, calibrated) | dynamic (MatMul weights; activations at run time)
+    reduce_range: bool = False  # 7-bit weights
+    symmetric: bool = False  # symmetric int8 activations (TensorRT)
+    op_types: tuple[str, ...] | None = None  # what the library may quantize; None: its default set
+
+    def describe(self) -> str:
+        what = "static QDQ, per-channel weights" if self.mode == "static" else "dynamic (MatMul weights)"
+        if self.symmetric:
+            what += ", symmetric int8 activations and weights (TensorRT explicit quantization)"
+        if self.reduce_range:
+            what += ", 7-bit weights"
+        if self.op_types is not None:
+            what += f", ops {'/'.join(self.op_types)}"
+        return what
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The library logs advice and progress on the root logger: not ours to print."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose unnamed (or duplicate-named) nodes get deterministic names."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    seen: set[str] = set()
+    for i, node in enumerate(out.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}_redonnx"
+        seen.add(node.name)
+    return out
+
+
+def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
+    """The library's pre-processing (shape inference, basic optimizations) of the named model; the
+    named model as it is when pre-processing fails (symbolic shape inference knows fewer ops)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    named = name_nodes(model)
+    path = work / "prepared.onnx"
+    for skip_symbolic in (False, True):
+        try:
+            with _quiet():
+                quant_pre_process(named, str(path), skip_symbolic_shape=skip_symbolic)
+            return name_nodes(onnx.load(str(path)))
+        except Exception:
+            continue
+    return named
+
+
+@dataclass
+class Layer:
+    """A weighted node whose precision is decided."""
+
+    name: str
+    op: str
+    weight: str
+
+
+def layers(model: onnx.ModelProto) -> list[Layer]:
+    """The weighted layers (a constant weight input) of a prepared model, in graph order."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in consts:
+            out.append(Layer(n.name, n.op_type, n.input[1]))
+    return out
+
+
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls of two activations (attention scores and context): kept float, both operands move."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input[:2])]
+
+
+@dataclass
+class Quantizer:
+    """Writes ``prepared`` in INT8 under ``scheme`` with chosen nodes kept float (memoized)."""
+
+    prepared: onnx.ModelProto
+    scheme: Scheme
+    work: Path
+    always_float: frozenset[str] = frozenset()
+    _memo: dict = field(default_factory=dict, repr=False)
+    _path: Path | None = None
+
+    def _source(self) -> Path:
+        if self._path is None:
+            self._path = self.work / "float.onnx"
+            onnx.save(self.prepared, str(self._path))
+        return self._path
+
+    def build(self, exclude: frozenset[str] = frozenset(), only: frozenset[str] | None = None,
+              cache: Path | None = None, method: str = "MinMax",
+              layers_only: bool = False) -> onnx.ModelProto:  # fmt: skip
+        """The model with every quantizable node but ``exclude`` (or only ``only``) in INT8;
+        ``layers_only``: of the weighted layers alone (other ops stay float)."""
+        key = (exclude, only, str(cache), method, layers_only)
+        if key not in self._memo:
+            self._memo[key] = self._build(exclude | self.always_float, only, cache, method, layers_only)
+        return self._memo[key]
+
+    def _build(self, exclude: frozenset[str], only: frozenset[str] | None, cache: Path | None,
+               method: str, layers_only: bool) -> onnx.ModelProto:  # fmt: skip
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
+
+        s = self.scheme
+        ops = list(LAYER_OPS) if layers_only else list(s.op_types) if s.op_types is not None else None
+        include = sorted(only - exclude) if only is not None else None
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet():
+            out = Path(tmp) / "int8.onnx"
+            if s.mode == "dynamic":
+                quantize_dynamic(self._source(), out, op_types_to_quantize=ops or ["MatMul"], per_channel=False,
+                                 reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
+                                 nodes_to_quantize=include, nodes_to_exclude=sorted(exclude))  # fmt: skip
+            else:
+                extra = {"ActivationSymmetric": s.symmetric, "WeightSymmetric": True,
+                         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}  # fmt: skip
+                if s.symmetric:
+                    extra["OpTypesToExcludeOutputQuantization"] = list(TRT_OPS)
+                quantize_static(self._source(), out, calibration_data_reader=None, calibration_cache_path=cache,
+                                quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,
+                                reduce_range=s.reduce_range,
+                                activation_type=QuantType.QInt8 if s.symmetric else QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, nodes_to_quantize=include,
+                                nodes_to_exclude=sorted(exclude),
+                                calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)  # fmt: skip
+            return onnx.load(str(out))
+
+
+def int8_nodes(model: onnx.ModelProto, names: list[str]) -> set[str]:
+    """Which of ``names`` run in INT8 in a quantized model: a DequantizeLinear feeds their weight,
+    or a dynamic/integer op replaced them."""
+    dq_out = {o for n in model.graph.node if n.op_type in ("DequantizeLinear",) for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    out = set()
+    for name in names:
+        n = by_name.get(name)
+        replaced = n is None or n.op_type not in LAYER_OPS  # MatMulInteger, DynamicQuantizeMatMul...
+        if replaced or (len(n.input) > 1 and n.input[1] in dq_out):
+            out.add(name)
+    return out

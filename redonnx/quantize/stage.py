@@ -1,0 +1,275 @@
+"""The INT8 stage: which layers run in INT8, under the fidelity budget, where this CPU is faster.
+
+Given the float result (pruned or lossless) and the budget pruning was held to (one budget for
+both: the check is always against the *original* model on the verification inputs):
+
+1. **speed** (``precision auto`` with a cost model): every weighted layer is timed alone in float
+   and in INT8 (:mod:`redonnx.quantize.timing`); a layer whose INT8 form is not at least
+   :data:`MIN_LAYER_GAIN` faster stays float (depthwise convolutions, small layers on CPUs without
+   fast int8 dot products);
+2. **calibration method**: the remaining layers are quantized together with the ranges of each
+   method in :data:`redonnx.quantize.calibration.METHODS` in turn; the first whose model meets the
+   budget is chosen, else the one whose model came closest;
+3. **sensitivity**: if no method meets it, each layer is quantized alone and scored by its output
+   deviation (1 - cosine) per millisecond its INT8 form saves; the worst are kept in float, as few
+   as the budget needs (bisection on how many, assuming more float layers never hurt).
+
+The stage proposes; the pipeline's speed gate times the INT8 model against the float result and
+keeps it only if measurably faster (``precision auto``). Dynamic quantization (MatMul weights,
+activations quantized at run time) is a second candidate on models without convolutions.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from redonnx.quantize import calibration as C
+from redonnx.quantize.cpu import Int8Cpu, detect
+from redonnx.quantize.quantizer import (
+    LAYER_OPS,
+    Layer,
+    Quantizer,
+    Scheme,
+    activation_matmuls,
+    int8_nodes,
+    layers,
+    prepare,
+)
+
+MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % faster alone
+
+Check = Callable[[onnx.ModelProto], Any]  # a model -> VerificationResult (truthy when within budget)
+
+
+@dataclass
+class LayerChoice:
+    """One weighted layer's precision and why."""
+
+    name: str
+    op: str
+    precision: str = "int8"
+    why: str = "within the budget"
+    deviation: float | None = None  # 1 - output cosine with this layer alone in INT8
+    float_ms: float | None = None
+    int8_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class QuantResult:
+    """What the stage proposes for one scheme: an INT8 model (or why none), per-layer choices."""
+
+    scheme: Scheme
+    cpu: Int8Cpu
+    model: onnx.ModelProto | None = None
+    method: str | None = None
+    calibration: str = ""
+    layers: list[LayerChoice] = field(default_factory=list)
+    verification: Any = None
+    trials: int = 0
+    seconds: float = 0.0
+    declined: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def int8_layers(self) -> int:
+        return sum(1 for lay in self.layers if lay.precision == "int8")
+
+    def describe(self) -> str:
+        if self.model is None:
+            return f"int8 ({self.scheme.describe()}): none, {self.declined}"
+        cos = f", cosine {self.verification.worst_cosine:.5f}" if self.verification is not None else ""
+        how = f"calibration {self.method} on {self.calibration}" if self.method else "no calibration (dynamic)"
+        return (f"int8 ({self.scheme.describe()}): {self.int8_layers} of {len(self.layers)} layers in INT8, "
+                f"{how}{cos}; {self.trials} trials, {self.seconds:.1f} s")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme.describe(), "cpu": self.cpu.to_dict(), "method": self.method,
+                "calibration": self.calibration, "int8_layers": self.int8_layers, "layers_total": len(self.layers),
+                "layers": [lay.to_dict() for lay in self.layers], "declined": self.declined, "trials": self.trials,
+                "seconds": round(self.seconds, 3), "notes": self.notes,
+                "verification": self.verification.to_dict() if self.verification is not None else None}  # fmt: skip
+
+
+@dataclass
+class StageInputs:
+    """What the stage needs from the pipeline (settled once there)."""
+
+    source: onnx.ModelProto  # the original: corrections apply to it
+    check: Check  # against the original, at the budget
+    draw: Callable[[int, int], dict[str, np.ndarray]]  # (batch, seed) -> synthetic inputs
+    batched: bool  # every input's first dimension is free
+    calibration: dict[str, np.ndarray] | None = None  # the user's real inputs
+    corrections: list | None = None  # BatchNorm corrections of the draws (realism)
+    cost_model: Any = None  # CostModel: time layers (precision auto, ort-cpu)
+    layer_shapes: Callable[[onnx.ModelProto], dict[str, Any]] | None = None  # node name -> LayerShape
+    image: bool = True  # 4-D inputs: fewer calibration samples
+
+
+def _calibration_runs(inp: StageInputs) -> tuple[list[dict[str, np.ndarray]], str]:
+    if inp.calibration is not None:
+        n = C.sample_count(inp.calibration)
+        return C.chunks(inp.calibration, inp.batched), f"the given calibration inputs ({n} samples)"
+    count = C.IMAGES if inp.image else C.VECTORS
+    if inp.batched:
+        feeds = inp.draw(count, C.CALIBRATION_SEED)
+        what = f"{count} synthetic samples (seed {C.CALIBRATION_SEED})"
+        return C.chunks(feeds, True), what
+    runs = [inp.draw(1, C.CALIBRATION_SEED + k) for k in range(count // C.CHUNK)]
+    return runs, f"{len(runs)} synthetic samples (seeds from {C.CALIBRATION_SEED})"
+
+
+@dataclass
+class Stage:
+    """Searches one scheme's INT8 layers for a float model (see the module)."""
+
+    inputs: StageInputs
+    scheme: Scheme
+    speed: bool  # keep layers float where INT8 is not faster alone
+    work: Path
+    _ranges: dict[str, Path] = field(default_factory=dict)
+    trials: int = 0
+
+    def run(self, float_model: onnx.ModelProto) -> QuantResult:
+        t0 = time.perf_counter()
+        res = QuantResult(self.scheme, detect())
+        prepared = prepare(float_model, self.work)
+        found = layers(prepared)
+        if not found:
+            res.declined = "no weighted layer (Conv, Gemm, MatMul with a constant weight) to quantize"
+            return res
+        q = Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
+        choices = {lay.name: LayerChoice(lay.name, lay.op) for lay in found}
+        slow = self._timed(prepared, found, choices) if self.speed else set()
+        if len(slow) == len(found):
+            res.layers, res.declined = list(choices.values()), "INT8 is not faster than float for any layer on this CPU"
+            return res
+        runs, res.calibration = _calibration_runs(self.inputs) if self.scheme.mode == "static" else ([], "")
+        self._search(q, [lay for lay in found if lay.name not in slow], frozenset(slow), runs, choices, res)
+        res.layers, res.trials, res.seconds = list(choices.values()), self.trials, time.perf_counter() - t0
+        if res.model is not None:
+            quantized = int8_nodes(res.model, [lay.name for lay in found if choices[lay.name].precision == "int8"])
+            for lay in found:
+                if choices[lay.name].precision == "int8" and lay.name not in quantized:
+                    c = choices[lay.name]
+                    c.precision, c.why = "float", "left float by onnxruntime's quantizer"
+        return res
+
+    def _timed(self, prepared: onnx.ModelProto, found: list[Layer], choices: dict[str, LayerChoice]) -> set[str]:
+        from redonnx.quantize.timing import int8_ms
+
+        cost = self.inputs.cost_model
+        shapes = self.inputs.layer_shapes(prepared) if self.inputs.layer_shapes is not None else {}
+        slow = set()
+        for lay in found:
+            shape = shapes.get(lay.name)
+            if shape is None or cost is None:
+                continue
+            c = choices[lay.name]
+            c.float_ms, c.int8_ms = cost.ms(shape), int8_ms(cost, shape, self.scheme)
+            if c.int8_ms is None or c.int8_ms > (1 - MIN_LAYER_GAIN) * c.float_ms:
+                slow.add(lay.name)
+                c.precision = "float"
+                c.why = (f"int8 not faster on this CPU ({c.int8_ms:.3f} vs {c.float_ms:.3f} ms alone)"
+                         if c.int8_ms is not None else "the quantizer leaves it float")  # fmt: skip
+        return slow
+
+    def _ranges_for(self, q: Quantizer, runs: list[dict[str, np.ndarray]], method: str, res: QuantResult) -> Path:
+        if method not in self._ranges:
+            from redonnx.quantize.quantizer import _quiet
+
+            with _quiet():
+                plain = C.tensor_ranges(q.prepared, runs, method, self.work)
+                corrected = None
+                if self.inputs.corrections and self.inputs.calibration is None:
+                    from redonnx.realism import intervene
+
+                    corrected = C.tensor_ranges(intervene(self.inputs.source, self.inputs.corrections), runs,
+                                                method, self.work)  # fmt: skip
+            data, shared = C.merged(plain, corrected)
+            if shared and not any("BatchNorm" in n for n in res.notes):
+                res.notes.append(f"ranges of {shared} tensors read from the BatchNorm-corrected original")
+            self._ranges[method] = C.write_cache(data, self.work / f"ranges_{method}.json")
+        return self._ranges[method]
+
+    def _try(self, q: Quantizer, exclude: frozenset[str], method: str | None, runs, res, only=None,
+             layers_only: bool = True):  # fmt: skip
+        cache = self._ranges_for(q, runs, method, res) if method else None
+        model = q.build(exclude, only, cache, method or "MinMax", layers_only)
+        self.trials += 1
+        return model, self.inputs.check(model)
+
+    def _search(self, q: Quantizer, cands: list[Layer], slow: frozenset[str], runs, choices, res: QuantResult) -> None:
+        methods: list[str | None] = list(C.METHODS) if self.scheme.mode == "static" else [None]
+        best = None
+        ops = self.scheme.op_types
+        everything = (False, True) if ops is None or set(ops) - set(LAYER_OPS) else (True,)
+        for method in methods:
+            for layers_only in everything:  # every op the library quantizes, then the weighted layers alone
+                model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
+                if best is None or v.worst_cosine > best[2].worst_cosine:
+                    best = (method, model, v)
+                if v:
+                    res.model, res.method, res.verification = model, method, v
+                    if layers_only:
+                        res.notes.append("other ops (Add, pooling...) kept float: in INT8 they were over the budget")
+                    return
+        method = best[0]
+        res.method = method
+        res.notes.append(f"every layer in INT8 is over the budget (best: {method or 'dynamic'}, cosine "
+                         f"{best[2].worst_cosine:.5f}): sensitive layers kept float")  # fmt: skip
+        order = self._sensitivity(q, cands, slow, method, runs, choices, res)
+        trials: dict[int, tuple] = {}
+
+        def passes(k: int) -> bool:  # the k most sensitive layers float
+            if k not in trials:
+                trials[k] = self._try(q, slow | frozenset(order[:k]), method, runs, res)
+            return bool(trials[k][1])
+
+        lo, hi = 0, len(order) - 1  # k = 0 failed above; k = len(order) would leave no layer in INT8
+        if hi <= lo or not passes(hi):
+            res.declined = "no layer fits the budget in INT8"
+            for name in order:
+                choices[name].precision, choices[name].why = "float", "over the budget in INT8"
+            return
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+        found = (hi, *trials[hi])
+        k, res.model, res.verification = found
+        for name in order[:k]:
+            choices[name].precision = "float"
+            choices[name].why = "kept float: among the most sensitive per ms saved, the budget needs it"
+
+    def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
+        """Layer names, worst first: output deviation alone in INT8 per ms saved."""
+        scored = []
+        for lay in cands:
+            _, v = self._try(q, slow, method, runs, res, only=frozenset({lay.name}))
+            c = choices[lay.name]
+            c.deviation = max(0.0, 1.0 - v.worst_cosine)
+            saved = (c.float_ms - c.int8_ms) if c.float_ms is not None and c.int8_ms is not None else 1.0
+            scored.append((c.deviation / max(saved, 1e-4), lay.name))
+        return [name for _, name in sorted(scored, key=lambda s: (-s[0], s[1]))]
+
+
+def run_stage(float_model: onnx.ModelProto, inputs: StageInputs, schemes: list[Scheme],
+              speed: bool) -> list[QuantResult]:  # fmt: skip
+    """The stage for each scheme, on a scratch folder removed afterwards."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="redonnx-int8-") as tmp:
+        for k, scheme in enumerate(schemes):
+            work = Path(tmp) / str(k)
+            work.mkdir()
+            out.append(Stage(inputs, scheme, speed, work).run(float_model))
+    return out
