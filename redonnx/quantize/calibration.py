@@ -28,6 +28,7 @@ IMAGES = 64  # calibration draws of image inputs
 VECTORS = 256  # of other inputs
 CHUNK = 16  # samples per calibration run
 METHODS = ("MinMax", "Percentile", "Entropy")  # in order of cost
+HISTOGRAM_SAMPLES = 64  # the histogram methods calibrate on at most this many samples
 
 
 def sample_count(feeds: dict[str, np.ndarray]) -> int:
@@ -40,6 +41,17 @@ def chunks(feeds: dict[str, np.ndarray], batched: bool) -> list[dict[str, np.nda
         return [feeds]
     n = sample_count(feeds)
     return [{k: v[i : i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
+
+
+def first_samples(runs: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    """The runs that hold the first ``n`` samples."""
+    out, total = [], 0
+    for r in runs:
+        if total >= n:
+            break
+        out.append(r)
+        total += sample_count(r)
+    return out
 
 
 class _Reader:

@@ -31,7 +31,7 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: (TensorRT developer guide, "Working with Quantized Types"): symmetric int8 (zero point 0) for
 #: activations and weights, per-channel weights, Q/DQ on the *inputs* of weighted layers and of
 #: residual Adds, none on their outputs (TensorRT fuses the following Q into the layer, and folds
-#: BatchNorm and ReLU itself).
+#: BatchNorm, ReLU and the float bias itself).
 TRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
 
@@ -173,8 +173,8 @@ class Quantizer:
             else:
                 extra = {"ActivationSymmetric": s.symmetric, "WeightSymmetric": True,
                          "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}  # fmt: skip
-                if s.symmetric:
-                    extra["OpTypesToExcludeOutputQuantization"] = list(TRT_OPS)
+                if s.symmetric:  # TensorRT: Q/DQ on layer inputs only, biases float (it fuses them)
+                    extra.update(OpTypesToExcludeOutputQuantization=list(TRT_OPS), QuantizeBias=False)
                 quantize_static(self._source(), out, calibration_data_reader=None, calibration_cache_path=cache,
                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,
                                 reduce_range=s.reduce_range,

@@ -188,6 +188,8 @@ class Stage:
         if method not in self._ranges:
             from redonnx.quantize.quantizer import _quiet
 
+            if method != "MinMax":  # histograms cost a pass each and numpy time per tensor: 64 samples
+                runs = C.first_samples(runs, C.HISTOGRAM_SAMPLES)
             with _quiet():
                 plain = C.tensor_ranges(q.prepared, runs, method, self.work)
                 corrected = None
@@ -213,17 +215,18 @@ class Stage:
         methods: list[str | None] = list(C.METHODS) if self.scheme.mode == "static" else [None]
         best = None
         ops = self.scheme.op_types
-        everything = (False, True) if ops is None or set(ops) - set(LAYER_OPS) else (True,)
-        for method in methods:
-            for layers_only in everything:  # every op the library quantizes, then the weighted layers alone
-                model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
-                if best is None or v.worst_cosine > best[2].worst_cosine:
-                    best = (method, model, v)
-                if v:
-                    res.model, res.method, res.verification = model, method, v
-                    if layers_only:
-                        res.notes.append("other ops (Add, pooling...) kept float: in INT8 they were over the budget")
-                    return
+        tries = [(m, True) for m in methods]  # the weighted layers alone, each calibration method
+        if ops is None or set(ops) - set(LAYER_OPS):  # first every op the library quantizes, with MinMax
+            tries.insert(0, (methods[0], False))
+        for method, layers_only in tries:
+            model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
+            if best is None or v.worst_cosine > best[2].worst_cosine:
+                best = (method, model, v)
+            if v:
+                res.model, res.method, res.verification = model, method, v
+                if layers_only and tries[0] != (method, True):
+                    res.notes.append("other ops (Add, pooling...) kept float: in INT8 they were over the budget")
+                return
         method = best[0]
         res.method = method
         res.notes.append(f"every layer in INT8 is over the budget (best: {method or 'dynamic'}, cosine "

@@ -1,0 +1,167 @@
+"""The INT8 stage: QDQ models verified against the original, sensitive layers kept float, fp32
+unchanged, TensorRT's symmetric form, and the same bytes in any process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, cifar_batch, shared_model
+from onnx import TensorProto, helper, numpy_helper
+
+from redonnx.cli import main
+from redonnx.io import load_model
+from redonnx.pipeline import prune
+from redonnx.quantize.cpu import detect
+from redonnx.runtime import run, session
+
+DIGITS = MODELS / "digits_resnet.onnx"
+
+
+def _ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(MODELS / "digits_test.npz")
+    return (data["x"].astype(np.float32) / 16).reshape(-1, 1, 8, 8), data["y"]
+
+
+def test_qdq_model_is_verified_against_the_original_and_holds_on_real_digits(tmp_path: Path) -> None:
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["prune", str(DIGITS), "-o", str(out), "--precision", "int8", "--target", "macs",
+                 "--report", str(rep)]) == 0  # fmt: skip
+    written = load_model(out).model
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(written)
+    r = json.loads(rep.read_text())
+    assert r["verification"]["passed"] and r["verification"]["min_cosine"] == 0.998
+    prec = r["precision"]
+    assert prec["kept"] != "float"
+    chosen = next(p for p in prec["proposals"] if p["int8_layers"])
+    assert chosen["calibration"].startswith("64 synthetic samples")
+    assert {lay["precision"] for lay in chosen["layers"]} <= {"int8", "float"}
+    x, y = _digits()  # real digits the budget never saw
+    ref = run(session(load_model(DIGITS).model), {"input": x})["logits"]
+    got = run(session(written), {"input": x})["logits"]
+    assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.97
+    assert np.mean(got.argmax(1) == y) >= np.mean(ref.argmax(1) == y) - 0.02
+
+
+def _outlier_mlp() -> onnx.ModelProto:
+    """x -> MatMul+Relu -> MatMul+Relu -> MatMul. The first layer writes one channel near 1000
+    (a bias, a zero column) that the second layer barely reads: quantizing the tensor between
+    them at one scale leaves the other channels a handful of levels, so the second layer's INT8
+    form is far over the budget while the others are not."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) / 4
+    b1 = np.zeros(32, np.float32)
+    w1[:, 0], b1[0] = 0.0, 1000.0
+    w2 = rng.standard_normal((32, 32)).astype(np.float32) / 6
+    w2[0] = 1e-4
+    w3 = rng.standard_normal((32, 10)).astype(np.float32) / 6
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["h1"]), helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"),
+             helper.make_node("Relu", ["m2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]  # fmt: skip
+    g = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
+    model = _outlier_mlp()
+    res = prune(model, passes=["cleanup"], precision="int8", target="macs")
+    assert res.verification.passed
+    chosen = res.precision.chosen
+    assert chosen is not None and chosen.scheme.mode == "static"
+    for proposal in res.precision.proposals:  # static (fc1's output is quantized too) and dynamic
+        by = {c.name.split("/")[0]: c for c in proposal.layers}  # pre-processing fused fc1 with its Add
+        assert by["fc2"].precision == "float" and "kept float" in by["fc2"].why
+        assert by["fc2"].deviation > 100 * by["fc3"].deviation
+        assert by["fc3"].precision == "int8"
+        assert any("over the budget" in n for n in proposal.notes)  # every layer in INT8 was not
+    x = np.random.default_rng(123).standard_normal((64, 16)).astype(np.float32)  # draws the search never saw
+    ref, got = run(session(model), {"x": x})["y"], run(session(res.model), {"x": x})["y"]
+    cos = np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)
+    assert cos >= 0.998
+
+
+def test_fp32_writes_no_quantization_and_exact_refuses_int8(tmp_path: Path) -> None:
+    res = prune(DIGITS, precision="fp32")
+    assert res.precision is None and "QuantizeLinear" not in _ops(res.model)
+    assert main(["prune", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--exact", "--precision", "int8"]) == 2
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_auto_writes_the_fp32_bytes_unless_int8_is_measurably_faster() -> None:
+    src = shared_model("cifar10/resnet20_bn.onnx")
+    fp32, auto = prune(src, precision="fp32"), prune(src)
+    assert auto.precision is not None and auto.precision.precision == "auto"
+    if auto.precision.kept == "float":
+        assert auto.model.SerializeToString() == fp32.model.SerializeToString()
+    else:  # a CPU whose int8 kernels won: the gate measured it
+        entry = next(m for m in auto.precision.measured if m["kept"])
+        assert entry["accepted"] and entry["vs_float"]["ratio_high"] < 0.97
+    assert "QuantizeLinear" not in _ops(fp32.model)
+
+
+def test_trt_int8_writes_symmetric_qdq_on_layer_inputs() -> None:
+    res = prune(DIGITS, target="trt-int8")
+    assert res.verification.passed and res.precision.kept != "float"
+    m = res.model
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(n.input) > 2 and n.input[2] in inits]  # fmt: skip
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    for conv in (n for n in m.graph.node if n.op_type in ("Conv", "Gemm")):  # inputs and weights quantized
+        assert producer[conv.input[0]].op_type == producer[conv.input[1]].op_type == "DequantizeLinear"
+        assert len(conv.input) < 3 or conv.input[2] in inits  # a float bias, which TensorRT fuses
+
+
+def test_int8_bytes_are_identical_across_processes(tmp_path: Path) -> None:
+    def once(folder: Path, env: dict[str, str]) -> bytes:
+        folder.mkdir()
+        keep = {k: v for k, v in os.environ.items() if k not in ("PYTHONHASHSEED", "OMP_NUM_THREADS")}
+        proc = subprocess.run([sys.executable, "-m", "redonnx.cli", "prune", str(DIGITS), "-o",
+                               str(folder / "o.onnx"), "--precision", "int8", "--passes", "fold-batchnorm,cleanup",
+                               "--target", "macs"],
+                              env={**keep, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return (folder / "o.onnx").read_bytes()
+
+    assert once(tmp_path / "a", {"PYTHONHASHSEED": "1", "OMP_NUM_THREADS": "1"}) == once(
+        tmp_path / "b", {"PYTHONHASHSEED": "2"})  # fmt: skip
+
+
+def test_calibration_with_real_images_holds_resnet20_top1(tmp_path: Path) -> None:
+    """ResNet-20 in INT8 calibrated on 256 real images: within 0.5 top-1 points on the other 761."""
+    x, y = cifar_batch()
+    calib = tmp_path / "c.npz"
+    np.savez(calib, input=x[:256])
+    src = shared_model("cifar10/resnet20_bn.onnx")
+    res = prune(src, passes=["fold-batchnorm", "cleanup"], precision="int8", target="macs",
+                calibration=dict(np.load(calib)))
+    assert res.verification.passed and res.precision.kept != "float"
+    assert res.precision.chosen.calibration.startswith("the given calibration inputs (256")
+    ref = run(session(onnx.load(str(src))), {"input": x[256:]})["logits"].argmax(1)
+    got = run(session(res.model), {"input": x[256:]})["logits"].argmax(1)
+    assert np.mean(got == y[256:]) >= np.mean(ref == y[256:]) - 0.005
+
+
+def test_cpu_features_name_the_kernel() -> None:
+    cpu = detect()
+    text = cpu.describe()
+    if cpu.arch == "x86_64":
+        assert ("VNNI" in text) or ("AVX2" in text) or ("AMX" in text) or ("SSE" in text) or ("AVX-512" in text)
+        assert cpu.reduce_range == (not (cpu.vnni or cpu.amx))
+    else:
+        pytest.skip("not x86-64")
