@@ -1,4 +1,6 @@
-"""Speed of the outputs: redonnx default, --exact, --target trt, onnxsim and onnxslim, in one run.
+"""Speed of the outputs: redonnx default, --exact, --target trt, --precision fp32 / int8, onnxsim,
+onnxslim and onnxruntime's own INT8 (quantize_static with real and with noise calibration,
+quantize_dynamic), in one run.
 
 Run: python benchmarks/speed.py [--models a,b] [--seconds S]
 Prints a Markdown table and writes benchmarks/results/speed.json. Needs onnxsim and onnxslim
@@ -11,6 +13,12 @@ thread, batch 1, graph optimizations on, every round in another order): the late
 Fidelity: top-1 on the shared CIFAR-10 images for the CIFAR models, else the output cosine to the
 input model on real images (resized) or on validly drawn inputs (see fidelity.py). The last row
 is the geometric mean of the ratios over the models every variant ran on.
+
+onnxruntime's INT8 peers are run as a user following its guide would: ``quant_pre_process``, then
+``quantize_static`` (QDQ, per-channel weights, MinMax, the library's default types) calibrated on
+100 real inputs (the last 100 of the evaluation set; validly drawn inputs where the model has no
+real data) or on standard-normal noise of the input's shape, and ``quantize_dynamic`` (defaults).
+A peer whose model onnxruntime cannot load or run is recorded as failing.
 """
 
 from __future__ import annotations
@@ -28,16 +36,63 @@ from redonnx.cost import model_cost
 from redonnx.input_model import infer
 from redonnx.latency import compare
 from redonnx.pipeline import prune
+from redonnx.runtime import session
 from redonnx.sizes import settle
 
-VARIANTS = ["redonnx default", "redonnx --exact", "redonnx --target trt", "onnxsim", "onnxslim"]
+VARIANTS = ["redonnx default", "redonnx --precision fp32", "redonnx --precision int8", "redonnx --exact",
+            "redonnx --target trt", "onnxsim", "onnxslim", "ort static (real calib)", "ort static (noise calib)",
+            "ort dynamic"]
+CALIB = 100  # real calibration inputs of onnxruntime's quantize_static
 
 
-def variant(name: str, model: onnx.ModelProto, shapes: dict) -> tuple[onnx.ModelProto | None, str]:
+def ort_int8(name: str, model: onnx.ModelProto, calib: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """onnxruntime's own INT8 of ``model``: static (calibrated on ``calib``) or dynamic (None)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader:
+        def __init__(self, feeds: dict[str, np.ndarray]) -> None:
+            n = len(next(iter(feeds.values())))
+            self.it = iter([{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(src))
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception:
+            pre = src
+        if calib is None:
+            quantize_dynamic(str(pre), str(out))
+        else:
+            quantize_static(str(pre), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True)
+        return onnx.load(str(out))
+
+
+def variant(name: str, model: onnx.ModelProto, shapes: dict,
+            calib: dict | None = None) -> tuple[onnx.ModelProto | None, str]:  # fmt: skip
     """The variant's output model, or None and why."""
     try:
         if name == "redonnx default":
             return prune(model, shapes=shapes or None).model, ""
+        if name.startswith("redonnx --precision"):
+            return prune(model, shapes=shapes or None, precision=name.split()[-1]).model, ""
+        if name.startswith("ort static"):
+            feeds = calib if "real" in name else {k: np.random.default_rng(5).standard_normal(v.shape).astype(v.dtype)
+                                                  for k, v in calib.items()}  # fmt: skip
+            out = ort_int8(name, model, feeds)
+            session(out, optimize=True).run(None, {k: v[:1] for k, v in calib.items()})
+            return out, ""
+        if name == "ort dynamic":
+            out = ort_int8(name, model, None)
+            session(out, optimize=True).run(None, {k: v[:1] for k, v in calib.items()})
+            return out, ""
         if name == "redonnx --exact":
             return prune(model, shapes=shapes or None, exact=True).model, ""
         if name == "redonnx --target trt":
@@ -92,10 +147,11 @@ def measure(name: str, model: onnx.ModelProto, shapes: dict, seconds: float) -> 
     _, sh, _ = settle(model, None, shapes or None)
     feeds = as_float32(feeds) if feeds is not None else infer(model, sh).draw(model, sh, batch=64, seed=99)
     one = infer(model, sh).draw(model, sh, batch=1, seed=0)
+    calib = {k: v[-CALIB:] for k, v in feeds.items()}
     outs, rows = [], []
     for v in VARIANTS:
         t0 = time.perf_counter()
-        out, why = variant(v, model, shapes)
+        out, why = variant(v, model, shapes, calib)
         outs.append((v, out, why, time.perf_counter() - t0))
     unique: dict[bytes, int] = {}  # identical outputs are timed once (two sessions of one model differ by ~1.5 %)
     for _v, out, _why, _s in outs:
