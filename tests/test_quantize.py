@@ -66,9 +66,10 @@ def _outlier_mlp() -> onnx.ModelProto:
     w2[0] = 1e-4
     w3 = rng.standard_normal((32, 10)).astype(np.float32) / 6
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "b1"], ["a1"]),
-             helper.make_node("Relu", ["a1"], ["h1"]), helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"),
-             helper.make_node("Relu", ["m2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("Relu", ["a1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"), helper.make_node("Relu", ["m2"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]
     g = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)  # fmt: skip
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
