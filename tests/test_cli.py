@@ -65,9 +65,11 @@ def test_relaxed_merging_from_the_command_line(tmp_path: Path) -> None:
     calib = tmp_path / "calib.npz"
     np.savez(calib, input=(data["x"][:64].astype(np.float32) / 16).reshape(64, 1, 8, 8))
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    # --target macs: under ort-cpu the channels chosen follow this machine's cached layer timings, which
+    # for these microsecond layers are noise (a unit test must not depend on timing)
     args = ["prune", str(RESNET), "-o", str(out), "--passes", "fold-batchnorm,merge-channels,cleanup",
             "--alpha", "0.1", "--calibration", str(calib), "--inputs", str(calib), "--min-cosine", "0.9",
-            "--report", str(rep)]  # fmt: skip
+            "--target", "macs", "--report", str(rep)]  # fmt: skip
     assert main(args) == 0
     r = json.loads(rep.read_text())
     assert r["after"]["params"] < 0.95 * r["before"]["params"]
