@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from redonnx import reconstruct as R
 from redonnx.channels import ChannelGraph
+from redonnx.cost import layer_origin
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.redundancy.blocks import align, savings
 from redonnx.redundancy.classes import ClassInfo, Plan, sink_columns
@@ -93,7 +94,8 @@ def _record_groups(
     unit = "ms" if measured else "MACs"
     for key, infos in by_key.items():
         tensors = sorted({t for t, _ in infos[0].members})
-        layers = sorted({it.node.name for t in tensors for it in cg.items.get(t, []) if it.kind in ("row", "sink")})
+        layers = sorted({layer_origin(it.node) for t in tensors for it in cg.items.get(t, [])
+                         if it.kind in ("row", "sink")})  # fmt: skip
         per = saving[infos[0].root]
         if gone[key]:
             why = f"removed in steps of {step}: saves {per:.3g} {unit} per channel"
