@@ -11,6 +11,7 @@ hyper-parameters such as Clip bounds.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class LayerCost:
     groups: int = 1
     candidate: bool = False
     note: str = ""
+    origin: str = ""  # what the layer is across rewrites: see :func:`layer_origin`
 
 
 @dataclass
@@ -137,12 +139,25 @@ def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
         macs=macs,
         groups=groups,
         candidate=const_w,
+        origin=layer_origin(node),
     )
     if _AS.get(node.op, node.op) == "Conv" and const_w and groups > 1:
         layer.note = "depthwise" if groups == wshape[0] and wshape[1] == 1 else f"grouped ({groups})"
     if not const_w:
         layer.note = "weight computed at run time"
     return layer
+
+
+def layer_origin(node: gs.Node) -> str:
+    """The layer's identity across rewrites: its node's name, or for an unnamed node (PyTorch 1.2
+    exports) its constant weight's name, copies' suffixes dropped: folding BatchNorm hands the
+    layer the BatchNorm's output tensor, so the output's name does not follow the layer."""
+    if node.name:
+        return node.name
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if isinstance(w, gs.Constant) and w.name:
+        return re.sub(r"(_r\d+)+$", "", w.name)  # graph.fresh_name: a shared weight copied before a change
+    return node.outputs[0].name if node.outputs else ""
 
 
 def _macs(node: gs.Node, w: list[int] | None, inp: list[int] | None, out: list[int] | None) -> int | None:

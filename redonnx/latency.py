@@ -250,12 +250,12 @@ def layer_model(shape: LayerShape) -> tuple[onnx.ModelProto, dict[str, np.ndarra
             attrs["pads"] = list(shape.pads)
         if shape.dilations:
             attrs["dilations"] = list(shape.dilations)
-        inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32) * 0.1, "w"),
+        inits = [numpy_helper.from_array(_weights(rng, w_shape), "w"),
                  numpy_helper.from_array(rng.standard_normal(shape.cout).astype(np.float32), "b")]  # fmt: skip
         nodes = [helper.make_node(shape.op, ["x", "w", "b"], ["y"], **attrs)]
     else:
         x_shape = [*(shape.spatial or (1,)), shape.cin]
-        inits = [numpy_helper.from_array(rng.standard_normal((shape.cin, shape.cout)).astype(np.float32) * 0.1, "w"),
+        inits = [numpy_helper.from_array(_weights(rng, [shape.cin, shape.cout]), "w"),
                  numpy_helper.from_array(rng.standard_normal(shape.cout).astype(np.float32), "b")]  # fmt: skip
         nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
     out = "y"
@@ -267,6 +267,13 @@ def layer_model(shape: LayerShape) -> tuple[onnx.ModelProto, dict[str, np.ndarra
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m, {"x": rng.standard_normal(x_shape).astype(np.float32)}
+
+
+def _weights(rng: np.random.Generator, shape: list[int]) -> np.ndarray:
+    """Random float32 weights made in place (an exact prune may time a layer as large as the model's)."""
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= 0.1
+    return w
 
 
 def time_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], budget_s: float = 0.02, min_runs: int = 15,

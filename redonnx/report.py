@@ -16,25 +16,9 @@ from redonnx.runtime import session
 
 def layer_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each original layer with its parameters and MACs before and after (separated layers summed)."""
-    after = report["after"]["layers"]
-    rows = []
-    for lay in report["before"]["layers"]:
-        name = lay["name"]
-        parts = [a for a in after if a["name"] == name or a["name"].startswith(f"{name}_sep")]
-        p_after = sum(a["params"] for a in parts)
-        m_after = sum(a["macs"] or 0 for a in parts) if parts else 0
-        rows.append(
-            {
-                "layer": name,
-                "op": lay["op"],
-                "params_before": lay["params"],
-                "params_after": p_after,
-                "macs_before": lay["macs"],
-                "macs_after": m_after if lay["macs"] is not None else None,
-                "removed_pct": 100.0 * (1 - p_after / lay["params"]) if lay["params"] else 0.0,
-            }
-        )
-    return rows
+    from redonnx.result import layer_rows
+
+    return report.get("layers") or layer_rows(report["before"]["layers"], report["after"]["layers"])
 
 
 def latency(before, after, feeds: dict, runs: int = 50) -> dict[str, float]:
@@ -130,17 +114,21 @@ def _p(v: float | None, missing: str = "?") -> str:
 
 
 def _budget_html(report: dict[str, Any]) -> list[str]:
+    """The budget trials; their MACs removed where counted (``--target-macs`` counts them)."""
     s = report.get("budget")
     if not s:
         return []
+    counted = any(t["macs_removed_pct"] is not None for t in s["trials"])
     rows = "".join(
-        f"<tr><td>{t['value']:.3g}</td><td>{_p(t['macs_removed_pct'], '-')}</td><td>{t['cosine']:.4f}</td>"
-        f"<td>{'ok' if t['passed'] else 'over'}</td></tr>"
+        f"<tr><td>{t['value']:.3g}</td>"
+        + (f"<td>{_p(t['macs_removed_pct'], '-')}</td>" if counted else "")
+        + f"<td>{t['cosine']:.4f}</td><td>{'ok' if t['passed'] else 'over'}</td></tr>"
         for t in s["trials"]
     )
     knob = s["knob"].replace("_", " ")
+    macs = "<th>MACs removed</th>" if counted else ""
     return [f"<h2>Budget: {html.escape(s['goal'])} &rarr; {knob} {s['value']:.3g}</h2>",
-            f"<table><tr><th>{knob}</th><th>MACs removed</th><th>cosine</th><th></th></tr>{rows}</table>"]  # fmt: skip
+            f"<table><tr><th>{knob}</th>{macs}<th>cosine</th><th></th></tr>{rows}</table>"]  # fmt: skip
 
 
 def _verification_html(report: dict[str, Any]) -> list[str]:

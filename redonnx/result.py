@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class PruneResult:
                 "macs": (before["macs"] - after["macs"]) if before["macs"] is not None else None,
                 "macs_pct": _pct(before["macs"], after["macs"]),
             },
+            "layers": layer_rows(before["layers"], after["layers"]),
             "passes": [p.to_dict() for p in self.passes],
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "budget": self.search.to_dict() if self.search is not None else None,
@@ -131,10 +133,49 @@ def _sizes(model: onnx.ModelProto, cost: ModelCost) -> dict[str, Any]:
         "nodes": len(model.graph.node),
         "ops": cost.ops,
         "layers": [
-            {"name": lay.name, "op": lay.op, "weight": lay.weight_shape, "params": lay.params, "macs": lay.macs}
+            {
+                "name": lay.name,
+                "origin": lay.origin,
+                "op": lay.op,
+                "weight": lay.weight_shape,
+                "params": lay.params,
+                "macs": lay.macs,
+            }
             for lay in cost.layers
         ],
     }
+
+
+def layer_rows(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each original layer with its parameters and MACs before and after, paired by origin (see
+    :func:`redonnx.cost.layer_origin`; layers sharing one, in graph order); a separated layer's
+    parts (``ORIGIN_sepK_...``) are summed."""
+    by_origin: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for a in after:
+        by_origin[_origin(a)].append(a)
+    seen: Counter[str] = Counter()
+    rows = []
+    for lay in before:
+        key = _origin(lay)
+        same = by_origin.get(key, [])[seen[key] : seen[key] + 1]
+        seen[key] += 1
+        parts = same + [a for a in after if a["name"].startswith(f"{key}_sep")]
+        p_after = sum(a["params"] for a in parts)
+        m_after = sum(a["macs"] or 0 for a in parts) if parts else 0
+        rows.append({
+            "layer": lay["name"],
+            "op": lay["op"],
+            "params_before": lay["params"],
+            "params_after": p_after,
+            "macs_before": lay["macs"],
+            "macs_after": m_after if lay["macs"] is not None else None,
+            "removed_pct": 100.0 * (1 - p_after / lay["params"]) if lay["params"] else 0.0,
+        })  # fmt: skip
+    return rows
+
+
+def _origin(layer: dict[str, Any]) -> str:
+    return layer.get("origin") or layer["name"]  # reports written before origins were kept
 
 
 @dataclass

@@ -8,6 +8,7 @@ from conftest import MODELS, cifar_batch, shared_model
 from onnx import numpy_helper
 
 from redonnx.io import load_model
+from redonnx.latency import CostModel
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
 from redonnx.runtime import run, session
@@ -77,6 +78,24 @@ def test_resnet20_macs_target_keeps_top1() -> None:
 def test_aligned_prune_has_no_alignment_note() -> None:
     res = prune(shared_model("cifar10/resnet20_bn.onnx"), target="macs", configured=[MergeChannels(channel_multiple=8)])
     assert res.verification and not res.notes
+
+
+def work_ms(cm, shape) -> float:
+    """A stand-in for timing a layer: its multiply-accumulates, whatever the channel count."""
+    return shape.cin * shape.cout * float(np.prod(shape.kernel or (1,))) / max(shape.group, 1) * 1e-6
+
+
+@pytest.mark.parametrize("target", ["macs", "ort-cpu"])
+def test_alignment_note_only_where_counts_are_not_timed(target: str, monkeypatch) -> None:
+    """16 -> fewer channels off the block of 8: told under macs (nothing timed them); not under
+    ort-cpu, whose counts come from the cost model (here a block of 1: any count is as fast)."""
+    monkeypatch.setattr(CostModel, "block", lambda cm: 1)
+    monkeypatch.setattr(CostModel, "ms", work_ms)
+    res = prune(RESNET, passes=["fold-batchnorm", MergeChannels(alpha=0.3), "cleanup"], target=target)
+    assert res.verification is not None
+    assert any(lay.op == "Conv" and lay.weight_shape[0] % 8 for lay in res.after.layers)
+    noted = any("not multiples of 8" in n for n in res.notes)
+    assert noted == (target == "macs"), res.notes
 
 
 @pytest.mark.parametrize("rel", ["tf/mlperf_tiny_fc_autoencoder.onnx", "pytorch/mtcnn_rnet.onnx"])

@@ -39,33 +39,58 @@ def conv_counts(model: onnx.ModelProto) -> list[tuple[int, int]]:
     return [shapes[n.input[1]][:2] for n in model.graph.node if n.op_type == "Conv"]
 
 
-@pytest.mark.parametrize("block", [8, 16])
-def test_block_is_measured_and_the_planner_keeps_to_it(block: int) -> None:
-    """The planner never picks a count the cost model marks slow: removals come in whole blocks."""
+@pytest.mark.parametrize("block,width", [(8, 32), (16, 32), (8, 36)])
+def test_block_is_measured_and_the_planner_keeps_to_it(block: int, width: int) -> None:
+    """The planner never picks a count the cost model marks slow: the channels that remain are
+    whole blocks (36 channels go to 32 first, not to 28)."""
     cm = CostModel(Cache("off"), timer=fake_timer(block))
     assert cm.block() == block
-    model = conv_net()
+    model = conv_net(width)
     for budget in (0.01, 0.1, 1.0, 10.0):
         out, _ = run_passes(model, [MergeChannels(error_budget=budget)], False,
                             PassContext(target="ort-cpu", cost_model=cm))
         for cout, _ in conv_counts(out)[:2]:
-            assert cout % block == 0 or cout == 32, (budget, conv_counts(out))
-    assert any(c[0] < 32 for c in conv_counts(out)[:2])  # the largest budget did remove channels
+            assert cout % block == 0 or cout == width, (budget, conv_counts(out))
+    assert any(c[0] < width for c in conv_counts(out)[:2])  # the largest budget did remove channels
 
 
-def test_exact_merges_are_undone_rather_than_misalign() -> None:
-    """--exact under the speed target: one duplicated channel (33 -> 32 would be merged by
-    --target macs) stays when merging it would leave a count outside the block."""
+def one_duplicate(width: int) -> onnx.ModelProto:
+    """8 input channels -> ``width`` (the last a copy of channel 3) -> 8: one channel merges exactly."""
     b = Builder(2)
-    w = np.random.default_rng(0).standard_normal((9, 3, 3, 3)).astype(np.float32)
-    w[8] = w[3]
+    w = np.random.default_rng(0).standard_normal((width, 8, 3, 3)).astype(np.float32)
+    w[width - 1] = w[3]
     h = b.op("Relu", [b.op("Conv", ["x", b.const(w)], pads=[1] * 4, kernel_shape=[3, 3])])
-    model = b.model([("x", ["N", 3, 8, 8])], [b.conv(h, 9, 2, k=1, pad=0)])
-    cm = CostModel(Cache("off"), timer=fake_timer(8))
-    fast, (res,) = run_passes(model, ["merge-channels"], True, PassContext(target="ort-cpu", cost_model=cm))
-    small, (res2,) = run_passes(model, ["merge-channels"], True, PassContext(target="macs"))
-    assert conv_counts(fast)[0][0] == 9 and not res.modified
-    assert conv_counts(small)[0][0] == 8 and res2.counts == {"identical channels merged": 1}
+    return b.model([("x", ["N", 8, 8, 8])], [b.conv(h, width, 8, k=1, pad=0)])
+
+
+def exact_width(model: onnx.ModelProto, timer) -> tuple[int, int]:
+    """Width of the first conv after --exact merge-channels under ort-cpu (timed by ``timer``) and under macs."""
+    cm = CostModel(Cache("off"), timer=timer)
+    fast, _ = run_passes(model, ["merge-channels"], True, PassContext(target="ort-cpu", cost_model=cm))
+    small, (res,) = run_passes(model, ["merge-channels"], True, PassContext(target="macs"))
+    assert res.counts == {"identical channels merged": 1}
+    return conv_counts(fast)[0][0], conv_counts(small)[0][0]
+
+
+def test_exact_merge_that_leaves_the_block_is_undone_when_measured_slower() -> None:
+    """8 -> 7 channels leaves the block of 8 and the cost model times 7 slower: the copy stays."""
+    assert exact_width(one_duplicate(8), fake_timer(8)) == (8, 7)
+
+
+def test_exact_merge_back_onto_the_block_always_goes() -> None:
+    """9 -> 8: the channels that remain are a whole block, though the one removed is not."""
+    assert exact_width(one_duplicate(9), fake_timer(8)) == (8, 8)
+
+
+def test_exact_merge_that_leaves_the_block_goes_when_measured_faster() -> None:
+    """A runtime whose block of 8 only slows wide layers: 8 -> 7 is timed faster, so it goes."""
+    slow_when_wide = fake_timer(8)
+
+    def ms(shape: LayerShape) -> float:
+        return slow_when_wide(shape) if max(shape.cin, shape.cout) > 16 else fake_timer(1)(shape)
+
+    assert CostModel(Cache("off"), timer=ms).block() == 8
+    assert exact_width(one_duplicate(8), ms) == (7, 7)
 
 
 def test_cost_model_caches_on_disk(tmp_path) -> None:

@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import pytest
 from builders import Builder
-from conftest import assert_equivalent, shared_model
+from conftest import MODELS, assert_equivalent, shared_model
 from widen import widen
 
 from redonnx.cost import model_cost
 from redonnx.io import load_model
 from redonnx.passes import MergeChannels
-from redonnx.pipeline import prune, run_passes
+from redonnx.pipeline import TARGETS, prune, run_passes
 
 
 def exact_base(rel: str) -> onnx.ModelProto:
@@ -92,6 +92,61 @@ def test_several_plantings_at_once() -> None:
     wide = widen(wide, ["/layer1/layer1.0/conv1/Conv"], ["/layer1/layer1.0/conv2/Conv"], src=9, dead=True)
     counts = check_restored(base, wide)
     assert counts == {"identical channels merged": 2, "zero channels removed": 1}
+
+
+FIVE = ((3, False), (7, False), (3, False), (0, True), (5, True))  # (source channel, dead): 3 copies, 2 dead
+
+
+def plant(model: onnx.ModelProto, where: list[tuple[list[str], list[str], list[str]]], sources=FIVE) -> onnx.ModelProto:
+    """Five channels more (copies and dead filters) for each (producers, consumers, shortcut pads)."""
+    for producers, consumers, pads in where:
+        for src, dead in sources:
+            model = widen(model, producers, consumers, src=src, dead=dead, pads=pads)
+    return model
+
+
+def conv_widths(model: onnx.ModelProto) -> list[int]:
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return [shapes[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"]
+
+
+def check_every_target(base: onnx.ModelProto, wide: onnx.ModelProto) -> None:
+    """--exact under every target takes the widened model back to the base's channel counts and
+    parameters (the same pipeline on the base: ort-cpu rewrites shortcuts as 1x1 convs)."""
+    assert_equivalent(base, wide)
+    assert conv_widths(wide) != conv_widths(base)
+    for target in TARGETS:
+        res = prune(wide, exact=True, target=target)
+        ref = prune(base, exact=True, target=target)
+        assert res.verification, res.verification.summary()
+        assert conv_widths(res.model) == conv_widths(ref.model), target
+        assert res.after.params == ref.after.params, target
+        assert_equivalent(base, res.model)
+
+
+def test_widened_digits_resnet_returns_to_its_counts_under_every_target() -> None:
+    """16 -> 21 channels on the first stage's residual stream, 32 -> 37 inside a block and on the
+    last stage's stream: the counts start off the block, and merging the planted channels brings
+    them back onto it (removing 5 of 21 is not a multiple of 8, yet 16 remain). A dead filter is
+    planted where no later planting writes columns into its layer: a row that reads a dead input
+    channel with non-zero weights is dead only once that channel has gone (a second pass)."""
+    base = run_passes(onnx.load(MODELS / "digits_resnet.onnx"), None, exact=True)[0]
+    stream1 = ["/0/Conv", "/3/body/body.3/Conv", "/4/body/body.3/Conv"]
+    readers1 = ["/3/body/body.0/Conv", "/4/body/body.0/Conv", "/5/body/body.0/Conv", "/5/shortcut/shortcut.0/Conv"]
+    wide = plant(base, [(stream1, readers1, []), (["/5/body/body.0/Conv"], ["/5/body/body.3/Conv"], []),
+                        (["/5/body/body.3/Conv", "/5/shortcut/shortcut.0/Conv"], ["/8/Gemm"], [])])  # fmt: skip
+    check_every_target(base, wide)
+
+
+def test_widened_resnet20_returns_to_its_counts_under_every_target() -> None:
+    """16 -> 21 and 32 -> 37 inside blocks, 64 -> 69 on the residual stream (copies of and next to
+    the option-A shortcut's zero channels)."""
+    base = exact_base(RESNET)
+    stream = ([f"/layer3/layer3.{i}/conv2/Conv" for i in range(3)], STREAM_READERS, ["/layer3/layer3.0/Pad"])
+    wide = plant(base, [(["/layer1/layer1.0/conv1/Conv"], ["/layer1/layer1.0/conv2/Conv"], []),
+                        (["/layer2/layer2.1/conv1/Conv"], ["/layer2/layer2.1/conv2/Conv"], [])])  # fmt: skip
+    wide = plant(wide, [stream], sources=((0, False), (5, False), (60, False), (1, True), (50, True)))
+    check_every_target(base, wide)
 
 
 # ---------------------------------------------------------------- synthetic graphs

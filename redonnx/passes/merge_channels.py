@@ -89,7 +89,7 @@ class MergeChannels(Pass):
                 relaxed_removals(graph, cg, groups, plan, res, alpha, replace(ctx, memo=memo), multiple,
                                  self.error_budget)  # fmt: skip
         else:
-            align(plan, groups, [], multiple)
+            align(plan, groups, [], multiple, ctx.cost_model)
         for kind in plan.exact.values():
             res.count(kind)
         if plan.merges:

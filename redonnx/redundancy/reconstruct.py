@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from redonnx import reconstruct as R
 from redonnx.channels import ChannelGraph
+from redonnx.cost import layer_origin
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.redundancy.blocks import align, savings
 from redonnx.redundancy.classes import ClassInfo, Plan, sink_columns
@@ -60,9 +61,10 @@ def relaxed_removals(
     cands = [i for i in cands if saving[i.root] > 0]
     key_of = {i.root: k for k, members in groups.items() for i in members}
     exact_done = Counter(key_of[r] for r in plan.exact)
+    sizes = {key: min(cg.spaces[t].size for t, _c in members[0].members) for key, members in groups.items()}
     chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), saving, multiple,
-                          exact_done, budget)  # fmt: skip
-    chosen = align(plan, groups, chosen, multiple)
+                          exact_done, budget, sizes)  # fmt: skip
+    chosen = align(plan, groups, chosen, multiple, ctx.cost_model)
     _record_groups(res, cg, all_cands, chosen, saving, multiple, ctx.cost_model is not None)
     if not chosen:
         return
@@ -92,7 +94,8 @@ def _record_groups(
     unit = "ms" if measured else "MACs"
     for key, infos in by_key.items():
         tensors = sorted({t for t, _ in infos[0].members})
-        layers = sorted({it.node.name for t in tensors for it in cg.items.get(t, []) if it.kind in ("row", "sink")})
+        layers = sorted({layer_origin(it.node) for t in tensors for it in cg.items.get(t, [])
+                         if it.kind in ("row", "sink")})  # fmt: skip
         per = saving[infos[0].root]
         if gone[key]:
             why = f"removed in steps of {step}: saves {per:.3g} {unit} per channel"
@@ -156,17 +159,18 @@ def _lazy_greedy(
     step: int = 1,
     done: dict[tuple, int] | None = None,
     budget: float | None = None,
+    sizes: dict[tuple, int] | None = None,
 ) -> list[ClassInfo]:
     """Pick about ``target`` channels by increasing relative reconstruction error per unit saved
     (MACs or milliseconds: the layers that lose least per unit of cost give most).
 
     Channels go in steps of ``step`` per coupled group (the runtime's channel block: a group's
-    first step completes the block its ``done`` exact merges began), so that removals gather where
-    they pay instead of spreading thin and being rounded away. A step costs the sum of its
-    channels' current costs; costs only grow as channels go, so stale heap entries are refreshed
-    lazily. With a ``budget`` on the summed error, a step that would exceed it is skipped (and
-    its group closed) while cheaper steps elsewhere still go: the most efficient step may be too
-    big to fit (half of a 16-channel layer), smaller ones are not."""
+    first step brings the channels that remain of its ``sizes``, after its ``done`` exact merges,
+    to a whole block), so that removals gather where they pay instead of spreading thin and being
+    rounded away. A step costs the sum of its channels' current costs; costs only grow as channels
+    go, so stale heap entries are refreshed lazily. With a ``budget`` on the summed error, a step
+    that would exceed it is skipped (and its group closed) while cheaper steps elsewhere still go:
+    the most efficient step may be too big to fit (half of a 16-channel layer), smaller ones are not."""
     floor = min((v for v in saving.values() if v > 0), default=1.0) * 1e-3
     by_key: dict[tuple, list[ClassInfo]] = defaultdict(list)
     for info in cands:
@@ -175,7 +179,8 @@ def _lazy_greedy(
     done = done or {}
 
     def size(key: tuple) -> int:
-        return step - (done.get(key, 0) + groups[key].taken) % step
+        left = (sizes or {}).get(key, 0) - done.get(key, 0) - groups[key].taken
+        return left % step or step
 
     def step_of(key: tuple) -> tuple[float, float]:
         """(cost, error) of the group's next step; inf when it cannot take one."""
