@@ -216,13 +216,21 @@ def feeds_for(
     images, half are smooth natural-image-like noise (the kind the channel statistics are
     measured on) and half white noise at the same scale, so a budget is also checked on a kind
     of input the compensation was not fitted to (measured: without the white half, the ResNet-20
-    with BatchNorm folded lost 0.8 top-1 points at the default budget, with it 0.4)."""
+    with BatchNorm folded lost 0.8 top-1 points at the default budget, with it 0.4). Inputs drawn
+    from the values the graph compares them with (a sample rate) take each value on as many
+    samples (a smooth and a white one each where there are samples enough; at least one each)."""
     if inputs is not None:
         given = load_npz_inputs(inputs, model) if isinstance(inputs, (str, Path)) else inputs
         n = min((len(v) for v in given.values() if np.ndim(v)), default=1)
         return [given], f"the given inputs ({n} samples)"
     im = input_model if input_model is not None else infer_inputs(model, shapes)
     what = f"{samples} synthetic samples (seed {seed}, {im.source})"
+    if im.cases() > 1:  # one value of the compared inputs per sample, every value on some
+        samples = max(samples, im.cases())
+        every = 2 if samples >= 2 * im.cases() else 1
+        what = f"{samples} synthetic samples (seed {seed}, {im.source}; {im.cases_note(samples, every)})"
+        return [im.draw(model, shapes, batch=1, seed=seed + k, white=k % 2 == 1, case=k // every)
+                for k in range(samples)], what  # fmt: skip
     if all(_leading_dim_dynamic(vi) for vi in graph_inputs(model)):
         half = samples // 2
         batches = [im.draw(model, shapes, batch=samples - half, seed=seed)]
