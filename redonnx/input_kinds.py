@@ -1,10 +1,17 @@
 """Input kinds inferred from the graph alone: where each input's values go (Gather tables,
-branches, shapes, arithmetic), hence token ids, masks, images, vectors or values that must be
-given (see :mod:`redonnx.input_model`).
+branches, shapes, arithmetic), hence token ids, masks, images, vectors, values the graph compares
+with constants, or values that must be given (see :mod:`redonnx.input_model`).
+
+A single number the graph only compares with constants (silero-vad's ``sr``: ``Equal(sr, 16000)``
+choosing the 16 kHz or the 8 kHz branch of an If) affects the outputs through the outcomes of
+those comparisons alone, so a few values cover every outcome: each constant, and one value in
+each interval around them (half the smallest positive one below, the midpoint between two, twice
+the largest above), keeping the first value of each distinct outcome: for ``sr`` 16000 and 8000.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +37,11 @@ BRANCHING = {"If", "Loop", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOr
              "Where"}  # fmt: skip
 SHAPE_SLOTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "Range": 0, "ConstantOfShape": 0, "OneHot": 1, "TopK": 1,
                "Slice": 1, "Resize": 1, "Pad": 1, "Upsample": 1, "Squeeze": 1, "Unsqueeze": 1}  # fmt: skip
+
+
+COMPARISONS = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual")
+VALUE_KEEPING = {"Cast", "CastLike", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose", "Expand",
+                 "Tile", "Gather", "Slice"}  # fmt: skip  # their first input's values pass unchanged (or some of them)
 
 
 @dataclass
@@ -104,7 +116,7 @@ def _single(dims: list) -> bool:
 def _float_spec(model: onnx.ModelProto, name: str, dtype: str, dims: list, constants: Constants) -> InputSpec:
     uses = _uses(model, name, constants)
     if _single(dims) and (uses.branches or uses.shapes):
-        return InputSpec(name, dtype, "needs value", f"a single number that reaches {(uses.branches + uses.shapes)[0]}")
+        return _value_spec(model, name, dtype, f"a single number that reaches {(uses.branches + uses.shapes)[0]}")
     if len(dims) == 4:
         return InputSpec(name, dtype, "image", "4-D float input", channel_axis=_channel_axis(model, name, dims))
     return InputSpec(name, dtype, "vector", f"{len(dims)}-D float input")
@@ -133,8 +145,7 @@ def _discrete_spec(
     single = _single(dims) or not dims
     if single and (uses.branches or uses.shapes):
         what = (uses.branches + uses.shapes)[0]
-        why = f"a single number that reaches {what} (a flag, size or sample rate)"
-        return InputSpec(name, dtype, "needs value", why)
+        return _value_spec(model, name, dtype, f"a single number that reaches {what} (a flag, size or sample rate)")
     if uses.arithmetic or uses.branches:
         how = f"cast to float and used in {uses.arithmetic[0]}" if uses.arithmetic else "compared"
         return InputSpec(name, dtype, "mask", f"{how} (0/1 values)", low=0, high=2)
@@ -156,3 +167,113 @@ def infer_kinds_only(model: onnx.ModelProto) -> dict[str, InputSpec]:
         out[vi.name] = (_float_spec(model, vi.name, dtype, dims, constants) if elem in FLOATS
                         else _discrete_spec(model, vi.name, dtype, dims, elem, constants))  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------ values the graph compares with
+
+
+def _value_spec(model: onnx.ModelProto, name: str, dtype: str, why: str) -> InputSpec:
+    """A single number the graph branches on or sizes with: drawn from the constants it is compared
+    with when that is all the graph does with it (module doc), else it must be given."""
+    found = compared_values(model, name, np.dtype(dtype))
+    if isinstance(found, str):
+        return InputSpec(name, dtype, "needs value", f"{why}; {found}")
+    values, compared = found
+    return InputSpec(name, dtype, "compared values", f"a single number the graph only compares with {compared}: "
+                     "one value per outcome of those comparisons, each verified", values=values)  # fmt: skip
+
+
+def compared_values(model: onnx.ModelProto, name: str, dtype: np.dtype) -> tuple[np.ndarray, str] | str:
+    """(values taking every outcome of the comparisons, what they are compared with), or why not."""
+    if dtype.kind == "b":
+        return "a boolean"
+    comparisons = _comparisons(model, name)
+    if isinstance(comparisons, str):
+        return comparisons
+    if not comparisons:
+        return "it is compared with no constant"
+    candidates = _candidates(sorted({float(c) for _, cs, _ in comparisons for c in cs}), dtype.kind in "iub")
+    seen: dict[tuple[bool, ...], float] = {}
+    for v in candidates:
+        seen.setdefault(_outcomes(v, comparisons), v)
+    compared = " and ".join(sorted({f"{', '.join(f'{c:g}' for c in cs)} ({op})" for op, cs, _ in comparisons}))
+    return np.array(list(seen.values())).astype(dtype), compared
+
+
+Comparison = tuple[str, np.ndarray, bool]  # op, constants, whether the input is the left operand
+
+
+def _comparisons(model: onnx.ModelProto, name: str) -> list[Comparison] | str:
+    """Every comparison of ``name`` with a constant (through ops that keep its values, in subgraphs
+    too), or why its values are used otherwise."""
+    nodes = list(_all_nodes(model.graph))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    values = _constant_values(model.graph)
+    out: list[Comparison] = []
+    frontier, seen = [name], {name}
+    while frontier:
+        t = frontier.pop()
+        for n in readers.get(t, []):
+            slots = [i for i, x in enumerate(n.input) if x == t]
+            if n.op_type in COMPARISONS and len(n.input) == 2 and len(slots) == 1:
+                other = n.input[1 - slots[0]]
+                if other not in values:
+                    return f"it is compared with {other!r}, not a constant"
+                out.append((n.op_type, values[other].reshape(-1), slots[0] == 0))
+                continue
+            if n.op_type not in VALUE_KEEPING or slots != [0]:
+                return f"it also reaches {n.op_type}"
+            for o in n.output:
+                if o and o not in seen:
+                    seen.add(o)
+                    frontier.append(o)
+    return out
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                yield from _all_nodes(g)
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Small numeric constants (initializers, Constant nodes) of a graph and its subgraphs."""
+    from onnx import numpy_helper
+
+    out = {}
+    for g in [graph, *(a.g for n in _all_nodes(graph) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)]:
+        for t in g.initializer:
+            if np.prod(t.dims, dtype=np.int64) <= 64:
+                out[t.name] = numpy_helper.to_array(t)
+    for n in _all_nodes(graph):
+        value = n.attribute[0] if n.op_type == "Constant" and n.output and n.attribute else None
+        if value is not None and value.name == "value" and np.prod(value.t.dims, dtype=np.int64) <= 64:
+            out[n.output[0]] = numpy_helper.to_array(value.t)
+    return {k: v for k, v in out.items() if v.dtype.kind in "iufb"}
+
+
+def _candidates(points: list[float], integral: bool) -> list[float]:
+    """The constants, then one value in each interval they leave: below, between, above."""
+    lo, hi = points[0], points[-1]
+    below = lo / 2 if lo > 0 else lo - 1
+    between = [(a + b) / 2 for a, b in itertools.pairwise(points)]
+    above = hi * 2 if hi > 0 else hi + 1
+    out = [*points, below, *between, above]
+    if integral:
+        out = [float(np.floor(v)) for v in out]
+    return out
+
+
+def _outcomes(v: float, comparisons: list[Comparison]) -> tuple[bool, ...]:
+    ops = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
+           "GreaterOrEqual": np.greater_equal}  # fmt: skip
+    out: list[bool] = []
+    for op, cs, left in comparisons:
+        x = np.full(cs.shape, v)
+        out += [bool(b) for b in (ops[op](x, cs) if left else ops[op](cs, x))]
+    return tuple(out)

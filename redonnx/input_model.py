@@ -16,8 +16,13 @@ the model's data. Each graph input gets a *kind*, a range and the evidence for t
   Unsqueeze...): uniform in [0, rows of the smallest table); tables of <= 2 rows: type ids.
 - **masks** (integers or booleans cast to float for arithmetic, or compared, with several
   elements): ones on a prefix of each row at least half its length.
-- **values the graph branches on** (a single number compared, used by If/Loop, or as a shape: a
-  flag, a sample rate): cannot be drawn; the error names the input and asks for ``--inputs``.
+- **values the graph compares with constants** (a single number only compared: silero-vad's
+  sample rate, ``Equal(sr, 16000)`` before an If): drawn as each constant and one value per
+  outcome of the comparisons (16000 and 8000); verification covers every value (see
+  :mod:`redonnx.input_kinds`).
+- **values the graph branches on otherwise** (a single number used by If/Loop, as a shape, in
+  arithmetic, or compared with no constant): cannot be drawn; the error names the input and asks
+  for ``--inputs``.
 
 Given inputs (``--inputs``) replace the inference: :func:`from_given` fits the same kinds to the
 arrays (their value sets, scales and shapes), so synthetic samples drawn for statistics are valid
@@ -200,7 +205,7 @@ def from_given(model: onnx.ModelProto, given: dict[str, np.ndarray]) -> InputMod
             spec = InputSpec(name, dtype, kind, f"fitted to the {len(x) if x.ndim else 1} given samples",
                              mean=float(x.mean()), std=float(x.std()) or 1.0, low=float(x.min()), high=float(x.max()),
                              channel_axis=axis if kind == "image" else None)  # fmt: skip
-        elif x.size <= 1 or (base is not None and base.kind == "needs value"):
+        elif x.size <= 1 or (base is not None and base.kind in ("needs value", "compared values")):
             spec = InputSpec(name, dtype, "given", "used exactly as given", values=x.reshape(-1)[:1])
         elif base is not None and base.kind == "mask" and x.ndim >= 1:
             spec = InputSpec(name, dtype, "mask", "rows of the given masks", values=x)

@@ -23,7 +23,8 @@ class InputSpec:
 
     name: str
     dtype: str
-    kind: str  # image | vector | token ids | type ids | mask | integers | booleans | needs value | given
+    # image | vector | token ids | type ids | mask | integers | booleans | compared values | needs value | given
+    kind: str
     evidence: str
     mean: float = 0.0
     std: float = 1.0
@@ -35,12 +36,16 @@ class InputSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "values" and v is not None}
+        if self.kind == "compared values" and self.values is not None:
+            d["values"] = self.values.tolist()
         return d
 
     def describe(self) -> str:
         rng = ""
         if self.kind in ("token ids", "type ids", "integers"):
             rng = f" in [{self.low:g}, {self.high:g})"
+        elif self.kind == "compared values" and self.values is not None:
+            rng = " " + ", ".join(f"{v:g}" for v in self.values)
         elif self.convention:
             rng = f", {self.convention}"
         elif self.kind in ("image", "vector"):
@@ -67,10 +72,22 @@ class InputModel:
     def missing_values(self) -> list[InputSpec]:
         return [s for s in self.specs.values() if s.kind == "needs value"]
 
+    def cases(self) -> int:
+        """How many draws cover every value of the inputs drawn from compared values (1 if none)."""
+        return max((len(s.values) for s in self.specs.values() if s.kind == "compared values"), default=1)
+
+    def cases_note(self, samples: int, every: int = 1) -> str:
+        """Which samples hold which compared value, when sample k is drawn as case ``k // every``."""
+        specs = [s for s in self.specs.values() if s.kind == "compared values"]
+        counts = np.bincount((np.arange(samples) // every) % self.cases(), minlength=self.cases())
+        return "; ".join(f"{s.name} = " + ", ".join(f"{v:g} on {counts[i::len(s.values)].sum()}"
+                                                   for i, v in enumerate(s.values)) for s in specs)  # fmt: skip
+
     def draw(self, model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int, seed: int,
-             white: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+             white: bool = False, case: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """Seeded inputs of the right shapes, dtypes, kinds and ranges; ``white``: images as white
-        noise at the same scale (a second kind of sample for verification)."""
+        noise at the same scale (a second kind of sample for verification); ``case``: which value
+        inputs drawn from compared values take (value ``case`` modulo their count; random if None)."""
         need = self.missing_values()
         if need:
             raise RedonnxError(need_values_message(need))
@@ -78,7 +95,7 @@ class InputModel:
         if batch_is_leading(model):  # a hint fixes the sample's shape, not how many samples
             concrete = {k: [batch, *v[1:]] if v else v for k, v in concrete.items()}
         rng = np.random.default_rng(seed)
-        return {name: _draw(spec, concrete[name], rng, white) for name, spec in self.specs.items()}
+        return {name: _draw(spec, concrete[name], rng, white, case) for name, spec in self.specs.items()}
 
 
 def batch_is_leading(model: onnx.ModelProto) -> bool:
@@ -98,8 +115,13 @@ def need_values_message(specs: list[InputSpec]) -> str:
 # ------------------------------------------------------------------ drawing
 
 
-def _draw(spec: InputSpec, shape: list[int], rng: np.random.Generator, white: bool = False) -> np.ndarray:
+def _draw(
+    spec: InputSpec, shape: list[int], rng: np.random.Generator, white: bool = False, case: int | None = None
+) -> np.ndarray:
     dtype = np.dtype(spec.dtype)
+    if spec.kind == "compared values" and spec.values is not None:
+        v = spec.values[case % len(spec.values)] if case is not None else rng.choice(spec.values)
+        return np.full(shape, v, dtype)
     if spec.kind in ("token ids", "type ids", "integers"):
         if spec.values is not None:  # given: the values seen
             return rng.choice(spec.values, size=shape).astype(dtype)

@@ -15,9 +15,11 @@ detector's outputs are then near zero and comparing them says nothing), led by a
 metadata or doc string names ("224x224", "640");
 anything else 16, 32, 64, 128. A dimension named like an input's batch is 1 wherever it appears
 (an RNN state [layers, batch, hidden]). When no ladder size runs, every size from 1 to 64 is tried (a fixed
-Reshape or Gemm after the features can allow one only). The next size that also runs is kept as a second size: where a
-dimension is dynamic, verification runs at both, so that a rewrite valid at one size only (a shape
-folded into a constant) is caught. ``--shape`` overrides every choice.
+Reshape or Gemm after the features can allow one only), then the ladder again with the dimensions of no
+known role at 1 (silero-vad's state [2, ?, 128], whose batch has no name). Where an input is drawn from
+the values the graph compares it with (a sample rate), a size must run with each of them. The next
+size that also runs is kept as a second size: where a dimension is dynamic, verification runs at both,
+so that a rewrite valid at one size only (a shape folded into a constant) is caught. ``--shape`` overrides every choice.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _shapes_for(model: onnx.ModelProto, hints: dict[str, list[int]], picks: dict
 
 def choose(model: onnx.ModelProto, hints: dict[str, list[int]] | None, draw) -> Chosen:
     """Shapes for every input: ``hints`` first, then the ladders (see the module doc).
-    ``draw(shapes) -> feeds`` makes valid inputs at given shapes."""
+    ``draw(shapes) -> feeds`` makes valid inputs at given shapes (a list: a size must run on each)."""
     hints = dict(hints or {})
     symbols = _symbols(model, hints)
     if not symbols:
@@ -182,9 +184,10 @@ def choose(model: onnx.ModelProto, hints: dict[str, list[int]] | None, draw) -> 
     steps = max(len(v) for v in symbols.values())
     ladder = [{k: lad[min(i, len(lad) - 1)] for k, lad in symbols.items()} for i in range(steps)]
     small = [dict.fromkeys(symbols, v) for v in range(1, SMALL + 1)]  # sizes a fixed Reshape or Gemm allows
+    held = [{k: 1 if symbols[k] == OTHER else v for k, v in picks.items()} for picks in ladder]  # an unnamed batch
     tried: list[str] = []
     last = ""
-    for candidates in (ladder, small):
+    for candidates in (ladder, small, held if held != ladder else []):
         found: Chosen | None = None
         for picks in candidates:
             if (found is not None and picks == found.picks) or len(tried) > MAX_TRIES:
@@ -210,12 +213,13 @@ def choose(model: onnx.ModelProto, hints: dict[str, list[int]] | None, draw) -> 
     )
 
 
-def _runs(sess, feeds: dict) -> str:
-    """'' when onnxruntime runs the model on ``feeds``, else its first error line."""
+def _runs(sess, feeds: dict | list[dict]) -> str:
+    """'' when onnxruntime runs the model on ``feeds`` (each of them, if several), else its first error line."""
     from redonnx.runtime import run
 
     try:
-        run(sess, feeds)
+        for one in feeds if isinstance(feeds, list) else [feeds]:
+            run(sess, one)
     except Exception as exc:  # onnxruntime refuses this size
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ""
@@ -234,5 +238,6 @@ def settle(
     if inputs is not None:
         return inputs, dict(hints or {}) or given_shapes(model, inputs), None
     kinds = InputModel(infer_kinds_only(model), "")
-    chosen = choose(model, hints, lambda sh: kinds.draw(model, sh, batch=1, seed=0))
+    cases = range(kinds.cases())  # a size must run with every value of the compared inputs (a sample rate)
+    chosen = choose(model, hints, lambda sh: [kinds.draw(model, sh, batch=1, seed=0, case=k) for k in cases])
     return None, chosen.shapes, chosen

@@ -19,6 +19,7 @@ from redonnx.input_model import RAW_PIXELS, from_given, infer
 from redonnx.io import load_model
 from redonnx.pipeline import prune
 from redonnx.runtime import run, session
+from redonnx.verify import verify
 
 FIXTURES = ROOT / "tests" / "fixtures"
 BERT = FIXTURES / "bert_tiny.onnx"
@@ -133,29 +134,91 @@ def test_from_given_keeps_values() -> None:
     assert all(r.tobytes() in rows for r in drawn["attention_mask"])
 
 
-def branching_model() -> onnx.ModelProto:
-    """y = x * 2 if flag == 1 else x: the flag needs a real value."""
-    one = helper.make_tensor("one", TensorProto.INT64, [], [1])
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    then = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y_then"])], "then", [],
+def branching_model(scale: float = 2.0, shift: float = 1.0, against: str | None = None) -> onnx.ModelProto:
+    """y = x * scale if sr == 16000 else x + shift (silero-vad's sample rate choosing a branch); with
+    ``against``, sr is compared with that other input instead of a constant."""
+    rate = helper.make_tensor("rate", TensorProto.INT64, [], [16000])
+    consts = [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+              helper.make_tensor("shift", TensorProto.FLOAT, [], [shift])]  # fmt: skip
+    then = helper.make_graph([helper.make_node("Mul", ["x", "scale"], ["y_then"])], "then", [],
                              [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)])  # fmt: skip
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+    other = helper.make_graph([helper.make_node("Add", ["x", "shift"], ["y_else"])], "else", [],
                               [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])  # fmt: skip
-    nodes = [helper.make_node("Equal", ["flag", "one"], ["cond"]),
+    nodes = [helper.make_node("Equal", ["sr", against or "rate"], ["cond"]),
              helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]  # fmt: skip
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
-                                       helper.make_tensor_value_info("flag", TensorProto.INT64, [])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [one, two])  # fmt: skip
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, [])]  # fmt: skip
+    if against:
+        inputs.append(helper.make_tensor_value_info(against, TensorProto.INT64, []))
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [rate, *consts])  # fmt: skip
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
 
 
-def test_values_the_graph_branches_on_are_asked_for() -> None:
+def test_a_sample_rate_is_drawn_from_the_values_the_graph_compares_it_with() -> None:
+    """Issue 20 item 7: sr only compared with 16000 takes 16000 (then) and 8000 (any other value: else)."""
+    spec = infer(branching_model()).specs["sr"]
+    assert spec.kind == "compared values" and list(spec.values) == [16000, 8000]
+    assert "16000 (Equal)" in spec.evidence and "sr: compared values 16000, 8000" in spec.describe()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_prune_verifies_every_branch_of_a_compared_value(exact: bool) -> None:
+    """No flags: the default and --exact pipelines run, verification covers sr = 16000 and 8000 and
+    says so, and a candidate wrong in either branch alone fails that verification."""
     model = branching_model()
-    spec = infer(model).specs["flag"]
-    assert spec.kind == "needs value" and "Equal" in spec.evidence
-    with pytest.raises(RedonnxError, match=r"input 'flag' needs a real value.*--inputs"):
+    res = prune(model, exact=exact)
+    assert res.verification and "sr = 16000 on 4, 8000 on 4" in res.verification.inputs
+    assert "sr: compared values 16000, 8000" in res.summary()
+    assert res.evidence.to_dict()["inputs"]["inputs"][1]["values"] == [16000, 8000]
+    for wrong in (branching_model(scale=2.01), branching_model(shift=1.01)):
+        assert not verify(model, wrong)
+
+
+def test_a_value_compared_with_no_constant_is_still_asked_for() -> None:
+    model = branching_model(against="rate_in")
+    spec = infer(model).specs["sr"]
+    assert spec.kind == "needs value" and "compared with 'rate_in', not a constant" in spec.evidence
+    with pytest.raises(RedonnxError, match=r"input 'sr' needs a real value.*--inputs"):
         prune(model, exact=True)
-    res = prune(model, exact=True, inputs={"x": np.ones((1, 4), np.float32), "flag": np.array(1, np.int64)})
-    assert res.verification
+    given = {"x": np.ones((1, 4), np.float32), "sr": np.array(8000, np.int64), "rate_in": np.array(16000, np.int64)}
+    assert prune(model, exact=True, inputs=given).verification
+
+
+def compared(comparisons: list[tuple[str, int, bool]], through_gather: bool = False) -> onnx.ModelProto:
+    """sr (int64 scalar) compared with constants: (op, constant, sr on the left); optionally reshaped to
+    [1] and gathered back first (silero-vad's op18 export)."""
+    nodes, inits, outs, src = [], [], [], "sr"
+    if through_gather:
+        inits += [helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
+                  helper.make_tensor("i0", TensorProto.INT64, [], [0])]  # fmt: skip
+        nodes += [helper.make_node("Reshape", ["sr", "flat"], ["sr1"]),
+                  helper.make_node("Gather", ["sr1", "i0"], ["sr0"])]  # fmt: skip
+        src = "sr0"
+    for k, (op, c, left) in enumerate(comparisons):
+        inits.append(helper.make_tensor(f"c{k}", TensorProto.INT64, [], [c]))
+        nodes += [helper.make_node(op, [src, f"c{k}"] if left else [f"c{k}", src], [f"b{k}"]),
+                  helper.make_node("Cast", [f"b{k}"], [f"o{k}"], to=TensorProto.FLOAT)]  # fmt: skip
+        outs.append(helper.make_tensor_value_info(f"o{k}", TensorProto.FLOAT, None))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("sr", TensorProto.INT64, [])], outs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize(("comparisons", "values"), [
+    ([("Equal", 16000, True)], [16000, 8000]),
+    ([("Equal", 8000, True), ("Equal", 16000, True)], [8000, 16000, 4000]),
+    ([("Less", 0, False)], [0, 1]),  # 0 < sr
+    ([("GreaterOrEqual", 10, True), ("Less", 20, True)], [10, 20, 5]),
+])  # fmt: skip
+def test_compared_values_take_every_outcome_once(comparisons, values) -> None:
+    for through_gather in (False, True):
+        model = compared(comparisons, through_gather)
+        spec = infer(model).specs["sr"]
+        assert spec.kind == "compared values" and list(spec.values) == values
+        runs = [run(session(model), {"sr": np.array(v, np.int64)}) for v in values]
+        outcomes = {tuple(float(x) for x in out.values()) for out in runs}
+        assert len(outcomes) == len(values)  # each value its own outcome

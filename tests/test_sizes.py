@@ -127,3 +127,43 @@ def test_the_planner_checks_every_trial_at_both_sizes(monkeypatch) -> None:
     tol = Tolerance(1e-6, 1e-4, 0.99)
     assert reference.check(original, tol) and not reference.check(baked, tol)
     assert reference.first.check(baked, tol)  # the first size alone would have let it through
+
+
+def rate_chunked(state: bool = False) -> onnx.ModelProto:
+    """silero-vad's shape of problem: the 16 kHz branch (sr == 16000) reads its signal in frames of 64
+    samples, the other in frames of 256 (Reshape to [-1, frame]); with ``state``, a state [2, ?, 4]
+    whose batch has no name and must be 1 (silero-vad's) is added to the output."""
+    frames = {}
+    for branch, frame in (("then", 64), ("else", 256)):
+        shape = helper.make_tensor(f"frame_{branch}", TensorProto.INT64, [2], [-1, frame])
+        nodes = [helper.make_node("Constant", [], [f"f_{branch}"], value=shape),
+                 helper.make_node("Reshape", ["x", f"f_{branch}"], [f"r_{branch}"]),
+                 helper.make_node("ReduceSum", [f"r_{branch}"], [f"y_{branch}"], keepdims=0)]  # fmt: skip
+        out = helper.make_tensor_value_info(f"y_{branch}", TensorProto.FLOAT, None)
+        frames[branch] = helper.make_graph(nodes, branch, [], [out])
+    branches = {"then_branch": frames["then"], "else_branch": frames["else"]}
+    nodes = [helper.make_node("Equal", ["sr", "rate"], ["cond"]), helper.make_node("If", ["cond"], ["y"], **branches)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, [])]  # fmt: skip
+    inits = [helper.make_tensor("rate", TensorProto.INT64, [], [16000]),
+             helper.make_tensor("two_by_four", TensorProto.INT64, [2], [2, 4])]  # fmt: skip
+    if state:
+        inputs.append(helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "", 4]))
+        nodes += [helper.make_node("Reshape", ["state", "two_by_four"], ["s"]),
+                  helper.make_node("ReduceSum", ["s"], ["t"], keepdims=0),
+                  helper.make_node("Add", ["y", "t"], ["z"])]  # fmt: skip
+    result = helper.make_tensor_value_info("z" if state else "y", TensorProto.FLOAT, None)
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, [result], inits),
+                          opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_a_size_must_run_with_every_compared_value(state: bool) -> None:
+    """64 samples run at 16000 only; the size chosen (256) runs at 8000 too, and both are verified;
+    a state whose unnamed batch must be 1 is held at 1 once nothing else runs."""
+    res = prune(rate_chunked(state), exact=True)
+    assert res.before.input_shapes["x"] == [1, 256]
+    assert not state or res.before.input_shapes["state"] == [2, 1, 4]
+    assert res.verification and "sr = 16000 on 4, 8000 on 4" in res.verification.inputs

