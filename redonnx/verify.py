@@ -202,7 +202,7 @@ def feeds_for(
     """Batches of inputs for verification, and a description of them.
 
     Synthetic samples are drawn by the input model (inferred from the graph unless given); for
-    images, half are smooth natural-image-like noise (the kind the channel statistics are
+    images, half are noise with natural images' spectrum (the kind the channel statistics are
     measured on) and half white noise at the same scale, so a budget is also checked on a kind
     of input the compensation was not fitted to (measured: without the white half, the ResNet-20
     with BatchNorm folded lost 0.8 top-1 points at the default budget, with it 0.4)."""
