@@ -1,5 +1,5 @@
 """Input specs and how to draw them: :class:`InputSpec` (one input's kind, range and evidence),
-:class:`InputModel` (every input of a model) and the drawing of each kind (smooth image noise,
+:class:`InputModel` (every input of a model) and the drawing of each kind (noise with the spectrum of natural images,
 masks, ids), as described in :mod:`redonnx.input_model`.
 """
 
@@ -15,6 +15,10 @@ from redonnx.errors import RedonnxError
 from redonnx.shapes import graph_inputs, resolve_input_shapes
 
 COLOUR_CORRELATION = 0.9  # between the RGB channels of natural images (0.79-0.91 on the CIFAR-10 images)
+#: Natural images' amplitude spectra fall off as 1/f**e with e about 1 to 1.5 from image to image (power
+#: 1/f**2 to 1/f**3; Tolhurst, Tadmor & Chao 1992: mean 1.2; the shared CIFAR-10 test images: 1.48).
+#: Each drawn image takes its own e, uniform over this range.
+NATURAL_SPECTRUM = (1.0, 1.5)
 
 
 @dataclass
@@ -32,6 +36,8 @@ class InputSpec:
     high: float | None = None  # integers: exclusive
     channel_axis: int | None = None
     convention: str | None = None
+    spectrum: float | None = None  # images: amplitude ~ 1/f**spectrum (None: per image over NATURAL_SPECTRUM)
+    plausible: list[str] | None = None  # other conventions the evidence cannot rule out (checked too)
     values: np.ndarray | None = field(default=None, repr=False)  # given: the observed values (or rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,7 +139,7 @@ def _draw(
     if spec.kind == "given":  # e.g. a sample rate: exactly as given
         return np.broadcast_to(spec.values, shape).astype(dtype) if spec.values is not None else np.zeros(shape, dtype)
     if spec.kind == "image" and len(shape) == 4 and spec.channel_axis is not None and not white:
-        z = smooth_noise(shape, spec.channel_axis, rng)
+        z = natural_noise(shape, spec.channel_axis, rng, spec.spectrum)
     else:
         z = rng.standard_normal(shape)
     x = spec.mean + spec.std * z
@@ -168,3 +174,30 @@ def smooth_noise(shape: list[int], channel_axis: int, rng: np.random.Generator) 
         if shape[ax] >= 3:
             y = (y + np.roll(y, 1, ax) + np.roll(y, -1, ax)) / 3.0
     return (y - y.mean()) / max(float(y.std()), 1e-12)
+
+
+def natural_noise(
+    shape: list[int], channel_axis: int, rng: np.random.Generator, exponent: float | None = None
+) -> np.ndarray:
+    """Zero-mean unit-variance noise with the spectrum of natural images: white noise shaped in the
+    Fourier domain to an amplitude ~ 1/f**e (random phase; every octave of scale carries about
+    the same contrast, from the image's mean brightness, drawn as its lowest frequency, down to
+    single pixels), e drawn per image over :data:`NATURAL_SPECTRUM` (``exponent``: one e for all),
+    the colour channels correlated as in natural images. Smooth noise (:func:`smooth_noise`)
+    lacks the fine scales a first 3x3 layer responds to and misled the choice of an input's scale
+    (issue 20)."""
+    h_ax, w_ax = (ax for ax in range(1, 4) if ax != channel_axis)
+    y = rng.standard_normal(shape)
+    if shape[channel_axis] in (3, 4):
+        lum_shape = list(shape)
+        lum_shape[channel_axis] = 1
+        y = np.sqrt(1 - COLOUR_CORRELATION) * y + np.sqrt(COLOUR_CORRELATION) * rng.standard_normal(lum_shape)
+    h, w = shape[h_ax], shape[w_ax]
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])  # cycles per pixel
+    view = [1, 1, 1, 1]
+    view[h_ax], view[w_ax] = h, w // 2 + 1
+    e = rng.uniform(*NATURAL_SPECTRUM, size=(shape[0], 1, 1, 1)) if exponent is None else exponent
+    amplitude = np.maximum(f, 1.0 / max(h, w)).reshape(view) ** -e
+    amplitude = amplitude / np.sqrt(np.mean(amplitude**2, axis=(h_ax, w_ax), keepdims=True))  # e: where, not how much
+    z = np.fft.irfft2(np.fft.rfft2(y, axes=(h_ax, w_ax)) * amplitude, s=(h, w), axes=(h_ax, w_ax))
+    return (z - z.mean()) / max(float(z.std()), 1e-12)

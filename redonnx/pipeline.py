@@ -38,7 +38,9 @@ from redonnx.verify import (
     DEFAULT_SAMPLES,
     LOSSY_MIN_COSINE,
     LOSSY_RTOL,
+    AcrossConventions,
     AtTwoSizes,
+    Checker,
     Reference,
     Tolerance,
 )
@@ -220,14 +222,21 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
 
 
 def _reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None, shapes: dict[str, list[int]] | None,
-               samples: int, evidence: Evidence, sized: sizes_mod.Chosen | None) -> Reference | AtTwoSizes:  # fmt: skip
+               samples: int, evidence: Evidence, sized: sizes_mod.Chosen | None) -> Checker:  # fmt: skip
     """The original's outputs on the verification inputs; where sizes were chosen for dynamic
-    dimensions, at the second size too: the planner's trials and the final check hold at both."""
-    first = Reference(model, inputs=inputs, shapes=shapes, samples=samples, input_model=evidence.inputs)
-    if sized is None or not sized.second:
-        return first
-    again = Reference(model, shapes=sized.second, samples=samples, input_model=evidence.inputs)
-    return AtTwoSizes(first, again, sized.second_picks)
+    dimensions, at the second size too; where more than one input convention is plausible, in each
+    (synthetic inputs only): the planner's trials and the final check hold on all."""
+
+    def at_sizes(im: input_model.InputModel) -> Reference | AtTwoSizes:
+        first = Reference(model, inputs=inputs, shapes=shapes, samples=samples, input_model=im)
+        if sized is None or not sized.second:
+            return first
+        return AtTwoSizes(first, Reference(model, shapes=sized.second, samples=samples, input_model=im),
+                          sized.second_picks)  # fmt: skip
+
+    chosen = at_sizes(evidence.inputs)
+    others = input_model.alternatives(evidence.inputs) if inputs is None else []
+    return AcrossConventions(chosen, [(n, c, at_sizes(im)) for n, c, im in others]) if others else chosen
 
 
 def _loaded(source: LoadedModel | onnx.ModelProto | str | Path) -> LoadedModel:

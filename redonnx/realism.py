@@ -11,8 +11,8 @@ N(m, s^2) with the expected N(beta, sd^2) by their Bhattacharyya coefficient
 which is 1 for identical distributions and tends to 0 as they separate (a 10x wrong scale gives
 0.42, a mean off by 2 deviations 0.61). A layer's *realism* is the mean over its live channels
 (gamma not ~0); the model's is the mean over its BN layers. Measured on the shared CIFAR-10
-ResNet-20: real images 0.996, smooth colour-correlated noise 0.97, white noise 0.92, inputs
-100x too large 0.17. Below :data:`POOR` the synthetic inputs do not look like the data.
+ResNet-20: real images 0.996, our draws (1/f spectrum, colour-correlated) 0.96, white noise 0.92,
+inputs 100x too large 0.17. Below :data:`POOR` the synthetic inputs do not look like the data.
 
 Corrections: a per-channel affine z' = a z + c at each BN output brings the synthetic
 activations to the expected mean and deviation. Each depends on every correction upstream, so

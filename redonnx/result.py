@@ -178,6 +178,12 @@ def _origin(layer: dict[str, Any]) -> str:
     return layer.get("origin") or layer["name"]  # reports written before origins were kept
 
 
+CONVENTIONS_WHY = (
+    "their realism at the first BatchNorm layers differs by less than it moves between draws of "
+    "other natural-image spectra"
+)
+
+
 @dataclass
 class Evidence:
     """What the synthetic inputs are, and how realistic they look to the model's BatchNorm layers."""
@@ -204,10 +210,25 @@ class Evidence:
             return "the realism of synthetic inputs cannot be measured (no BatchNorm statistics)"
         return f"synthetic inputs look unlike the data (realism {self.realism.overall:.2f} < {realism_mod.POOR:g})"
 
+    @property
+    def conventions_checked(self) -> dict[str, list[str]]:
+        """Inputs verified in more than one scale convention: the chosen one first, then those the
+        BatchNorm evidence could not rule out (synthetic verification only)."""
+        if self.given:
+            return {}
+        return {s.name: [s.convention or "", *s.plausible] for s in self.inputs.specs.values() if s.plausible}
+
     def to_dict(self) -> dict[str, Any]:
         verified_on = "given inputs" if self.given else "synthetic inputs"
+        checked = self.conventions_checked
         return {
-            "inputs": {**self.inputs.to_dict(), "verified_on": verified_on, "sizes": self.sizes or None},
+            "inputs": {
+                **self.inputs.to_dict(),
+                "verified_on": verified_on,
+                "sizes": self.sizes or None,
+                "conventions_checked": checked or None,
+                "conventions_why": CONVENTIONS_WHY if checked else None,
+            },
             "realism": self.realism.to_dict() if self.realism is not None else None,
         }
 
@@ -215,6 +236,9 @@ class Evidence:
         lines = [f"inputs: {self.inputs.source}: {self.inputs.describe()}"]
         if self.sizes:
             lines.append(self.sizes)
+        for name, convs in self.conventions_checked.items():
+            lines.append(f"{name}: checked in each plausible convention: {convs[0]} (chosen), "
+                         f"{', '.join(convs[1:])} ({CONVENTIONS_WHY})")  # fmt: skip
         if self.realism is not None:
             fixed = (f"; channel statistics measured with the activations corrected to the running statistics of "
                      f"{len(self.realism.corrections)} BatchNorm layers") if self.corrections else ""  # fmt: skip

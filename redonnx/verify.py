@@ -213,7 +213,7 @@ def feeds_for(
     """Batches of inputs for verification, and a description of them.
 
     Synthetic samples are drawn by the input model (inferred from the graph unless given); for
-    images, half are smooth natural-image-like noise (the kind the channel statistics are
+    images, half are noise with natural images' spectrum (the kind the channel statistics are
     measured on) and half white noise at the same scale, so a budget is also checked on a kind
     of input the compensation was not fitted to (measured: without the white half, the ResNet-20
     with BatchNorm folded lost 0.8 top-1 points at the default budget, with it 0.4). Inputs drawn
@@ -355,8 +355,40 @@ class AtTwoSizes:
         return at_second_size(self.first.check(cand, tol), self.second.check(cand, tol), self.picks)
 
 
+class AcrossConventions:
+    """References drawn in each plausible input convention (:func:`redonnx.input_model.alternatives`):
+    when the evidence cannot tell, say, pixels 0..1 from -1..1, a candidate passes only if it holds
+    in both; the result is the union of the outputs, each marked with its convention, so the worst
+    decides. Checks like :class:`Reference` (the planner's trials use it as they use any checker)."""
+
+    def __init__(self, chosen: Reference | AtTwoSizes, others: list[tuple[str, str, Reference | AtTwoSizes]]) -> None:
+        self.chosen, self.others = chosen, others
+
+    @property
+    def conventions(self) -> list[str]:
+        return [f"{name} in {conv}" for name, conv, _ in self.others]
+
+    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
+        cand = _as_proto(candidate)
+        result = self.chosen.check(cand, tol)
+        for name, conv, ref in self.others:
+            result = in_other_convention(result, ref.check(cand, tol), name, conv)
+        return result
+
+
 #: What the planner and the final check verify candidates with.
-Checker = Reference | AtTwoSizes
+Checker = Reference | AtTwoSizes | AcrossConventions
+
+
+def in_other_convention(
+    first: VerificationResult, other: VerificationResult, name: str, conv: str
+) -> VerificationResult:
+    """One result: the outputs on the chosen convention's draws and again with input ``name`` drawn in ``conv``."""
+    for o in other.outputs:
+        o.name = f"{o.name} (with {name} in {conv})"
+    first.outputs = first.outputs + other.outputs
+    first.inputs = f"{first.inputs}; again with {name} drawn in {conv} (also plausible)"
+    return first
 
 
 def at_second_size(first: VerificationResult, second: VerificationResult, picks: dict[str, int]) -> VerificationResult:
