@@ -83,7 +83,8 @@ class PruneResult:
         if self.search is not None:
             s = self.search
             lines.append(
-                f"budget: {s.goal} -> {s.knob.replace('_', ' ')} {s.value:.3g} after {len(s.trials)} trials"
+                f"budget: {s.goal} -> {s.knob.replace('_', ' ')} {s.value:.3g} after {len(s.trials)} "
+                f"trial{'' if len(s.trials) == 1 else 's'}"
                 + ("" if s.met else " (NOT met)")
                 + "".join(f"; {n}" for n in s.notes)
             )
