@@ -68,7 +68,7 @@ def _scoring_model(base: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
 def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassContext) -> tuple[dict, dict]:
     """Per-channel means of each branch's output, and the output deviation removing it alone causes."""
     model = _scoring_model(base, ctx)
-    feeds = R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=SCORE_BATCH, seed=DEPTH_SEED)
+    feeds = R.stats_feeds(ctx.settled(model), batch=SCORE_BATCH, seed=DEPTH_SEED)
     stepper = Stepper(model, [b.output.name for b in branches])
     by_out = {b.output.name: b for b in branches}
     means: dict[str, np.ndarray] = {}
@@ -182,8 +182,7 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
     features; per (block, head), the output deviation replacing that head's context by its least-
     squares prediction from the other heads' contexts causes (statistics' inputs)."""
     model = _scoring_model(base, ctx)
-    feeds = ctx.calibration or R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=HEAD_BATCH,
-                                                   seed=DEPTH_SEED)  # fmt: skip
+    feeds = ctx.calibration or R.stats_feeds(ctx.settled(model), batch=HEAD_BATCH, seed=DEPTH_SEED)
     by_ctx = {a.ctx.name: a for a in atts}
     stepper = Stepper(model, list(by_ctx))
     stats: dict[str, R.Stats] = {}

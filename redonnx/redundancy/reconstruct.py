@@ -45,7 +45,7 @@ def relaxed_removals(
     stats = cache.get(key) if cache is not None else None
     if stats is None:
         stats = R.channel_stats(graph, axes, ctx.calibration, ctx.shapes, input_model=ctx.input_model,
-                                corrections=ctx.corrections)
+                                corrections=ctx.corrections, inputs=ctx.inputs)
         if cache is not None:
             cache[key] = stats
     energy = {t: _column_energy(cg, t) for t in sinks}
