@@ -1,6 +1,6 @@
 """Same results as another revision: every shared model pruned by both, the written bytes compared.
 
-Run: python benchmarks/same_results.py [REV] [--quick]
+Run: python benchmarks/same_results.py [REV] [--quick] [--only NAME,...]
 REV (default HEAD) is checked out into a temporary git worktree; each shared model is pruned by
 REV and by this working tree in fresh processes (``python -m redonnx.cli prune``), with one
 latency cache for both, under flag sets whose decisions do not depend on timing (``--exact``,
@@ -60,6 +60,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("rev", nargs="?", default="HEAD")
     ap.add_argument("--quick", action="store_true", help="--exact and --target macs only")
+    ap.add_argument("--only", help="comma-separated model names (default: every shared model)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="redonnx-same-") as tmp:
@@ -69,6 +70,8 @@ def main() -> int:
         env = {**os.environ, "REDONNX_CACHE": str(Path(tmp) / "cache")}
         try:
             for name, path, _ in available():
+                if args.only and name not in args.only.split(","):
+                    continue
                 for flags in FLAGS[:2] if args.quick else FLAGS:
                     got = {}
                     for side, root in (("rev", other), ("tree", ROOT)):

@@ -2,6 +2,9 @@
 
 Exit codes: 0 success, 1 verification failed (nothing written), 2 bad input or usage
 (one line on stderr, no traceback, no partial file).
+
+Parsing imports nothing heavy (onnx costs about a second through ml_dtypes): each command imports
+what it runs, and ``--help`` fills in the pass names and defaults when it prints them.
 """
 
 from __future__ import annotations
@@ -15,14 +18,38 @@ from pathlib import Path
 from typing import Any
 
 from redonnx.errors import RedonnxError
-from redonnx.io import check_writable
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+PASS_NAMES, SAMPLES = "{passes}", "{samples}"  # filled in when help is printed
+
+
+class _Formatter(argparse.HelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and PASS_NAMES in text:
+            from redonnx.passes import PASSES
+
+            text = text.replace(PASS_NAMES, ", ".join(PASSES))
+        if text and SAMPLES in text:
+            from redonnx.verify import DEFAULT_SAMPLES
+
+            text = text.replace(SAMPLES, str(DEFAULT_SAMPLES))
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)
+
     def error(self, message: str) -> None:  # one line, exit 2
         raise RedonnxError(f"{message} (see '{self.prog} --help')")
+
+
+def check_writable(path: Path) -> Path:
+    from redonnx.io import check_writable as check
+
+    return check(path)
 
 
 def _common_inputs(p: argparse.ArgumentParser) -> None:
@@ -30,10 +57,8 @@ def _common_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
-    from redonnx.verify import DEFAULT_SAMPLES
-
     p.add_argument("--inputs", metavar="FILE.npz", help="real inputs, one array per input name")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="random samples (default %(default)s)")
+    p.add_argument("--samples", type=int, help=f"random samples (default {SAMPLES})")
     p.add_argument("--atol", type=float, help="absolute tolerance (default 1e-6)")
     p.add_argument("--rtol", type=float, help="tolerance relative to max|ref| (default 1e-4; 0.5 with lossy passes)")
     p.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (0.99 with lossy passes)")
@@ -97,7 +122,6 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     from redonnx import __version__
-    from redonnx.passes import PASSES
 
     parser = _Parser(prog="redonnx", description="Data-free ONNX pruning verified with onnxruntime.")
     parser.add_argument("--version", action="version", version=f"redonnx {__version__}")
@@ -107,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--exact", action="store_true", help="lossless rewrites only")
-    p.add_argument("--passes", help=f"comma-separated passes: {', '.join(PASSES)}")
+    p.add_argument("--passes", help=f"comma-separated passes: {PASS_NAMES}")
     p.add_argument("--report", metavar="R.json", help="write a JSON report")
     p.add_argument("--force", action="store_true", help="allow overwriting the input file")
     p.add_argument("--external-data", action="store_true", help="store weights beside the model")
@@ -189,9 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
     finally:
-        from redonnx.weights import SCRATCH
-
-        SCRATCH.close()  # lean exports' data files (large models) live only as long as the command
+        if "redonnx.weights" in sys.modules:  # lean exports' data files live only as long as the command
+            sys.modules["redonnx.weights"].SCRATCH.close()
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
@@ -201,6 +224,10 @@ def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
 
 
 def _verify_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.samples is None:
+        from redonnx.verify import DEFAULT_SAMPLES
+
+        args.samples = DEFAULT_SAMPLES
     if args.samples < 1:
         raise RedonnxError("--samples must be at least 1")
     if (args.atol or 0) < 0 or (args.rtol or 0) < 0:

@@ -56,6 +56,12 @@ class ModelCost:
 
 def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> ModelCost:
     """Count parameters and MACs of ``model`` (batch 1 unless ``shapes`` says otherwise)."""
+    return cost_and_shapes(model, shapes)[0]
+
+
+def cost_and_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> tuple[ModelCost, dict]:
+    """:func:`model_cost`, and the tensor shapes it counted with (the folded graph's at the
+    concrete input shapes: what the cost model needs where the model's own are symbolic)."""
     notes: list[str] = []
     try:
         concrete = resolve_input_shapes(model, shapes, batch=1)
@@ -67,7 +73,7 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = Non
     macs_known = bool(concrete) and all(layer.macs is not None for layer in layers)
     if concrete and not macs_known:
         notes.append("some layer shapes could not be inferred: their MACs are not counted")
-    return ModelCost(
+    cost = ModelCost(
         layers=layers,
         params=_total_params(graph),
         macs=sum(layer.macs or 0 for layer in layers) if macs_known else None,
@@ -75,6 +81,7 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = Non
         input_shapes=concrete,
         notes=notes,
     )
+    return cost, inferred
 
 
 def folded_graph(model: onnx.ModelProto, concrete: dict[str, list[int]]) -> tuple[gs.Graph, dict]:

@@ -94,14 +94,24 @@ class InputModel:
         """Seeded inputs of the right shapes, dtypes, kinds and ranges; ``white``: images as white
         noise at the same scale (a second kind of sample for verification); ``case``: which value
         inputs drawn from compared values take (value ``case`` modulo their count; random if None)."""
-        need = self.missing_values()
-        if need:
-            raise RedonnxError(need_values_message(need))
+        self.check_values()
         concrete = resolve_input_shapes(model, shapes, batch=batch)
         if batch_is_leading(model):  # a hint fixes the sample's shape, not how many samples
             concrete = {k: [batch, *v[1:]] if v else v for k, v in concrete.items()}
+        return self.draw_at(concrete, seed, white, case)
+
+    def draw_at(self, concrete: dict[str, list[int]], seed: int, white: bool = False,
+                case: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """:meth:`draw` at shapes already resolved (batch included; see :class:`redonnx.sizes.Settled`)."""
+        self.check_values()
         rng = np.random.default_rng(seed)
         return {name: _draw(spec, concrete[name], rng, white, case) for name, spec in self.specs.items()}
+
+    def check_values(self) -> None:
+        """Refuse to draw when an input needs a real value (see :func:`need_values_message`)."""
+        need = self.missing_values()
+        if need:
+            raise RedonnxError(need_values_message(need))
 
 
 def batch_is_leading(model: onnx.ModelProto) -> bool:

@@ -1,7 +1,8 @@
 """The prune pipeline: load -> graph -> passes (sized by the planner) -> verify, and the result.
 
-``prune`` settles the input sizes, resolves the passes (names or configured instances), sets up
-the context they share (cost model, input model, BatchNorm corrections, calibration inputs),
+``prune`` settles the inputs once (sizes, input model: :class:`redonnx.sizes.Settled`), resolves the
+passes (names or configured instances), sets up the context they share (the settled inputs, cost
+model, BatchNorm corrections where channel statistics are taken, calibration inputs),
 sizes a default pipeline with :class:`redonnx.planner.Planner` or runs the passes as given, and
 verifies the result against the original with onnxruntime (at a second size where dynamic).
 """
@@ -20,7 +21,7 @@ from redonnx import passes as passes_mod
 from redonnx import realism as realism_mod
 from redonnx import reconstruct as R
 from redonnx import sizes as sizes_mod
-from redonnx.cost import ModelCost, folded_graph, model_cost
+from redonnx.cost import ModelCost, cost_and_shapes, model_cost
 from redonnx.errors import RedonnxError
 from redonnx.io import LoadedModel, load_model
 from redonnx.latency import CostModel
@@ -48,24 +49,22 @@ from redonnx.verify import (
 __all__ = ["TARGETS", "Evidence", "PruneResult", "prune", "run_passes"]
 
 
-def _evidence(
-    model: onnx.ModelProto,
-    given: dict[str, np.ndarray] | None,
-    shapes: dict[str, list[int]] | None,
-    calibration: bool,
-    lossy: bool,
-) -> Evidence:
-    """The input model, and for lossy pipelines the realism of its draws and their corrections."""
-    im = input_model.from_given(model, given) if given is not None else input_model.infer(model, shapes)
-    ev = Evidence(im, given is not None, calibration=calibration, lossy=lossy)
-    if lossy and not im.missing_values() and realism_mod.bn_points(model):
-        try:
-            feeds = R.draw_stats_inputs(model, shapes, im, batch=REALISM_BATCH, seed=REALISM_SEED)
-            ev.realism = realism_mod.assess(model, feeds)
-        except RedonnxError:
-            raise
-        except Exception:
-            ev.realism = None
+def _evidence(model: onnx.ModelProto, inputs: sizes_mod.Settled, calibration: bool, lossy: bool,
+              statistics: bool) -> Evidence:  # fmt: skip
+    """The input model, and where a decision uses them (channel statistics, the default budget) the
+    realism of its draws and their BatchNorm corrections."""
+    im = inputs.input_model
+    ev = Evidence(im, inputs.given is not None, calibration=calibration, lossy=lossy, sizes=inputs.describe())
+    if not statistics or im.missing_values() or not realism_mod.bn_points(model):
+        ev.unmeasured = "not measured: no pass here takes channel statistics" if lossy and not statistics else ""
+        return ev
+    try:
+        feeds = R.stats_feeds(inputs, batch=REALISM_BATCH, seed=REALISM_SEED)
+        ev.realism = realism_mod.assess(model, feeds)
+    except RedonnxError:
+        raise
+    except Exception:
+        ev.realism = None
     return ev
 
 
@@ -147,41 +146,38 @@ def prune(
         raise RedonnxError(f"--target must be one of {', '.join(TARGETS)}")
     t0 = time.perf_counter()
     source = _loaded(source)
-    try:
-        inputs, shapes, sized = sizes_mod.settle(source.model, inputs, shapes)
-    except RedonnxError:
-        if check or not exact:
-            raise
-        sized = None  # --exact --no-verify: the lossless passes need no concrete sizes
+    # --exact --no-verify: the lossless passes need no concrete sizes
+    settled = sizes_mod.settle_inputs(source.model, inputs, shapes, lenient=exact and not check)
     chosen = passes_mod.resolve(passes, exact=exact, configured=configured, target=target)
     searching = searched(chosen, exact) and (passes is None or target_macs is not None)
     prec = precision_mod.resolve(precision, target, exact)
     quantizing = prec == "int8" or (prec == "auto" and searching and target_macs is None)
     lossy = any(not p.exact for p in chosen) or quantizing
-    ctx = PassContext(shapes=shapes, target=target, calibration=calibration)
+    ctx = PassContext.of(settled, target=target, calibration=calibration)
+    before, counted = cost_and_shapes(source.model, settled.hints)
     if target == "ort-cpu":
-        ctx.cost_model = CostModel(shape_source=lambda: folded_graph(source.model, shapes or {})[1])
-    evidence = _evidence(source.model, inputs, shapes, calibration is not None, lossy or searching)
-    evidence.sizes = sized.describe() if sized is not None else ""
-    ctx.input_model, ctx.corrections = evidence.inputs, evidence.corrections
+        ctx.cost_model = CostModel(shape_source=lambda: counted)
+    statistics = searching or quantizing or any(p.uses_statistics for p in chosen)  # INT8 ranges use corrections
+    evidence = _evidence(source.model, settled, calibration is not None, lossy or searching, statistics)
+    ctx.corrections = evidence.corrections
     tol = _tolerance(lossy or searching, atol, rtol, min_cosine, min_agreement, target_macs, searching or quantizing,
                      evidence.cautious)  # fmt: skip
     if tol.min_cosine == CAUTIOUS_MIN_COSINE:
         evidence.tightened = tol.min_cosine
-    before = model_cost(source.model, shapes)
-    reference = _reference(source.model, inputs, shapes, samples, evidence, sized) if check or searching else None
-    search = speed = quant = None
+    reference = _reference(source.model, settled, samples) if check or searching else None
+    search = speed = after = quant = None
     gate = target == "ort-cpu" and target_macs is None
-    feeds = evidence.inputs.draw(source.model, shapes, batch=1, seed=0) if gate and (searching or quantizing) else None
+    feeds = settled.draw(batch=1, seed=0) if gate and (searching or quantizing) else None
     if searching:
         planned = Planner(reference, tol, ctx, target_macs, refit, progress).plan(source.model, chosen, feeds)
-        model, results, search, speed = planned.model, planned.results, planned.search, planned.speed
+        model, results, search, speed, after = planned.model, planned.results, planned.search, planned.speed, \
+            planned.cost  # fmt: skip
     else:
         model, results = run_passes(source.model, chosen, exact, ctx)
-    after = model_cost(model, shapes)
+    after = after if after is not None else model_cost(model, settled.hints)
     if quantizing and reference is not None:
         model, results, quant = _precision(source.model, model, results, speed, prec, target, reference, tol,
-                                           evidence, ctx, feeds)  # fmt: skip
+                                           evidence, ctx, feeds, settled)  # fmt: skip
     if ctx.cost_model is not None:
         ctx.cost_model.save()
     verification = reference.check(model, tol) if check else None
@@ -196,13 +192,13 @@ def prune(
 
 def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[PassResult], speed, prec: str,
                target: str, reference, tol: Tolerance, evidence: Evidence, ctx: PassContext,
-               feeds: dict[str, np.ndarray] | None):  # fmt: skip
+               feeds: dict[str, np.ndarray] | None, settled: sizes_mod.Settled):  # fmt: skip
     """The INT8 stage on the float result, held to the same budget against the original."""
     from redonnx.input_specs import batch_is_leading
     from redonnx.planner.precision import PrecisionStage
     from redonnx.quantize import StageInputs
 
-    shapes, cost = ctx.shapes, ctx.cost_model
+    cost = ctx.cost_model
 
     def layer_shapes(prepared: onnx.ModelProto) -> dict:
         import onnx_graphsurgeon as gs
@@ -212,7 +208,7 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
 
     inputs = StageInputs(
         source=source, check=lambda m: reference.check(m, tol),
-        draw=lambda batch, seed: evidence.inputs.draw(source, shapes, batch=batch, seed=seed),
+        draw=lambda batch, seed: settled.draw(batch=batch, seed=seed),
         batched=batch_is_leading(source), calibration=ctx.calibration, corrections=evidence.corrections,
         cost_model=cost, layer_shapes=layer_shapes if cost is not None else None,
         image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input))  # fmt: skip
@@ -221,21 +217,21 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
     return stage.run(model, results, speed, float_cosine)
 
 
-def _reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None, shapes: dict[str, list[int]] | None,
-               samples: int, evidence: Evidence, sized: sizes_mod.Chosen | None) -> Checker:  # fmt: skip
+def _reference(model: onnx.ModelProto, inputs: sizes_mod.Settled, samples: int) -> Checker:
     """The original's outputs on the verification inputs; where sizes were chosen for dynamic
     dimensions, at the second size too; where more than one input convention is plausible, in each
     (synthetic inputs only): the planner's trials and the final check hold on all."""
 
     def at_sizes(im: input_model.InputModel) -> Reference | AtTwoSizes:
-        first = Reference(model, inputs=inputs, shapes=shapes, samples=samples, input_model=im)
+        first = Reference(model, inputs=inputs.given, shapes=inputs.hints, samples=samples, input_model=im)
+        sized = inputs.chosen
         if sized is None or not sized.second:
             return first
         return AtTwoSizes(first, Reference(model, shapes=sized.second, samples=samples, input_model=im),
                           sized.second_picks)  # fmt: skip
 
-    chosen = at_sizes(evidence.inputs)
-    others = input_model.alternatives(evidence.inputs) if inputs is None else []
+    chosen = at_sizes(inputs.input_model)
+    others = input_model.alternatives(inputs.input_model) if inputs.given is None else []
     return AcrossConventions(chosen, [(n, c, at_sizes(im)) for n, c, im in others]) if others else chosen
 
 

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from scipy.linalg import blas
 
 from redonnx.graph import export
 from redonnx.input_model import InputModel, batch_is_leading
 from redonnx.input_model import infer as infer_inputs
 from redonnx.realism import Correction, intervene
 from redonnx.runtime import run, session
-from redonnx.shapes import resolve_input_shapes
+from redonnx.sizes import Settled
 
 ROWS_PER_CHANNEL = 8  # fewer rows per channel than this: shrunk covariance (see Stats.of_rows)
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
@@ -77,10 +76,12 @@ def channel_stats(
     seed: int = 0,
     input_model: InputModel | None = None,
     corrections: list[Correction] | None = None,
+    inputs: Settled | None = None,
 ) -> dict[str, Stats]:
     """Mean and covariance over channels (axis ``axes[name]``) of the named tensors.
 
-    Synthetic inputs (drawn by ``input_model``, inferred from the graph when None): 64 images
+    Synthetic inputs (drawn by the run's settled ``inputs``, else by ``input_model`` at ``shapes``,
+    inferred from the graph when None): 64 images
     (every pixel position is a sample) or, for inputs without spatial dimensions, up to 1024
     vectors, within 2**20 input values. ``corrections`` (:mod:`redonnx.realism`) are inserted
     first, so the statistics are those of activations at their BatchNorm running moments. The
@@ -96,7 +97,8 @@ def channel_stats(
         if name not in known:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     if feeds is None:
-        feeds = draw_stats_inputs(model, shapes, input_model, batch, seed)
+        feeds = stats_feeds(inputs, batch, seed) if inputs is not None else draw_stats_inputs(
+            model, shapes, input_model, batch, seed)  # fmt: skip
     rows = _sample_rows(session(model), feeds, axes, np.random.default_rng(seed), _batch_is_free(model))
     stats = {}
     for name, x in rows.items():
@@ -131,13 +133,16 @@ def draw_stats_inputs(
     batch: int | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The statistics' synthetic inputs: their own seed, 64 images or up to 1024 vectors, within
-    2**20 input values."""
-    dims = resolve_input_shapes(model, shapes)
-    per_sample = max(sum(int(np.prod(v[1:])) for v in dims.values()), 1)  # input values per sample, all inputs
-    cap = batch or (64 if any(len(v) >= 4 for v in dims.values()) else 1024)
+    """:func:`stats_feeds` for ``model`` at ``shapes`` (the input model inferred when None)."""
     im = input_model if input_model is not None else infer_inputs(model, shapes)
-    return im.draw(model, shapes, batch=int(np.clip(2**20 // per_sample, 1, cap)), seed=STATS_SEED + seed)
+    return stats_feeds(Settled.of(model, shapes, im), batch, seed)
+
+
+def stats_feeds(inputs: Settled, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The statistics' synthetic inputs: their own seed, 64 images or up to 1024 vectors (at most
+    ``batch``), within 2**20 input values."""
+    cap = batch or (64 if any(len(v) >= 4 for v in inputs.at(1).values()) else 1024)
+    return inputs.draw(batch=int(np.clip(2**20 // inputs.values_per_sample(), 1, cap)), seed=STATS_SEED + seed)
 
 
 CHUNKS = 16  # the statistics' inputs run in up to this many pieces: one piece's activations in memory
@@ -182,6 +187,8 @@ def remove_from_precision(p: np.ndarray, r: int) -> np.ndarray:
     Marginalising r out of the joint Gaussian: P' = P_-r,-r - P_-r,r P_r,-r / P_rr (r's row and
     column are then ignored; they are set to zero with P_rr = inf semantics by the caller). ``p``
     is updated in place (a symmetric matrix is its own Fortran-ordered transpose)."""
+    from scipy.linalg import blas  # scipy is imported by the paths that merge channels only
+
     col = p[:, r].copy()
     out = blas.dger(-1.0 / p[r, r], col, col, a=p, overwrite_a=True)  # in place: no C x C temporaries
     out[r, :] = 0.0

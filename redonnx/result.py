@@ -87,7 +87,8 @@ class PruneResult:
         if self.search is not None:
             s = self.search
             lines.append(
-                f"budget: {s.goal} -> {s.knob.replace('_', ' ')} {s.value:.3g} after {len(s.trials)} trials"
+                f"budget: {s.goal} -> {s.knob.replace('_', ' ')} {s.value:.3g} after {len(s.trials)} "
+                f"trial{'' if len(s.trials) == 1 else 's'}"
                 + ("" if s.met else " (NOT met)")
                 + "".join(f"; {n}" for n in s.notes)
             )
@@ -195,6 +196,7 @@ class Evidence:
     tightened: float | None = None  # the default budget's cosine, when tightened for want of realism
     sizes: str = ""  # dynamic dimensions' sizes, when chosen for the user
     lossy: bool = False  # the passes may change outputs (a budget is at stake)
+    unmeasured: str = ""  # why realism was not measured, where no decision uses it
 
     @property
     def corrections(self) -> list | None:
@@ -206,6 +208,8 @@ class Evidence:
         return not self.given and (self.realism is None or self.realism.poor)
 
     def why_cautious(self) -> str:
+        if self.realism is None and self.unmeasured:
+            return f"the realism of synthetic inputs was {self.unmeasured}"
         if self.realism is None or self.realism.overall is None:
             return "the realism of synthetic inputs cannot be measured (no BatchNorm statistics)"
         return f"synthetic inputs look unlike the data (realism {self.realism.overall:.2f} < {realism_mod.POOR:g})"

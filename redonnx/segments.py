@@ -78,6 +78,7 @@ class Stepper:
             start = end + 1
         self._last_read = last_read
         self._graph_outputs = [o.name for o in g.output]
+        self._piece_of = {s: i for i, p in enumerate(self._pieces) for s in p.stops}
 
     def set_initializer(self, name: str, values: np.ndarray) -> None:
         """New values for an initializer: pieces not built yet will read them."""
@@ -98,14 +99,35 @@ class Stepper:
         return piece.session
 
     def run(
-        self, feeds: dict[str, np.ndarray], hook: Hook | None = None, until: str | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        hook: Hook | None = None,
+        until: str | None = None,
+        keep: list | None = None,
+        resume: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Run every piece (up to the one making ``until``); returns the graph outputs reached
-        (and ``until``). ``hook(name, value)`` is called for each stop; a returned array replaces it."""
-        real = {vi.name for vi in graph_inputs(self.model)}
-        state = {k: v for k, v in feeds.items() if k in real}
-        done = 0
-        for piece in self._pieces:
+        (and ``until``). ``hook(name, value)`` is called for each stop; a returned array replaces it.
+
+        ``keep``: a list this run fills with what the pieces read before each of them. ``resume``: a
+        stop, with ``keep`` from an earlier run on the same feeds whose hook replaced nothing before
+        it: the pieces before the one making it are not run again (they would compute the same;
+        the hook is not called for their stops). Replacing one stop after another costs then the
+        pieces from that stop on, not a whole run each."""
+        first, done = 0, 0
+        if resume is not None and keep:
+            first = self._piece_of[resume]
+            done, state = keep[first]
+            state = dict(state)
+        else:
+            real = {vi.name for vi in graph_inputs(self.model)}
+            state = {k: v for k, v in feeds.items() if k in real}
+            if keep is not None:
+                keep.clear()
+        for i in range(first, len(self._pieces)):
+            piece = self._pieces[i]
+            if keep is not None and resume is None:
+                keep.append((done, dict(state)))
             if not piece.nodes:
                 continue
             outs = run(self._session(piece, state), {n: state[n] for n in piece.inputs})

@@ -26,12 +26,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from redonnx.errors import RedonnxError
-from redonnx.shapes import declared_shape, graph_inputs
+from redonnx.shapes import declared_shape, graph_inputs, resolve_input_shapes
+
+if TYPE_CHECKING:
+    from redonnx.input_specs import InputModel
 
 SEQUENCE = (16, 64, 128)
 SIGNAL = (16, 64, 256, 512, 1024, 4096)  # 1-D float signals (audio chunks), in multiples of their stride
@@ -241,3 +245,81 @@ def settle(
     cases = range(kinds.cases())  # a size must run with every value of the compared inputs (a sample rate)
     chosen = choose(model, hints, lambda sh: [kinds.draw(model, sh, batch=1, seed=0, case=k) for k in cases])
     return None, chosen.shapes, chosen
+
+
+@dataclass(frozen=True, eq=False)
+class Settled:
+    """A run's inputs, settled once (:func:`settle_inputs`) and carried by the pass context: the
+    shape hints (every input's, where sizes were chosen), the concrete shapes at batch 1, the sizes
+    chosen for dynamic dimensions (with the second size verification also runs at), the given
+    arrays, and the input model that draws synthetic ones. Draws need no model: the shapes at any
+    batch follow from the settled ones (:meth:`at`)."""
+
+    hints: dict[str, list[int]] | None  # what functions taking ``shapes`` take
+    shapes: dict[str, list[int]] | None  # every input at batch 1; None: unknown (``error`` says why)
+    input_model: InputModel
+    given: dict[str, np.ndarray] | None = None
+    chosen: Chosen | None = None
+    batch_free: bool = False  # every input's leading dimension is dynamic: a draw sets it
+    lead: frozenset[str] = frozenset()  # inputs whose dynamic leading dimension no hint fixes
+    error: str = ""
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, hints: dict[str, list[int]] | None, input_model: InputModel,
+           given: dict[str, np.ndarray] | None = None, chosen: Chosen | None = None) -> Settled:  # fmt: skip
+        """The inputs of ``model`` at ``hints`` (as :func:`redonnx.shapes.resolve_input_shapes`
+        completes them), drawn by ``input_model``."""
+        from redonnx.input_specs import batch_is_leading
+
+        try:
+            shapes, error = resolve_input_shapes(model, hints, batch=1), ""
+        except RedonnxError as exc:
+            shapes, error = None, str(exc)
+        lead = set()
+        for vi in graph_inputs(model):
+            dims = declared_shape(vi)
+            if vi.name not in (hints or {}) and dims and not (isinstance(dims[0], int) and dims[0] > 0):
+                lead.add(vi.name)
+        return cls(hints, shapes, input_model, given, chosen, batch_is_leading(model), frozenset(lead), error)
+
+    def at(self, batch: int) -> dict[str, list[int]]:
+        """Every input's shape for ``batch`` samples (as :meth:`InputModel.draw` resolves them)."""
+        if self.shapes is None:
+            raise RedonnxError(self.error)
+        out = {k: [batch, *v[1:]] if k in self.lead and v else list(v) for k, v in self.shapes.items()}
+        if self.batch_free:  # a hint fixes the sample's shape, not how many samples
+            out = {k: [batch, *v[1:]] if v else v for k, v in out.items()}
+        return out
+
+    def draw(self, batch: int, seed: int, white: bool = False) -> dict[str, np.ndarray]:
+        """Seeded synthetic inputs: the same arrays as ``input_model.draw(model, hints, batch, seed)``."""
+        self.input_model.check_values()
+        return self.input_model.draw_at(self.at(batch), seed, white)
+
+    def values_per_sample(self) -> int:
+        """Input values of one sample, all inputs together."""
+        return max(sum(int(np.prod(v[1:])) for v in (self.shapes or {}).values()), 1)
+
+    def describe(self) -> str:
+        return self.chosen.describe() if self.chosen is not None else ""
+
+
+def settle_inputs(
+    model: onnx.ModelProto,
+    inputs: dict[str, np.ndarray] | str | Path | None,
+    hints: dict[str, list[int]] | None,
+    lenient: bool = False,
+) -> Settled:
+    """:func:`settle`, then the input model: fitted to the given arrays, else inferred from the
+    graph at the settled shapes. ``lenient``: sizes that cannot be settled are left unknown (the
+    lossless passes need none) instead of an error; drawing then raises it."""
+    from redonnx import input_model as im
+
+    try:
+        given, shapes, chosen = settle(model, inputs, hints)
+    except RedonnxError:
+        if not lenient:
+            raise
+        given, shapes, chosen = (inputs if isinstance(inputs, dict) else None), hints, None
+    model_of_inputs = im.from_given(model, given) if given is not None else im.infer(model, shapes)
+    return Settled.of(model, shapes, model_of_inputs, given, chosen)

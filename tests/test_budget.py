@@ -11,6 +11,7 @@ from redonnx.io import load_model
 from redonnx.latency import CostModel
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
+from redonnx.planner.search import ERROR_LADDER, _bisect
 from redonnx.runtime import run, session
 
 RESNET = MODELS / "digits_resnet.onnx"
@@ -25,6 +26,31 @@ def test_default_budget_is_met_and_searched() -> None:
     assert s.value == max(passing)
     assert all(not t.passed for t in s.trials if t.value > s.value) or s.value == max(t.value for t in s.trials)
     assert res.after.params < res.before.params
+
+
+def test_search_stops_when_decided() -> None:
+    """Bisection finds the same index as a scan for every monotone threshold, and a search the most
+    pruning passes (or nothing passes) is decided without more trials."""
+    top = len(ERROR_LADDER) - 1
+    for want_max in (True, False):
+        for edge in range(-1, top + 2):
+            tried: list[int] = []
+
+            def ok(i: int, edge=edge, want_max=want_max, tried=tried) -> bool:
+                tried.append(i)
+                return i <= edge if want_max else i >= edge
+
+            passing = [i for i in range(top + 1) if (i <= edge if want_max else i >= edge)]
+            # a MAC target is reached by merging something: 0 (exact merges only) is not tried
+            expected = max(passing, default=0) if want_max else min((i for i in passing if i), default=top)
+            assert _bisect(ok, top, want_max) == expected
+            assert len(tried) == len(set(tried)) <= 2 + top.bit_length()
+            if want_max and edge >= top:
+                assert tried == [top]
+            if want_max and edge < 0:
+                assert len(tried) == 2
+    res = prune(RESNET, target="macs", rtol=1e9, min_cosine=-1.0)  # every amount passes
+    assert [t.value for t in res.search.trials] == [ERROR_LADDER[-1]] and res.search.met
 
 
 def test_stricter_budget_removes_less() -> None:

@@ -103,14 +103,14 @@ def test_given_inputs_used_everywhere(tmp_path: Path, monkeypatch, capsys: pytes
     statistics' samples are not the verification samples."""
     data = np.load(FIXTURES / "bert_tiny_inputs.npz")
     seen: list[dict[str, np.ndarray]] = []
-    real = R.draw_stats_inputs
+    real = R.stats_feeds
 
     def spy(*args, **kw):
         feeds = real(*args, **kw)
         seen.append(feeds)
         return feeds
 
-    monkeypatch.setattr(R, "draw_stats_inputs", spy)
+    monkeypatch.setattr(R, "stats_feeds", spy)  # every statistics draw goes through it
     out = tmp_path / "o.onnx"
     given = str(FIXTURES / "bert_tiny_inputs.npz")
     assert main(["prune", str(BERT), "-o", str(out), "--inputs", given, "--bench"]) == 0

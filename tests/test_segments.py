@@ -39,3 +39,28 @@ def test_replacement_propagates_and_subgraphs_read_outer_values() -> None:
     assert not stepper.run({"x": x}, lambda name, v: np.zeros_like(v))["y"].any()
     half = stepper.run({"x": x}, lambda name, v: v / 2, until=h)
     assert list(half) == [h]
+
+
+def test_resumed_runs_equal_whole_runs() -> None:
+    """Replacing one stop at a time, resumed from the reference run's states, gives bit for bit the
+    outputs of whole runs, and runs only the pieces from that stop on."""
+    model = load_model(shared_model("cifar10/resnet20_bn.onnx")).model
+    stops = [n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"]
+    x, _ = cifar_batch(2)
+    stepper = Stepper(model, stops)
+    states: list = []
+    ref = stepper.run({"input": x}, keep=states)
+    assert len(states) == len(stepper._pieces)
+    for stop in (stops[0], stops[len(stops) // 2], stops[-1]):
+
+        def zero(name: str, v: np.ndarray, stop=stop) -> np.ndarray | None:
+            return np.zeros_like(v) if name == stop else None
+
+        seen: list[str] = []
+        whole = stepper.run({"input": x}, zero)
+        spy = lambda n, v, zero=zero, seen=seen: seen.append(n) or zero(n, v)  # noqa: E731
+        resumed = stepper.run({"input": x}, spy, keep=states, resume=stop)
+        assert np.array_equal(whole["logits"], resumed["logits"])
+        assert not np.array_equal(whole["logits"], ref["logits"])
+        assert seen == stops[stops.index(stop):]
+    assert len(states) == len(stepper._pieces)  # resumed runs leave the reference states alone

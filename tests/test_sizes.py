@@ -167,3 +167,44 @@ def test_a_size_must_run_with_every_compared_value(state: bool) -> None:
     assert res.before.input_shapes["x"] == [1, 256]
     assert not state or res.before.input_shapes["state"] == [2, 1, 4]
     assert res.verification and "sr = 16000 on 4, 8000 on 4" in res.verification.inputs
+
+
+def test_settled_inputs_draw_what_each_caller_drew() -> None:
+    """The inputs settled once draw, at any batch, the arrays the input model drew at the hints
+    (batch-leading images, a fixed-batch model, token ids at chosen sequence sizes, given arrays)."""
+    from conftest import MODELS
+
+    from redonnx import input_model
+    from redonnx.reconstruct import draw_stats_inputs, stats_feeds
+    from redonnx.sizes import settle_inputs
+
+    fixtures = Path(__file__).parent / "fixtures"
+    bert = onnx.load(fixtures / "bert_tiny.onnx")
+    given = str(fixtures / "bert_tiny_inputs.npz")
+    fixed = scaled_by_width(True)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # a batch the model fixes
+    for model, inputs, hints in [(onnx.load(MODELS / "digits_resnet.onnx"), None, None), (bert, None, None),
+                                 (bert, given, None), (fixed, None, {"x": [2, 3, 8, 8]}), (pyramid(8), None, None)]:
+        settled = settle_inputs(model, inputs, hints)
+        assert settled.shapes is not None and settled.hints is not None
+        for batch, seed, white in [(1, 0, False), (5, 3, True), (64, 100_003, False)]:
+            want = settled.input_model.draw(model, settled.hints, batch=batch, seed=seed, white=white)
+            got = settled.draw(batch, seed, white)
+            assert want.keys() == got.keys()
+            assert all(np.array_equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+        old = draw_stats_inputs(model, settled.hints, settled.input_model, batch=32, seed=1)
+        new = stats_feeds(settled, batch=32, seed=1)
+        assert all(np.array_equal(old[k], new[k]) for k in old)
+    assert input_model.infer(bert, None).describe() == settle_inputs(bert, None, None).input_model.describe()
+
+
+def test_unsettled_sizes_fail_when_drawn_only() -> None:
+    """--exact --no-verify settles what it can: sizes no ladder finds are an error only when drawn."""
+    from redonnx.sizes import settle_inputs
+
+    model = scaled_by_width(True)
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # no declared shape, no hint
+    settled = settle_inputs(model, None, None, lenient=True)
+    assert settled.shapes is None
+    with pytest.raises(RedonnxError, match="no declared shape"):
+        settled.draw(1, 0)

@@ -17,8 +17,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
+    import onnx
+
     from redonnx.input_model import InputModel
     from redonnx.latency import CostModel
+    from redonnx.sizes import Settled
 
 
 @dataclass
@@ -71,7 +74,11 @@ class PassResult:
 @dataclass
 class PassContext:
     """What passes share besides their own parameters: the model's input sizes, the target, and
-    the services the pipeline sets up (cost model, input model, statistics inputs, a memo)."""
+    the services the pipeline sets up (cost model, input model, statistics inputs, a memo).
+
+    The pipeline settles the inputs once (``inputs``: shapes, chosen sizes, input model, draws);
+    ``shapes`` and ``input_model`` are its hints and input model, kept for contexts built by hand
+    (tests), which :meth:`settled` completes on demand."""
 
     shapes: dict[str, list[int]] | None = None
     target: str = "macs"
@@ -80,6 +87,23 @@ class PassContext:
     corrections: list | None = None  # BatchNorm corrections of the synthetic activations
     calibration: dict[str, np.ndarray] | None = None  # real inputs for channel statistics
     memo: dict[str, Any] | None = None  # results that depend only on the graph a pass starts from
+    inputs: Settled | None = None  # the run's inputs, settled once by the pipeline
+
+    @classmethod
+    def of(cls, inputs: Settled, **kw: Any) -> PassContext:
+        """A context for a run whose inputs are settled."""
+        return cls(shapes=inputs.hints, input_model=inputs.input_model, inputs=inputs, **kw)
+
+    def settled(self, model: onnx.ModelProto) -> Settled:
+        """The run's settled inputs; for a context built by hand, settled from ``model`` (a graph
+        with the run's inputs) at ``shapes``, the input model inferred if none was given."""
+        if self.inputs is not None:
+            return self.inputs
+        from redonnx.input_model import infer
+        from redonnx.sizes import Settled
+
+        im = self.input_model if self.input_model is not None else infer(model, self.shapes)
+        return Settled.of(model, self.shapes, im)
 
 
 class Pass(ABC):
@@ -92,6 +116,12 @@ class Pass(ABC):
     @property
     def exact(self) -> bool:
         return True
+
+    @property
+    def uses_statistics(self) -> bool:
+        """Whether this instance reads channel statistics of synthetic activations (the pipeline
+        then measures their realism and BatchNorm corrections)."""
+        return False
 
     def __call__(self, graph: gs.Graph, ctx: PassContext | None = None) -> PassResult:
         t0 = time.perf_counter()

@@ -60,6 +60,10 @@ class MergeChannels(Pass):
         return not self.alpha and not self.error_budget
 
     @property
+    def uses_statistics(self) -> bool:
+        return not self.exact and self.criterion == "reconstruct"
+
+    @property
     def knob(self) -> str:
         """The tunable the planner searches: the paper's fraction, or the reconstruction budget."""
         return "alpha" if self.criterion == "paper" else "error_budget"

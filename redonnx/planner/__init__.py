@@ -32,7 +32,7 @@ from redonnx import passes as P
 from redonnx import refit as refit_mod
 from redonnx import speed as speed_mod
 from redonnx import weights
-from redonnx.cost import model_cost
+from redonnx.cost import ModelCost, model_cost
 from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.passes.hash_weights import HashWeights
 from redonnx.passes.merge_channels import MergeChannels
@@ -58,6 +58,7 @@ class Planned:
     results: list[PassResult]
     search: SearchResult
     speed: speed_mod.SpeedCheck | None = None
+    cost: ModelCost | None = None  # the model's, where the speed gate counted it
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Planner:
         and a cost model, the speed gate decides between the choice, less pruning and lossless."""
         best, finish = self._search(source, passes)
         if feeds is not None and self.ctx.cost_model is not None and self.target_macs is None:
-            best.model, best.results, best.speed = self._speed_gate(source, best, finish, feeds)
+            best.model, best.results, best.speed, best.cost = self._speed_gate(source, best, finish, feeds)
         return best
 
     def _trial(self, source: onnx.ModelProto, kept_before: dict[str, list[int]]) -> Callable:
@@ -158,8 +159,9 @@ class Planner:
 
     def _speed_gate(
         self, source: onnx.ModelProto, best: Planned, finish: Callable, feeds: dict[str, np.ndarray]
-    ) -> tuple[onnx.ModelProto, list[PassResult], speed_mod.SpeedCheck]:
-        """Keep the most pruned candidate that is measurably faster than the lossless result."""
+    ) -> tuple[onnx.ModelProto, list[PassResult], speed_mod.SpeedCheck, ModelCost]:
+        """Keep the most pruned candidate that is measurably faster than the lossless result (and
+        its cost, counted here)."""
         search = best.search
         lossless_passes = P.resolve(None, exact=True, target="ort-cpu")
         lossless = speed_mod.Candidate("lossless result", *P.apply(source, lossless_passes, self.ctx))
@@ -168,16 +170,16 @@ class Planner:
                       ] if search.value else []  # fmt: skip
         for value, m, res in search.fallbacks[:FALLBACKS]:
             candidates.append(speed_mod.Candidate(f"less pruning ({what} {value:.3g})", *finish(m, res)))
-        shapes = self.ctx.shapes
-        floor = model_cost(lossless.model, shapes).macs  # a candidate must do less work to be tried
-        candidates = [c for c in candidates if floor is None or (model_cost(c.model, shapes).macs or 0) < floor]
+        costs = {id(c.model): model_cost(c.model, self.ctx.shapes) for c in [lossless, *candidates]}
+        floor = costs[id(lossless.model)].macs  # a candidate must do less work to be tried
+        candidates = [c for c in candidates if floor is None or (costs[id(c.model)].macs or 0) < floor]
         kept, check = speed_mod.gate(source, lossless, candidates, feeds, self.ctx.cost_model.cache, "ort-cpu")
         self.ctx.cost_model.save()
         for cand in [lossless, *candidates]:
             if cand is not kept:
                 weights.discard(cand.model)
         search.discard_fallbacks()
-        return kept.model, kept.results, check
+        return kept.model, kept.results, check, costs[id(kept.model)]
 
 
 def _notes(search: SearchResult, attempt: int, before: list[Pass], heads: DepthResult | None,

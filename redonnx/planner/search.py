@@ -128,13 +128,15 @@ def search_merging(
 
 
 def _bisect(ok: Callable[[int], bool], top: int, want_max: bool) -> int:
-    """Largest index with ok (want_max) or smallest index with ok, in [0, top]."""
+    """Largest index with ok (want_max) or smallest index with ok, in [0, top]. The search stops
+    as soon as it is decided: with want_max, ``top`` is tried first (the most pruning passing
+    decides it in one trial), then 0 (nothing passing decides it in two)."""
     if want_max:
+        if ok(top):
+            return top
         if not ok(0):
             return 0
         lo, hi = 0, top
-        if ok(hi):
-            return hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)

@@ -68,7 +68,7 @@ def _scoring_model(base: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
 def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassContext) -> tuple[dict, dict]:
     """Per-channel means of each branch's output, and the output deviation removing it alone causes."""
     model = _scoring_model(base, ctx)
-    feeds = R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=SCORE_BATCH, seed=DEPTH_SEED)
+    feeds = R.stats_feeds(ctx.settled(model), batch=SCORE_BATCH, seed=DEPTH_SEED)
     stepper = Stepper(model, [b.output.name for b in branches])
     by_out = {b.output.name: b for b in branches}
     means: dict[str, np.ndarray] = {}
@@ -78,7 +78,8 @@ def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassCon
         means[by_out[name].key] = D.per_channel_mean(v, by_out[name].axis)
         ranks[by_out[name].key] = np.ndim(v)
 
-    ref = stepper.run(feeds, record)
+    states: list = []  # each replacement run resumes where its branch ends
+    ref = stepper.run(feeds, record, keep=states)
     effects = {}
     for b in branches:
         const = D.channel_shaped(means[b.key], ranks[b.key], b.axis)
@@ -86,7 +87,7 @@ def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassCon
         def replace(name: str, v: np.ndarray, b=b, const=const) -> np.ndarray | None:
             return np.broadcast_to(const, v.shape).astype(v.dtype) if name == b.output.name else None
 
-        out = stepper.run(feeds, replace)
+        out = stepper.run(feeds, replace, keep=states, resume=b.output.name)
         effects[b.key] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
     return means, effects
 
@@ -182,8 +183,7 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
     features; per (block, head), the output deviation replacing that head's context by its least-
     squares prediction from the other heads' contexts causes (statistics' inputs)."""
     model = _scoring_model(base, ctx)
-    feeds = ctx.calibration or R.draw_stats_inputs(model, ctx.shapes, ctx.input_model, batch=HEAD_BATCH,
-                                                   seed=DEPTH_SEED)  # fmt: skip
+    feeds = ctx.calibration or R.stats_feeds(ctx.settled(model), batch=HEAD_BATCH, seed=DEPTH_SEED)
     by_ctx = {a.ctx.name: a for a in atts}
     stepper = Stepper(model, list(by_ctx))
     stats: dict[str, R.Stats] = {}
@@ -194,7 +194,8 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
     stepper.run(feeds, record)
     n = min(len(v) for v in feeds.values())
     feeds = {k: v[: min(n, SCORE_BATCH)] for k, v in feeds.items()}  # scores: a few samples
-    ref = stepper.run(feeds, lambda _n, _v: None)
+    states: list = []  # each replacement run resumes where its head's context is made
+    ref = stepper.run(feeds, lambda _n, _v: None, keep=states)
     effects = {}
     for a in atts:
         for h in range(a.heads):
@@ -211,7 +212,7 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
                 out[:, h] = pred.reshape(b, s, d).astype(v.dtype)
                 return out
 
-            out = stepper.run(feeds, replace)
+            out = stepper.run(feeds, replace, keep=states, resume=a.ctx.name)
             effects[(a.key, h)] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
     return stats, effects
 

@@ -46,10 +46,13 @@ def relaxed_removals(
     stats = cache.get(key) if cache is not None else None
     if stats is None:
         stats = R.channel_stats(graph, axes, ctx.calibration, ctx.shapes, input_model=ctx.input_model,
-                                corrections=ctx.corrections)
+                                corrections=ctx.corrections, inputs=ctx.inputs)
         if cache is not None:
             cache[key] = stats
-    energy = {t: _column_energy(cg, t) for t in sinks}
+    energy = cache.setdefault("column energy", {}) if cache is not None else {}  # the readers' weights: once
+    for t in sinks:
+        if t not in energy:
+            energy[t] = _column_energy(cg, t)
     prec = {t: stats[t].precision() for t in sinks}
     for drop, _keep, _s in plan.merges:  # exact merges already took these channels away
         for t, c in cg.members_of(drop):

@@ -1,0 +1,59 @@
+"""What a run's decisions use is computed once, and only where a decision uses it: the realism of
+synthetic inputs and their BatchNorm corrections, the source model's cost and folded shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import MODELS
+
+from redonnx import cost, realism
+from redonnx.passes import MergeChannels
+from redonnx.pipeline import prune
+
+RESNET = MODELS / "digits_resnet.onnx"
+BERT = Path(__file__).parent / "fixtures" / "bert_tiny.onnx"
+
+
+@pytest.fixture
+def assessed(monkeypatch: pytest.MonkeyPatch) -> list[onnx.ModelProto]:
+    seen: list[onnx.ModelProto] = []
+    real = realism.assess
+
+    def spy(model, feeds, points=None, correct=True, prefix=False):
+        if correct:  # the run's realism (the input model's convention probes do not correct)
+            seen.append(model)
+        return real(model, feeds, points, correct, prefix)
+
+    monkeypatch.setattr(realism, "assess", spy)
+    return seen
+
+
+def test_hashing_alone_measures_no_realism(assessed: list) -> None:
+    """A pipeline that takes no channel statistics neither measures realism nor fits corrections,
+    and says so; one that searches merging measures them once."""
+    res = prune(RESNET, passes=["fold-batchnorm", "hash-weights"])
+    assert not assessed and res.evidence.realism is None and res.evidence.corrections is None
+    assert "realism of synthetic inputs was not measured" in res.summary()
+    assert res.verification is not None  # verified as before (this tiny model hashes poorly)
+    res = prune(RESNET, target="macs")
+    assert len(assessed) == 1 and res.evidence.realism is not None and res.evidence.corrections
+
+
+def test_source_cost_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source model's constants are folded and its shapes inferred once: for its cost and for
+    the cost model's layer shapes at the chosen sizes (symbolic in the graph: [batch, seq, 32])."""
+    calls: list[int] = []
+    real = cost.to_graph
+
+    def spy(model):  # every cost count starts here, whoever calls it
+        calls.append(id(model))
+        return real(model)
+
+    monkeypatch.setattr(cost, "to_graph", spy)
+    source = onnx.load(BERT)
+    res = prune(source, passes=["fold-constants", MergeChannels(error_budget=0.05)], target="ort-cpu")
+    assert res.verification is not None
+    assert calls.count(id(source)) == 1 and len(calls) == 2  # before and after
