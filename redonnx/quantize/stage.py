@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from redonnx.errors import RedonnxError
 from redonnx.quantize import calibration as C
 from redonnx.quantize.cpu import Int8Cpu, detect
 from redonnx.quantize.quantizer import (
@@ -143,7 +144,11 @@ class Stage:
     def run(self, float_model: onnx.ModelProto) -> QuantResult:
         t0 = time.perf_counter()
         res = QuantResult(self.scheme, detect())
-        prepared = prepare(float_model, self.work)
+        try:
+            prepared = prepare(float_model, self.work)
+        except RedonnxError as exc:
+            res.declined = str(exc)
+            return res
         found = layers(prepared)
         if not found:
             res.declined = "no weighted layer (Conv, Gemm, MatMul with a constant weight) to quantize"
@@ -194,10 +199,11 @@ class Stage:
                 plain = C.tensor_ranges(q.prepared, runs, method, self.work)
                 corrected = None
                 if self.inputs.corrections and self.inputs.calibration is None:
+                    from redonnx.external_data import inline_copy
                     from redonnx.realism import intervene
 
-                    corrected = C.tensor_ranges(intervene(self.inputs.source, self.inputs.corrections), runs,
-                                                method, self.work)  # fmt: skip
+                    original = inline_copy(intervene(self.inputs.source, self.inputs.corrections))
+                    corrected = C.tensor_ranges(original, runs, method, self.work)
             data, shared = C.merged(plain, corrected)
             if shared and not any("BatchNorm" in n for n in res.notes):
                 res.notes.append(f"ranges of {shared} tensors read from the BatchNorm-corrected original")
