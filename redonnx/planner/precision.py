@@ -6,9 +6,9 @@ models without convolutions), each held to the same budget against the original.
 ``precision auto`` each proposal is timed against the float result and the input
 (:func:`redonnx.speed.measure`, interleaved) and the fastest that is measurably faster (the speed
 gate's rule) is kept, else the float result. ``precision int8`` keeps the INT8 proposal even when
-not faster (timed where a cost model is set, to say so). Where the float result was lossy and no
-INT8 proposal fits the budget that pruning left, the lossless float result is quantized too: the
-channels and the precision share one budget, and the gate picks between them.
+not faster (timed where a cost model is set, to say so). The channels and the precision share one
+budget: INT8 gets what pruning left of it. (Not yet: quantizing the lossless result as a second
+candidate when pruning spent the budget INT8 needed.)
 """
 
 from __future__ import annotations
