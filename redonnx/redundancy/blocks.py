@@ -1,6 +1,7 @@
-"""Channel counts and what a channel saves: channels are removed in the runtime's block
-(``channel_multiple``), exact merges are undone where they would leave it, and each coupled
-group's saving per channel is measured (cost model milliseconds) or counted (MACs).
+"""Channel counts and what a channel saves: the channels that remain stay in the runtime's block
+(``channel_multiple``): exact merges and relaxed steps that would take an aligned count off it
+are undone (unless the cost model times the step faster), and each coupled group's saving per
+channel is measured (cost model milliseconds) or counted (MACs).
 """
 
 from __future__ import annotations
