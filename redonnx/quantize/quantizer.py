@@ -4,9 +4,13 @@ of layers kept in float.
 Nothing here inserts QuantizeLinear/DequantizeLinear by hand: static models are written by
 ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel weights) from a calibration cache
 (:mod:`redonnx.quantize.calibration`), dynamic ones by ``quantize_dynamic`` (MatMul weights, the
-activations quantized at run time). The float model is prepared once with the library's own
-pre-processing (``quant_pre_process``: shape inference and onnxruntime's basic optimizations) and
-every unnamed node is named, since the quantizers select nodes by name.
+activations quantized at run time). Weights are quantized per output channel in both (a MatMul's
+columns, a convolution's filters): one scale per tensor lets the column of largest magnitude set
+every column's step, and a trained encoder's columns differ by an order of magnitude (all of
+all-MiniLM-L6-v2's MatMuls dynamic: output cosine 0.845 per tensor, 0.988 per column, same speed).
+The float model is prepared once with the library's own pre-processing (``quant_pre_process``:
+shape inference and onnxruntime's basic optimizations) and every unnamed node is named, since the
+quantizers select nodes by name.
 
 A :class:`Scheme` is how a model is quantized: static or dynamic, weight range (7-bit on CPUs
 whose int8 kernels saturate, :mod:`redonnx.quantize.cpu`), symmetric activations (TensorRT explicit
@@ -45,7 +49,7 @@ class Scheme:
     op_types: tuple[str, ...] | None = None  # what the library may quantize; None: its default set
 
     def describe(self) -> str:
-        what = "static QDQ, per-channel weights" if self.mode == "static" else "dynamic (MatMul weights)"
+        what = "static QDQ, per-channel weights" if self.mode == "static" else "dynamic (MatMul weights per column)"
         if self.symmetric:
             what += ", symmetric int8 activations and weights (TensorRT explicit quantization)"
         if self.reduce_range:
@@ -167,7 +171,7 @@ class Quantizer:
         with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet():
             out = Path(tmp) / "int8.onnx"
             if s.mode == "dynamic":
-                quantize_dynamic(self._source(), out, op_types_to_quantize=ops or ["MatMul"], per_channel=False,
+                quantize_dynamic(self._source(), out, op_types_to_quantize=ops or ["MatMul"], per_channel=True,
                                  reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
                                  nodes_to_quantize=include, nodes_to_exclude=sorted(exclude))  # fmt: skip
             else:
