@@ -127,6 +127,22 @@ def test_dynamic_int8_scales_weights_per_column() -> None:
     assert cos >= 0.998
 
 
+def test_pre_processing_leaves_nothing_in_the_working_folder(tmp_path: Path, monkeypatch, capfd) -> None:
+    """bert_tiny's symbolic shape inference does not complete: onnxruntime then saves its partial
+    model into the current folder and logs an error; both stay inside the stage's scratch folder."""
+    from redonnx.quantize.quantizer import layers, prepare
+
+    fixture = Path(__file__).parent / "fixtures" / "bert_tiny.onnx"
+    cwd, work = tmp_path / "user", tmp_path / "work"
+    cwd.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(cwd)
+    prepared = prepare(onnx.load(fixture), work)
+    assert list(cwd.iterdir()) == []
+    assert capfd.readouterr().err == ""
+    assert layers(prepared)  # the fallback (no symbolic shapes) still prepared it
+
+
 def test_fp32_writes_no_quantization_and_exact_refuses_int8(tmp_path: Path) -> None:
     res = prune(DIGITS, precision="fp32")
     assert res.precision is None and "QuantizeLinear" not in _ops(res.model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +61,28 @@ class Scheme:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet(level: int = logging.ERROR):
     """The library logs advice and progress on the root logger: not ours to print."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    before = root.level
+    root.setLevel(level)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        root.setLevel(before)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path):
+    """Run in ``folder``: onnxruntime's symbolic shape inference, when it cannot complete, saves
+    ``sym_shape_infer_temp.onnx`` and its external data into the current directory (the user's)."""
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -86,14 +99,16 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
     """The library's pre-processing (shape inference, basic optimizations) of the named model; the
-    named model as it is when pre-processing fails (symbolic shape inference knows fewer ops)."""
+    named model as it is when pre-processing fails (symbolic shape inference knows fewer ops).
+    A failed attempt is the library's to log, not ours: it is silenced, and what it leaves on disk
+    stays in ``work``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     named = name_nodes(model)
-    path = work / "prepared.onnx"
+    path = (work / "prepared.onnx").resolve()
     for skip_symbolic in (False, True):
         try:
-            with _quiet():
+            with _quiet(logging.CRITICAL + 1), _inside(work):
                 quant_pre_process(named, str(path), skip_symbolic_shape=skip_symbolic)
             return name_nodes(onnx.load(str(path)))
         except Exception:
