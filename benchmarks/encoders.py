@@ -191,7 +191,8 @@ def measure_int8(name: str, model: onnx.ModelProto, held: dict, label: str, kwar
     res = prune(model, **kwargs)
     seconds = time.perf_counter() - t0
     prec = res.precision
-    return {"model": name, "variant": label, "written": _written(res),
+    written = "INT8 model" if prec is not None and prec.kept != "float" and res.verification else _written(res)
+    return {"model": name, "variant": label, "written": written,
             "precision kept": prec.kept if prec is not None else "fp32", "INT8 layers": _int8_layers(res.model, res),
             **_fidelity_and_speed(model, res.model, held), "tool s": round(seconds, 1)}  # fmt: skip
 
