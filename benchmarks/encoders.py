@@ -1,7 +1,8 @@
 """Transformer encoders: attention heads and MLP neurons removed, MACs, speed, fidelity.
 
-Run: python benchmarks/encoders.py [--quick]
-Prints a Markdown table and writes benchmarks/results/encoders.json.
+Run: python benchmarks/encoders.py [--quick | --int8-only]
+Prints Markdown tables and writes benchmarks/results/encoders.json (``--int8-only``: the INT8 rows
+alone, benchmarks/results/encoders_int8.json).
 
 Models:
 - bert_tiny: the torch-exported 2-layer BERT-style encoder of tests/fixtures (random weights, 4
@@ -18,6 +19,14 @@ drawn token ids, then on the held-out sentences; and that with the other 48 sent
 the output to the input model's on the held-out sentences (mean and minimum). Latency ratio: output
 / input, onnxruntime CPU, 1 thread, batch 1, interleaved rounds (redonnx.latency.compare), with its
 90 % interval; below 1 is faster.
+
+INT8 rows (MiniLM; the CPU's int8 features are printed with the table): ours verified on the
+held-out sentences (``--inputs``) with ``--precision auto`` (the default) and ``--precision int8``
+(that also at ``--min-cosine 0.99``), and with the other 48 sentences as ``--calibration``;
+beside them onnxruntime's own quantizers on the input model: ``quantize_dynamic`` (MatMul,
+QInt8, default options) and ``quantize_static`` (QDQ, per-channel weights, the library's
+pre-processing first, calibrated on the 48 calibration sentences). The cosines are on the 48
+held-out sentences, which the peers never see and ours verifies on.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from redonnx.cost import model_cost
 from redonnx.latency import compare
 from redonnx.passes import prune_heads as H
 from redonnx.pipeline import prune, run_passes
+from redonnx.quantize.cpu import detect
 from redonnx.runtime import run, session
 
 CACHE = Path(os.environ.get("REDONNX_CACHE") or Path.home() / ".cache" / "redonnx")
@@ -100,10 +110,91 @@ def variants(held: dict, cal: dict) -> list[tuple[str, dict]]:
         ("default, no flags", {}),
         ("default --inputs held-out", {"inputs": held}),
         ("--min-cosine 0.99 (drawn token ids)", {"min_cosine": 0.99}),
-        ("--min-cosine 0.99 --inputs held-out", {"inputs": held, "min_cosine": 0.99}),
         ("--min-cosine 0.99 --inputs held-out --calibration other half",
          {"inputs": held, "min_cosine": 0.99, "calibration": cal}),
     ]  # fmt: skip
+
+
+def int8_variants(held: dict, cal: dict) -> list[tuple[str, dict]]:
+    return [
+        ("--inputs held-out (precision auto)", {"inputs": held}),
+        ("--inputs held-out --precision int8", {"inputs": held, "precision": "int8"}),
+        ("--min-cosine 0.99 --inputs held-out --precision int8",
+         {"inputs": held, "min_cosine": 0.99, "precision": "int8"}),
+        ("--inputs held-out --calibration other half", {"inputs": held, "calibration": cal}),
+    ]  # fmt: skip
+
+
+def peers(model: onnx.ModelProto, cal: dict) -> list[tuple[str, onnx.ModelProto, float]]:
+    """onnxruntime's own INT8 of the input model: (label, model, seconds)."""
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Sentences(CalibrationDataReader):
+        def __init__(self) -> None:
+            n = len(next(iter(cal.values())))
+            self.it = iter([{k: v[i : i + 1] for k, v in cal.items()} for i in range(n)])
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="encoders-int8-") as tmp:
+        src, pre = Path(tmp) / "model.onnx", Path(tmp) / "pre.onnx"
+        onnx.save(model, src)
+        t0 = time.perf_counter()
+        quantize_dynamic(src, Path(tmp) / "dyn.onnx", op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        out.append(("onnxruntime quantize_dynamic (MatMul, QInt8)", onnx.load(Path(tmp) / "dyn.onnx"),
+                    time.perf_counter() - t0))  # fmt: skip
+        t0 = time.perf_counter()
+        quant_pre_process(str(src), str(pre))
+        quantize_static(pre, Path(tmp) / "static.onnx", Sentences(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        out.append(("onnxruntime quantize_static (QDQ, per-channel, 48 real sentences)",
+                    onnx.load(Path(tmp) / "static.onnx"), time.perf_counter() - t0))  # fmt: skip
+    return out
+
+
+def _fidelity_and_speed(model: onnx.ModelProto, out_model: onnx.ModelProto, held: dict) -> dict:
+    ref = run(session(model), held)
+    out = run(session(out_model), held)
+    cos = np.concatenate([cosines(ref[k], out[k]) for k in ref])
+    one = {k: v[:1] for k, v in held.items()}
+    timing = compare([model, out_model], one, max_seconds=8.0).against(1, 0)
+    return {
+        "latency ratio": round(timing.ratio, 3),
+        "90 % interval": f"{timing.ratio_low:.3f}-{timing.ratio_high:.3f}",
+        "cosine mean": round(float(cos.mean()), 5),
+        "cosine min": round(float(cos.min()), 5),
+    }
+
+
+def _int8_layers(model: onnx.ModelProto, res=None) -> str:
+    if res is not None and res.precision is not None and res.precision.chosen is not None:
+        q = res.precision.chosen
+        return f"{q.int8_layers} of {len(q.layers)} ({q.scheme.mode})"
+    ops = {n.op_type for n in model.graph.node}
+    integer = ("DequantizeLinear", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul")
+    return "some" if ops & set(integer) else "none"
+
+
+def measure_int8(name: str, model: onnx.ModelProto, held: dict, label: str, kwargs: dict) -> dict:
+    t0 = time.perf_counter()
+    res = prune(model, **kwargs)
+    seconds = time.perf_counter() - t0
+    prec = res.precision
+    written = "INT8 model" if prec is not None and prec.kept != "float" and res.verification else _written(res)
+    return {"model": name, "variant": label, "written": written,
+            "precision kept": prec.kept if prec is not None else "fp32", "INT8 layers": _int8_layers(res.model, res),
+            **_fidelity_and_speed(model, res.model, held), "tool s": round(seconds, 1)}  # fmt: skip
 
 
 def measure(name: str, model: onnx.ModelProto, held: dict, cal: dict, label: str, kwargs: dict) -> dict:
@@ -141,19 +232,47 @@ def _written(res) -> str:
     return res.speed.kept if res.speed is not None else "lossless result"
 
 
+def int8_rows() -> list[dict]:
+    """MiniLM in INT8: ours (precision auto / int8, --calibration) and onnxruntime's quantizers."""
+    rows = []
+    for name, model, held, cal in load_models():
+        if name != "minilm_l6":
+            continue
+        for label, qmodel, seconds in peers(model, cal):
+            rows.append({"model": name, "variant": label, "written": "INT8 model", "precision kept": "-",
+                         "INT8 layers": "all MatMuls" if "dynamic" in label else "every op the library quantizes",
+                         **_fidelity_and_speed(model, qmodel, held), "tool s": round(seconds, 1)})  # fmt: skip
+            print(f"{name}: {label}: done", file=sys.stderr)
+        for label, kwargs in int8_variants(held, cal):
+            rows.append(measure_int8(name, model, held, label, kwargs))
+            print(f"{name}: {label}: done", file=sys.stderr)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the first two variants only")
+    ap.add_argument("--int8-only", action="store_true", help="the INT8 rows only (MiniLM)")
     args = ap.parse_args()
     rows = []
-    for name, model, held, cal in load_models():
+    for name, model, held, cal in [] if args.int8_only else load_models():
         for label, kwargs in variants(held, cal)[: 2 if args.quick else None]:
             rows.append(measure(name, model, held, cal, label, kwargs))
             print(f"{name}: {label}: done", file=sys.stderr)
-    cols = ["model", "variant", "written", "heads removed", "MLP neurons removed", "MACs removed %",
-            "latency ratio", "90 % interval", "cosine mean", "cosine min", "tool s"]  # fmt: skip
-    print(table(rows, cols))
-    print(f"wrote {write_json('encoders', rows)}")
+    if rows:
+        cols = ["model", "variant", "written", "heads removed", "MLP neurons removed", "MACs removed %",
+                "latency ratio", "90 % interval", "cosine mean", "cosine min", "tool s"]  # fmt: skip
+        print(table(rows, cols))
+        print(f"wrote {write_json('encoders', rows)}")
+    if args.quick:
+        return 0
+    int8 = int8_rows()
+    if int8:
+        print(f"\nINT8 on this CPU: {detect().describe()}")
+        cols = ["model", "variant", "written", "precision kept", "INT8 layers", "latency ratio", "90 % interval",
+                "cosine mean", "cosine min", "tool s"]  # fmt: skip
+        print(table(int8, cols))
+        print(f"wrote {write_json('encoders_int8', {'cpu': detect().to_dict(), 'rows': int8})}")
     return 0
 
 

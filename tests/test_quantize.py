@@ -95,6 +95,55 @@ def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
     assert cos >= 0.998
 
 
+def _uneven_columns() -> onnx.ModelProto:
+    """x -> MatMul -> Mul: four of the weight's 32 columns are 100x the others, and the Mul scales
+    their outputs back (a trained encoder's columns differ like this, then LayerNorm evens them).
+    One weight scale per tensor leaves the small columns a level or two; one per column does not."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    s = np.ones(32, np.float32)
+    w[:, :4] *= 100.0
+    s[:4] = 0.01
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Mul", ["m", "s"], ["y"])]
+    g = helper.make_graph(nodes, "uneven", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_dynamic_int8_scales_weights_per_column() -> None:
+    model = _uneven_columns()
+    res = prune(model, passes=["cleanup"], precision="int8", target="macs")
+    assert res.verification.passed
+    dynamic = next(p for p in res.precision.proposals if p.scheme.mode == "dynamic")
+    assert dynamic.model is not None and dynamic.int8_layers == 1, dynamic.describe()
+    integer = next(n for n in dynamic.model.graph.node if n.op_type == "MatMulInteger")
+    inits = {t.name: numpy_helper.to_array(t) for t in dynamic.model.graph.initializer}
+    assert inits[integer.input[3]].shape == (32,)  # the weight's zero points: one per column
+    x = np.random.default_rng(7).standard_normal((64, 16)).astype(np.float32)
+    ref, got = run(session(model), {"x": x})["y"], run(session(dynamic.model), {"x": x})["y"]
+    cos = np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)
+    assert cos >= 0.998
+
+
+def test_pre_processing_leaves_nothing_in_the_working_folder(tmp_path: Path, monkeypatch, capfd) -> None:
+    """bert_tiny's symbolic shape inference does not complete: onnxruntime then saves its partial
+    model into the current folder and logs an error; both stay inside the stage's scratch folder."""
+    from redonnx.quantize.quantizer import layers, prepare
+
+    fixture = Path(__file__).parent / "fixtures" / "bert_tiny.onnx"
+    cwd, work = tmp_path / "user", tmp_path / "work"
+    cwd.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(cwd)
+    prepared = prepare(onnx.load(fixture), work)
+    assert list(cwd.iterdir()) == []
+    assert capfd.readouterr().err == ""
+    assert layers(prepared)  # the fallback (no symbolic shapes) still prepared it
+
+
 def test_fp32_writes_no_quantization_and_exact_refuses_int8(tmp_path: Path) -> None:
     res = prune(DIGITS, precision="fp32")
     assert res.precision is None and "QuantizeLinear" not in _ops(res.model)

@@ -4,9 +4,13 @@ of layers kept in float.
 Nothing here inserts QuantizeLinear/DequantizeLinear by hand: static models are written by
 ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel weights) from a calibration cache
 (:mod:`redonnx.quantize.calibration`), dynamic ones by ``quantize_dynamic`` (MatMul weights, the
-activations quantized at run time). The float model is prepared once with the library's own
-pre-processing (``quant_pre_process``: shape inference and onnxruntime's basic optimizations) and
-every unnamed node is named, since the quantizers select nodes by name.
+activations quantized at run time). Weights are quantized per output channel in both (a MatMul's
+columns, a convolution's filters): one scale per tensor lets the column of largest magnitude set
+every column's step, and a trained encoder's columns differ by an order of magnitude (all of
+all-MiniLM-L6-v2's MatMuls dynamic: output cosine 0.845 per tensor, 0.988 per column, same speed).
+The float model is prepared once with the library's own pre-processing (``quant_pre_process``:
+shape inference and onnxruntime's basic optimizations) and every unnamed node is named, since the
+quantizers select nodes by name.
 
 A :class:`Scheme` is how a model is quantized: static or dynamic, weight range (7-bit on CPUs
 whose int8 kernels saturate, :mod:`redonnx.quantize.cpu`), symmetric activations (TensorRT explicit
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +50,7 @@ class Scheme:
     op_types: tuple[str, ...] | None = None  # what the library may quantize; None: its default set
 
     def describe(self) -> str:
-        what = "static QDQ, per-channel weights" if self.mode == "static" else "dynamic (MatMul weights)"
+        what = "static QDQ, per-channel weights" if self.mode == "static" else "dynamic (MatMul weights per column)"
         if self.symmetric:
             what += ", symmetric int8 activations and weights (TensorRT explicit quantization)"
         if self.reduce_range:
@@ -56,16 +61,28 @@ class Scheme:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet(level: int = logging.ERROR):
     """The library logs advice and progress on the root logger: not ours to print."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    before = root.level
+    root.setLevel(level)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        root.setLevel(before)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path):
+    """Run in ``folder``: onnxruntime's symbolic shape inference, when it cannot complete, saves
+    ``sym_shape_infer_temp.onnx`` and its external data into the current directory (the user's)."""
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,14 +99,16 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
     """The library's pre-processing (shape inference, basic optimizations) of the named model; the
-    named model as it is when pre-processing fails (symbolic shape inference knows fewer ops)."""
+    named model as it is when pre-processing fails (symbolic shape inference knows fewer ops).
+    A failed attempt is the library's to log, not ours: it is silenced, and what it leaves on disk
+    stays in ``work``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     named = name_nodes(model)
-    path = work / "prepared.onnx"
+    path = (work / "prepared.onnx").resolve()
     for skip_symbolic in (False, True):
         try:
-            with _quiet():
+            with _quiet(logging.CRITICAL + 1), _inside(work):
                 quant_pre_process(named, str(path), skip_symbolic_shape=skip_symbolic)
             return name_nodes(onnx.load(str(path)))
         except Exception:
@@ -167,7 +186,7 @@ class Quantizer:
         with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet():
             out = Path(tmp) / "int8.onnx"
             if s.mode == "dynamic":
-                quantize_dynamic(self._source(), out, op_types_to_quantize=ops or ["MatMul"], per_channel=False,
+                quantize_dynamic(self._source(), out, op_types_to_quantize=ops or ["MatMul"], per_channel=True,
                                  reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
                                  nodes_to_quantize=include, nodes_to_exclude=sorted(exclude))  # fmt: skip
             else:

@@ -222,7 +222,8 @@ class Stage:
         best = None
         ops = self.scheme.op_types
         tries = [(m, True) for m in methods]  # the weighted layers alone, each calibration method
-        if ops is None or set(ops) - set(LAYER_OPS):  # first every op the library quantizes, with MinMax
+        static = self.scheme.mode == "static"  # dynamic quantizes the weighted layers' MatMuls alone either way
+        if static and (ops is None or set(ops) - set(LAYER_OPS)):  # first every op the library quantizes, MinMax
             tries.insert(0, (methods[0], False))
         for method, layers_only in tries:
             model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
