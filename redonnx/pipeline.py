@@ -176,11 +176,11 @@ def prune(
         model, results = run_passes(source.model, chosen, exact, ctx)
     after = after if after is not None else model_cost(model, settled.hints)
     if quantizing and reference is not None:
-        model, results, quant = _precision(source.model, model, results, speed, prec, target, reference, tol,
+        model, results, quant, checked = _precision(source.model, model, results, speed, prec, target, reference, tol,
                                            evidence, ctx, feeds, settled)  # fmt: skip
     if ctx.cost_model is not None:
         ctx.cost_model.save()
-    verification = reference.check(model, tol) if check else None
+    verification = (checked if quant is not None else reference.check(model, tol)) if check else None
     merge = next((p for p in chosen if isinstance(p, MergeChannels)), None)
     multiple = channel_multiple(target, ctx.cost_model, merge.channel_multiple if merge is not None else None)
     aligned = _alignment_note(before, after, multiple, target)
@@ -193,10 +193,12 @@ def prune(
 def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[PassResult], speed, prec: str,
                target: str, reference, tol: Tolerance, evidence: Evidence, ctx: PassContext,
                feeds: dict[str, np.ndarray] | None, settled: sizes_mod.Settled):  # fmt: skip
-    """The INT8 stage on the float result, held to the same budget against the original."""
+    """The INT8 stage on the float result, held to the same budget against the original; the
+    written model's check (the float result's, or the one the stage made of the INT8 model it kept)."""
     from redonnx.input_specs import batch_is_leading
     from redonnx.planner.precision import PrecisionStage
     from redonnx.quantize import StageInputs
+    from redonnx.quantize.quantizer import LAYER_OPS
 
     cost = ctx.cost_model
 
@@ -204,7 +206,7 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
         import onnx_graphsurgeon as gs
 
         g = gs.import_onnx(prepared)
-        return {n.name: cost.layer(n) for n in g.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+        return {n.name: cost.layer(n) for n in g.nodes if n.op in LAYER_OPS}
 
     inputs = StageInputs(
         source=source, check=lambda m: reference.check(m, tol),
@@ -213,8 +215,10 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
         cost_model=cost, layer_shapes=layer_shapes if cost is not None else None,
         image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input))  # fmt: skip
     stage = PrecisionStage(prec, target, inputs, feeds, cost.cache if cost is not None else None)
-    float_cosine = reference.check(model, tol).worst_cosine
-    return stage.run(model, results, speed, float_cosine)
+    float_check = reference.check(model, tol)
+    model, results, quant = stage.run(model, results, speed, float_check.worst_cosine)
+    chosen = quant.chosen
+    return model, results, quant, chosen.verification if chosen is not None else float_check
 
 
 def _reference(model: onnx.ModelProto, inputs: sizes_mod.Settled, samples: int) -> Checker:

@@ -70,11 +70,23 @@ def _outlier_mlp() -> onnx.ModelProto:
              helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("Relu", ["a1"], ["h1"]),
              helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"), helper.make_node("Relu", ["m2"], ["h2"]),
              helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]
-    g = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)  # fmt: skip
+    return _vector_model("outlier", nodes, inits, 10)
+
+
+def _vector_model(name: str, nodes: list, inits: list, width: int) -> onnx.ModelProto:
+    """A model of ``nodes`` from x [n, 16] to y [n, width]."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], inits)  # fmt: skip
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
+
+
+def _cosine_on_fresh_draws(model: onnx.ModelProto, cand: onnx.ModelProto, seed: int) -> float:
+    """Output cosine on 64 standard-normal samples the search never saw."""
+    x = np.random.default_rng(seed).standard_normal((64, 16)).astype(np.float32)
+    ref, got = run(session(model), {"x": x})["y"], run(session(cand), {"x": x})["y"]
+    return float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got))
 
 
 def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
@@ -89,10 +101,7 @@ def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
         assert by["fc2"].deviation > 100 * by["fc3"].deviation
         assert by["fc3"].precision == "int8"
         assert any("over the budget" in n for n in proposal.notes)  # every layer in INT8 was not
-    x = np.random.default_rng(123).standard_normal((64, 16)).astype(np.float32)  # draws the search never saw
-    ref, got = run(session(model), {"x": x})["y"], run(session(res.model), {"x": x})["y"]
-    cos = np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)
-    assert cos >= 0.998
+    assert _cosine_on_fresh_draws(model, res.model, 123) >= 0.998
 
 
 def _uneven_columns() -> onnx.ModelProto:
@@ -106,11 +115,7 @@ def _uneven_columns() -> onnx.ModelProto:
     s[:4] = 0.01
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Mul", ["m", "s"], ["y"])]
-    g = helper.make_graph(nodes, "uneven", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])], inits)  # fmt: skip
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _vector_model("uneven", nodes, inits, 32)
 
 
 def test_dynamic_int8_scales_weights_per_column() -> None:
@@ -122,10 +127,7 @@ def test_dynamic_int8_scales_weights_per_column() -> None:
     integer = next(n for n in dynamic.model.graph.node if n.op_type == "MatMulInteger")
     inits = {t.name: numpy_helper.to_array(t) for t in dynamic.model.graph.initializer}
     assert inits[integer.input[3]].shape == (32,)  # the weight's zero points: one per column
-    x = np.random.default_rng(7).standard_normal((64, 16)).astype(np.float32)
-    ref, got = run(session(model), {"x": x})["y"], run(session(dynamic.model), {"x": x})["y"]
-    cos = np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)
-    assert cos >= 0.998
+    assert _cosine_on_fresh_draws(model, dynamic.model, 7) >= 0.998
 
 
 def test_pre_processing_leaves_nothing_in_the_working_folder(tmp_path: Path, monkeypatch, capfd) -> None:

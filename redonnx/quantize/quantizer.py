@@ -125,10 +125,15 @@ class Layer:
     weight: str
 
 
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Names of the initializers and Constant nodes' outputs."""
+    return {t.name for t in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}  # fmt: skip
+
+
 def layers(model: onnx.ModelProto) -> list[Layer]:
     """The weighted layers (a constant weight input) of a prepared model, in graph order."""
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = _constants(model)
     out = []
     for n in model.graph.node:
         if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in consts:
@@ -138,8 +143,7 @@ def layers(model: onnx.ModelProto) -> list[Layer]:
 
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMuls of two activations (attention scores and context): kept float, both operands move."""
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = _constants(model)
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input[:2])]
 
 
