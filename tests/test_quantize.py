@@ -146,6 +146,28 @@ def test_pre_processing_leaves_nothing_in_the_working_folder(tmp_path: Path, mon
     assert layers(prepared)  # the fallback (no symbolic shapes) still prepared it
 
 
+def test_pre_processing_without_sympy_keeps_the_weights_inside_the_model(tmp_path: Path, monkeypatch) -> None:
+    """sympy is not a dependency. Without it symbolic shape inference fails, and onnxruntime's
+    second route, handed a model proto, moves every initializer out to a "foo.bin" that never
+    exists: a Reshape's shape then cannot be read, the route fails, and the proto was left so
+    (a clean install's CI failed on ResNet-20). Pre-processing is handed a file instead."""
+    from redonnx.quantize.quantizer import prepare
+
+    for name in ("sympy", "onnxruntime.tools.symbolic_shape_infer"):  # their import raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    w = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
+    shape = np.array([-1, 16], np.int64)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])]
+    model = _vector_model("reshape", nodes, [numpy_helper.from_array(shape, "shape"),
+                                             numpy_helper.from_array(w, "w")], 10)  # fmt: skip
+    before = model.SerializeToString()
+    prepared = prepare(model, tmp_path)
+    assert model.SerializeToString() == before
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in prepared.graph.initializer)
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    np.testing.assert_allclose(run(session(prepared), {"x": x})["y"], x @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_fp32_writes_no_quantization_and_exact_refuses_int8(tmp_path: Path) -> None:
     res = prune(DIGITS, precision="fp32")
     assert res.precision is None and "QuantizeLinear" not in _ops(res.model)

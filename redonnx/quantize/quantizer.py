@@ -106,10 +106,12 @@ def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
 
     named = name_nodes(model)
     path = (work / "prepared.onnx").resolve()
+    source = (work / "named.onnx").resolve()  # a file, not the proto: given a proto without sympy's
+    onnx.save(named, str(source))  # symbolic inference, the library moves its weights out to "foo.bin"
     for skip_symbolic in (False, True):
         try:
             with _quiet(logging.CRITICAL + 1), _inside(work):
-                quant_pre_process(named, str(path), skip_symbolic_shape=skip_symbolic)
+                quant_pre_process(str(source), str(path), skip_symbolic_shape=skip_symbolic)
             return name_nodes(onnx.load(str(path)))
         except Exception:
             continue
