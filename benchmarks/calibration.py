@@ -18,9 +18,9 @@ import numpy as np
 from common import SHARED, table, write_json
 from fidelity import MEAN, STD
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.pipeline import prune
-from redonnx.runtime import run, session
 
 N_CALIB = 256
 

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from redonnx.bench import interleaved_times
+from redonnx.measure.bench import interleaved_times
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"

@@ -4,7 +4,7 @@ Run: python benchmarks/conventions.py [--extra model.onnx ...]
 Prints two Markdown tables and writes benchmarks/results/conventions.json.
 
 For every shared BatchNorm image model (and each ``--extra`` model: an image model with BatchNorm,
-e.g. a Keras export), the realism (:mod:`redonnx.realism`) at the first BatchNorm layers of inputs
+e.g. a Keras export), the realism (:mod:`redonnx.inputs.realism`) at the first BatchNorm layers of inputs
 in each convention (normalized, pixels 0..1, -1..1, raw 0..255), measured on:
 
 - real images: the shared CIFAR-10 test images resized to the model's input (luminance for one
@@ -27,11 +27,11 @@ import numpy as np
 import onnx
 from common import SHARED, table, write_json
 
-import redonnx.input_specs as specs_mod
-from redonnx import input_model as IM
-from redonnx import realism as RL
-from redonnx.io import load_model
-from redonnx.shapes import resolve_input_shapes
+import redonnx.inputs.specs as specs_mod
+from redonnx.inputs import model as IM
+from redonnx.inputs import realism as RL
+from redonnx.inputs.shapes import resolve_input_shapes
+from redonnx.io.files import load_model
 
 MODELS = [  # (name, path under ../shared/models, shape hints, the convention it was trained in)
     ("resnet20_bn", "cifar10/resnet20_bn.onnx", None, "normalized"),

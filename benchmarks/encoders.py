@@ -17,7 +17,7 @@ verified on the held-out sentences (``--inputs``); a looser budget (``--min-cosi
 drawn token ids, then on the held-out sentences; and that with the other 48 sentences as
 ``--calibration``. Cosine: per-sentence cosine of
 the output to the input model's on the held-out sentences (mean and minimum). Latency ratio: output
-/ input, onnxruntime CPU, 1 thread, batch 1, interleaved rounds (redonnx.latency.compare), with its
+/ input, onnxruntime CPU, 1 thread, batch 1, interleaved rounds (redonnx.measure.latency.compare), with its
 90 % interval; below 1 is faster.
 
 INT8 rows (MiniLM; the CPU's int8 features are printed with the table): ours verified on the
@@ -41,12 +41,12 @@ import numpy as np
 import onnx
 from common import ROOT, table, write_json
 
-from redonnx.cost import model_cost
-from redonnx.latency import compare
+from redonnx.measure.cost import model_cost
+from redonnx.measure.latency import compare
+from redonnx.measure.runtime import run, session
 from redonnx.passes import prune_heads as H
 from redonnx.pipeline import prune, run_passes
 from redonnx.quantize.cpu import detect
-from redonnx.runtime import run, session
 
 CACHE = Path(os.environ.get("REDONNX_CACHE") or Path.home() / ".cache" / "redonnx")
 NAMES = ("input_ids", "attention_mask", "token_type_ids")

@@ -27,9 +27,9 @@ from common import ROOT, SHARED, available, table, write_json
 sys.path.insert(0, str(ROOT / "tests"))
 from builders import tf2onnx_style
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.pipeline import prune
-from redonnx.runtime import run, session
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)

@@ -13,9 +13,9 @@ import time
 
 from common import available, interleaved_medians, table, write_json
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import random_inputs, session
 from redonnx.pipeline import run_passes
-from redonnx.runtime import random_inputs, session
 
 
 def simplify(model, shapes):

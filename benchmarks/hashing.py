@@ -22,13 +22,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from common import SHARED, available, table, write_json
 
-from redonnx.graph import to_graph, to_model
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.io.graph import to_graph, to_model
+from redonnx.io.weights import deflated_size
+from redonnx.measure.runtime import run, session
+from redonnx.measure.verify import verify
 from redonnx.passes.hash_weights import HashWeights
 from redonnx.pipeline import run_passes
-from redonnx.runtime import run, session
-from redonnx.verify import verify
-from redonnx.weights import deflated_size
 
 RESNET50 = (
     [(64, 3, 7, 7)]

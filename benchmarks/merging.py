@@ -20,11 +20,11 @@ import time
 import numpy as np
 from common import SHARED, table, write_json
 
-from redonnx.cost import model_cost
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.cost import model_cost
+from redonnx.measure.runtime import random_inputs, run, session
 from redonnx.passes import MergeChannels, PassContext
 from redonnx.pipeline import run_passes
-from redonnx.runtime import random_inputs, run, session
 
 N_CALIB = 64
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from common import table, write_json
 
 WHEELS = ["ddddocr==1.6.1", "silero-vad==6.2.3", "rapidocr-onnxruntime==1.4.4"]
+
+
 def cache_dir() -> Path:
     d = Path(os.environ.get("REDONNX_CACHE", Path.home() / ".cache" / "redonnx")) / "wheels"
     d.mkdir(parents=True, exist_ok=True)
@@ -145,8 +147,17 @@ def torch_exports() -> list[Path]:
 
 def prune_once(model: Path, exact: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "redonnx.cli", "prune", str(model), "-o", f"{tmp}/o.onnx", "--report",
-               f"{tmp}/r.json"]  # fmt: skip  (no other flag: as a new user would)
+        cmd = [
+            sys.executable,
+            "-m",
+            "redonnx.cli",
+            "prune",
+            str(model),
+            "-o",
+            f"{tmp}/o.onnx",
+            "--report",
+            f"{tmp}/r.json",
+        ]  # fmt: skip  (no other flag: as a new user would)
         if exact:
             cmd.append("--exact")
         try:

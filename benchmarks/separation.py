@@ -18,11 +18,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from common import SHARED, interleaved_medians, table, write_json
 
-from redonnx.cost import model_cost
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.cost import model_cost
+from redonnx.measure.runtime import random_inputs, run, session
 from redonnx.passes import SeparateDepthwise
 from redonnx.pipeline import run_passes
-from redonnx.runtime import random_inputs, run, session
 
 
 def low_rank(w: np.ndarray, ranks: list[int]) -> np.ndarray:

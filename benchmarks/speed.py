@@ -7,7 +7,7 @@ Prints a Markdown table and writes benchmarks/results/speed.json. Needs onnxsim 
 (pip install onnxsim onnxslim); a tool that is missing or fails on a model is recorded as such.
 
 For every shared model (and the tf2onnx-style ResNet-20 of benchmarks/fidelity.py) each variant
-is timed against the input model, interleaved (redonnx.latency.compare: onnxruntime CPU, one
+is timed against the input model, interleaved (redonnx.measure.latency.compare: onnxruntime CPU, one
 thread, batch 1, graph optimizations on, every round in another order): the latency ratio
 (variant / input; below 1 is faster) is the median of per-round ratios, with its 90 % interval.
 Fidelity: top-1 on the shared CIFAR-10 images for the CIFAR models, else the output cosine to the
@@ -32,16 +32,25 @@ import onnx
 from common import table, write_json
 from fidelity import as_float32, cosine, models, outputs, real_data
 
-from redonnx.cost import model_cost
-from redonnx.input_model import infer
-from redonnx.latency import compare
+from redonnx.inputs.model import infer
+from redonnx.inputs.sizes import settle
+from redonnx.measure.cost import model_cost
+from redonnx.measure.latency import compare
+from redonnx.measure.runtime import session
 from redonnx.pipeline import prune
-from redonnx.runtime import session
-from redonnx.sizes import settle
 
-VARIANTS = ["redonnx default", "redonnx --precision fp32", "redonnx --precision int8", "redonnx --exact",
-            "redonnx --target trt", "onnxsim", "onnxslim", "ort static (real calib)", "ort static (noise calib)",
-            "ort dynamic"]
+VARIANTS = [
+    "redonnx default",
+    "redonnx --precision fp32",
+    "redonnx --precision int8",
+    "redonnx --exact",
+    "redonnx --target trt",
+    "onnxsim",
+    "onnxslim",
+    "ort static (real calib)",
+    "ort static (noise calib)",
+    "ort dynamic",
+]
 CALIB = 100  # real calibration inputs of onnxruntime's quantize_static
 
 
@@ -113,9 +122,9 @@ def cost_model_check(model: onnx.ModelProto, shapes: dict) -> tuple[float, int, 
     """The cost model's sum over the model's layers (ms), and how many layers it could time."""
     import onnx_graphsurgeon as gs
 
-    from redonnx.graph import to_graph
-    from redonnx.latency import CostModel, layer_shape
-    from redonnx.shapes import annotate_graph
+    from redonnx.inputs.shapes import annotate_graph
+    from redonnx.io.graph import to_graph
+    from redonnx.measure.latency import CostModel, layer_shape
 
     g = to_graph(model)
     for t in g.inputs:

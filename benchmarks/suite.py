@@ -23,13 +23,13 @@ from pathlib import Path
 from common import RESULTS, ROOT, SHARED, run_measured, table, write_json
 from merging import Scorer, onnxsim_at
 
-from redonnx.bench import interleaved_times
-from redonnx.cost import model_cost
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.io.weights import deflated_size
+from redonnx.measure.bench import interleaved_times
+from redonnx.measure.cost import model_cost
+from redonnx.measure.runtime import random_inputs, session
 from redonnx.passes import HashWeights, MergeChannels, PassContext
 from redonnx.pipeline import prune, run_passes
-from redonnx.runtime import random_inputs, session
-from redonnx.weights import deflated_size
 
 MODELS = [
     ("digits_resnet (bundled)", ROOT / "models/digits_resnet.onnx", None, {}),

@@ -10,7 +10,7 @@ the latency cache (``$REDONNX_CACHE``, default a folder under /tmp shared by the
 ``--repeats`` times in fresh processes; the median of each phase is reported.
 
 Phases are measured from outside the package by wrapping its functions (self time: a phase nested
-in another is subtracted from it): imports (redonnx.cli, redonnx.io, redonnx.pipeline), load, sizes,
+in another is subtracted from it): imports (redonnx.cli, redonnx.io.files, redonnx.pipeline), load, sizes,
 evidence (input model, realism, corrections), reference (the original's verification outputs),
 planner (its trials included), speed gate, passes (pipelines the planner does not size), cost
 (MAC counts), verification (the final check), report, save; setup is the rest of ``prune`` (resolving
@@ -115,7 +115,7 @@ def child(argv: list[str], profile: str | None) -> None:
     """Run ``redonnx prune argv`` in this process with its phases timed; print them as JSON."""
     t_start = time.perf_counter()
     import redonnx.cli
-    import redonnx.io
+    import redonnx.io.files
     import redonnx.pipeline
 
     times: dict[str, float] = {"imports": time.perf_counter() - t_start}
@@ -145,11 +145,12 @@ def child(argv: list[str], profile: str | None) -> None:
 
     from redonnx.planner import Planner
 
-    # by import_module: ``redonnx.verify`` the attribute is the function the package exports
-    pl, res, sz, vf = (import_module(f"redonnx.{m}") for m in ("pipeline", "result", "sizes", "verify"))
+    pl, res, sz, vf = (
+        import_module(f"redonnx.{m}") for m in ("pipeline", "report.result", "inputs.sizes", "measure.verify")
+    )
 
-    wrap(redonnx.io, "load_model", "load")
-    wrap(redonnx.io, "save_model", "save")
+    wrap(redonnx.io.files, "load_model", "load")
+    wrap(redonnx.io.files, "save_model", "save")
     wrap(pl, "prune", "setup")
     wrap(sz, "settle", "sizes")
     for name in ("_evidence", "_settle_inputs", "settle_inputs"):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, SHARED, table, write_json
 
-from redonnx.io import load_model
-from redonnx.latency import compare
+from redonnx.io.files import load_model
+from redonnx.measure.latency import compare
 from redonnx.pipeline import TARGETS, prune, run_passes
 
 sys.path.insert(0, str(ROOT / "tests"))

@@ -10,8 +10,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import os
-import sys
-import types
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -23,18 +21,18 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 from redonnx.errors import RedonnxError, VerificationError  # noqa: E402
 
 if TYPE_CHECKING:
-    from redonnx.io import LoadedModel, load_model, save_model
+    from redonnx.io.files import LoadedModel, load_model, save_model
+    from redonnx.measure.verify import VerificationResult, verify
     from redonnx.pipeline import PruneResult, prune
-    from redonnx.verify import VerificationResult, verify
 
 _LAZY = {
-    "LoadedModel": "redonnx.io",
-    "load_model": "redonnx.io",
-    "save_model": "redonnx.io",
+    "LoadedModel": "redonnx.io.files",
+    "load_model": "redonnx.io.files",
+    "save_model": "redonnx.io.files",
     "PruneResult": "redonnx.pipeline",
     "prune": "redonnx.pipeline",
-    "VerificationResult": "redonnx.verify",
-    "verify": "redonnx.verify",
+    "VerificationResult": "redonnx.measure.verify",
+    "verify": "redonnx.measure.verify",
 }
 
 
@@ -45,18 +43,6 @@ def __getattr__(name: str) -> Any:
         return value
     raise AttributeError(f"module 'redonnx' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """``redonnx.verify`` is the function, as it was when imported eagerly: importing the module
-    ``redonnx.verify`` would otherwise set the package's attribute to the module."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "LoadedModel",

@@ -31,7 +31,7 @@ class _Formatter(argparse.HelpFormatter):
 
             text = text.replace(PASS_NAMES, ", ".join(PASSES))
         if text and SAMPLES in text:
-            from redonnx.verify import DEFAULT_SAMPLES
+            from redonnx.measure.verify import DEFAULT_SAMPLES
 
             text = text.replace(SAMPLES, str(DEFAULT_SAMPLES))
         return text
@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def check_writable(path: Path) -> Path:
-    from redonnx.io import check_writable as check
+    from redonnx.io.files import check_writable as check
 
     return check(path)
 
@@ -213,19 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
     finally:
-        if "redonnx.weights" in sys.modules:  # lean exports' data files live only as long as the command
-            sys.modules["redonnx.weights"].SCRATCH.close()
+        if "redonnx.io.weights" in sys.modules:  # lean exports' data files live only as long as the command
+            sys.modules["redonnx.io.weights"].SCRATCH.close()
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
-    from redonnx.shapes import parse_shape_args
+    from redonnx.inputs.shapes import parse_shape_args
 
     return parse_shape_args(args.shape)
 
 
 def _verify_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.samples is None:
-        from redonnx.verify import DEFAULT_SAMPLES
+        from redonnx.measure.verify import DEFAULT_SAMPLES
 
         args.samples = DEFAULT_SAMPLES
     if args.samples < 1:
@@ -254,7 +254,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
-        from redonnx.io import publish
+        from redonnx.io.files import publish
 
         publish(Path(tmp), out)
     except OSError as exc:
@@ -272,7 +272,7 @@ def _json_default(o: Any) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from redonnx.io import load_model, save_model
+    from redonnx.io.files import load_model, save_model
     from redonnx.pipeline import prune
 
     names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
@@ -283,12 +283,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_writable(out)
     if args.report:
         check_writable(Path(args.report))
-    from redonnx.weights import SCRATCH
+    from redonnx.io.weights import SCRATCH
 
     SCRATCH.use(out.parent)  # large models: scratch data files on the output's disk, not in /tmp
     calibration = None
     if args.calibration:
-        from redonnx.runtime import load_npz_inputs
+        from redonnx.measure.runtime import load_npz_inputs
 
         calibration = load_npz_inputs(args.calibration, src.model)
     kw = _verify_kwargs(args)
@@ -311,7 +311,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    target=args.target, precision=args.precision, **kw)  # fmt: skip
     report = result.report()
     if args.bench:
-        from redonnx.report import latency
+        from redonnx.report.tables import latency
 
         feeds = result.evidence.inputs.draw(src.model, result.before.input_shapes, batch=1, seed=0)
         report["latency"] = latency(src.model, result.model, feeds)
@@ -326,7 +326,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         write_json_atomic(args.report, report)
     if args.html:
-        from redonnx.report import write_html
+        from redonnx.report.tables import write_html
 
         write_html(report, args.html, sorted(Path(density_dir).glob("*.png")) if density_dir else None)
     if args.json:
@@ -345,7 +345,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from redonnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
+    from redonnx.measure.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
 
     kw = _verify_kwargs(args)
     kw["atol"] = DEFAULT_ATOL if kw["atol"] is None else kw["atol"]
@@ -359,8 +359,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from redonnx.cost import format_cost, model_cost
-    from redonnx.io import load_model
+    from redonnx.io.files import load_model
+    from redonnx.measure.cost import format_cost, model_cost
 
     src = load_model(args.input)
     cost = model_cost(src.model, _shapes(args))
@@ -373,7 +373,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from redonnx.bench import bench_models, format_bench
+    from redonnx.measure.bench import bench_models, format_bench
 
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
         raise RedonnxError("--runs and --batch must be positive, --warmup not negative")

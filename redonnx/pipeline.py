@@ -1,6 +1,6 @@
 """The prune pipeline: load -> graph -> passes (sized by the planner) -> verify, and the result.
 
-``prune`` settles the inputs once (sizes, input model: :class:`redonnx.sizes.Settled`), resolves the
+``prune`` settles the inputs once (sizes, input model: :class:`redonnx.inputs.sizes.Settled`), resolves the
 passes (names or configured instances), sets up the context they share (the settled inputs, cost
 model, BatchNorm corrections where channel statistics are taken, calibration inputs),
 sizes a default pipeline with :class:`redonnx.planner.Planner` or runs the passes as given, and
@@ -16,22 +16,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from redonnx import input_model
 from redonnx import passes as passes_mod
-from redonnx import realism as realism_mod
-from redonnx import reconstruct as R
-from redonnx import sizes as sizes_mod
-from redonnx.cost import ModelCost, cost_and_shapes, model_cost
 from redonnx.errors import RedonnxError
-from redonnx.io import LoadedModel, load_model
-from redonnx.latency import CostModel
-from redonnx.passes.base import Pass, PassContext, PassResult
-from redonnx.passes.merge_channels import MergeChannels
-from redonnx.planner import Planner, searched
-from redonnx.planner import precision as precision_mod
-from redonnx.redundancy.blocks import channel_multiple
-from redonnx.result import Evidence, PruneResult
-from redonnx.verify import (
+from redonnx.inputs import model as input_model
+from redonnx.inputs import realism as realism_mod
+from redonnx.inputs import sizes as sizes_mod
+from redonnx.io.files import LoadedModel, load_model
+from redonnx.measure.cost import ModelCost, cost_and_shapes, model_cost
+from redonnx.measure.latency import CostModel
+from redonnx.measure.verify import (
     BUDGET_MIN_COSINE,
     CAUTIOUS_MIN_COSINE,
     DEFAULT_ATOL,
@@ -45,6 +38,13 @@ from redonnx.verify import (
     Reference,
     Tolerance,
 )
+from redonnx.passes.base import Pass, PassContext, PassResult
+from redonnx.passes.merge_channels import MergeChannels
+from redonnx.planner import Planner, searched
+from redonnx.planner import precision as precision_mod
+from redonnx.redundancy import statistics as R
+from redonnx.redundancy.blocks import channel_multiple
+from redonnx.report.result import Evidence, PruneResult
 
 __all__ = ["TARGETS", "Evidence", "PruneResult", "prune", "run_passes"]
 
@@ -93,7 +93,7 @@ def _tolerance(
     default_budget: bool,
     cautious: bool = False,
 ) -> Tolerance:
-    """Unset tolerances follow the passes (see :mod:`redonnx.verify`); the default budget is
+    """Unset tolerances follow the passes (see :mod:`redonnx.measure.verify`); the default budget is
     tightened when the synthetic inputs cannot be shown to look like the data (``cautious``)."""
     if not lossy:
         return Tolerance(DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol,
@@ -137,7 +137,7 @@ def prune(
     unless a budget is given), or as ``target_macs`` asks; exact pipelines are held to atol 1e-6 /
     rtol 1e-4. ``target`` (see :data:`TARGETS`) decides the channel counts allowed and the
     objective; with ``ort-cpu`` a lossy result is written only if it runs measurably faster
-    (:mod:`redonnx.speed`). ``calibration``: real inputs for the statistics (and, with ``refit``, a
+    (:mod:`redonnx.planner.speed`). ``calibration``: real inputs for the statistics (and, with ``refit``, a
     least-squares refit of the pruned layers). ``precision`` (see :mod:`redonnx.planner.precision`):
     ``auto`` (default under ort-cpu) adds INT8 where it fits the budget and is measurably faster,
     ``int8`` wherever the budget allows, ``fp32`` keeps float.
@@ -195,7 +195,7 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
                feeds: dict[str, np.ndarray] | None, settled: sizes_mod.Settled):  # fmt: skip
     """The INT8 stage on the float result, held to the same budget against the original; the
     written model's check (the float result's, or the one the stage made of the INT8 model it kept)."""
-    from redonnx.input_specs import batch_is_leading
+    from redonnx.inputs.specs import batch_is_leading
     from redonnx.planner.precision import PrecisionStage
     from redonnx.quantize import StageInputs
     from redonnx.quantize.quantizer import LAYER_OPS

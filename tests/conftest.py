@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from redonnx.verify import verify
+from redonnx.measure.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

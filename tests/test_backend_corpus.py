@@ -17,9 +17,9 @@ import pytest
 from onnx import numpy_helper, version_converter
 
 from redonnx.errors import RedonnxError
-from redonnx.io import MIN_OPSET, default_opset
+from redonnx.io.files import MIN_OPSET, default_opset
+from redonnx.measure.runtime import run, session
 from redonnx.pipeline import prune
-from redonnx.runtime import run, session
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 CASES = sorted(

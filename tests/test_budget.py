@@ -7,12 +7,12 @@ import pytest
 from conftest import MODELS, cifar_batch, shared_model
 from onnx import numpy_helper
 
-from redonnx.io import load_model
-from redonnx.latency import CostModel
+from redonnx.io.files import load_model
+from redonnx.measure.latency import CostModel
+from redonnx.measure.runtime import run, session
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
 from redonnx.planner.search import ERROR_LADDER, _bisect
-from redonnx.runtime import run, session
 
 RESNET = MODELS / "digits_resnet.onnx"
 

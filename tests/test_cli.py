@@ -11,8 +11,8 @@ import pytest
 from conftest import MODELS
 
 from redonnx.cli import main
-from redonnx.io import load_model
-from redonnx.runtime import run, session
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 
 RESNET = MODELS / "digits_resnet.onnx"
 

@@ -9,7 +9,8 @@ import onnx
 import pytest
 from conftest import MODELS
 
-from redonnx import cost, realism
+from redonnx.inputs import realism
+from redonnx.measure import cost
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune
 

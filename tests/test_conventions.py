@@ -14,12 +14,12 @@ import pytest
 from conftest import shared_model
 from onnx import helper, numpy_helper
 
-from redonnx import input_model as IM
-from redonnx.input_specs import NATURAL_SPECTRUM, natural_noise, smooth_noise
-from redonnx.io import load_model
+from redonnx.inputs import model as IM
+from redonnx.inputs.specs import NATURAL_SPECTRUM, natural_noise, smooth_noise
+from redonnx.io.files import load_model
+from redonnx.measure.verify import Reference, Tolerance
 from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.pipeline import prune
-from redonnx.verify import Reference, Tolerance
 
 
 def amplitude_law(x: np.ndarray) -> tuple[float, float]:

@@ -12,9 +12,9 @@ from conftest import MODELS, shared_model
 from onnx import numpy_helper
 
 from redonnx.cli import main
-from redonnx.cost import model_cost
-from redonnx.io import load_model
-from redonnx.runtime import random_inputs, run, session
+from redonnx.io.files import load_model
+from redonnx.measure.cost import model_cost
+from redonnx.measure.runtime import random_inputs, run, session
 
 
 def test_hand_counted_small_graph() -> None:

@@ -21,10 +21,10 @@ import pytest
 from conftest import MODELS, assert_equivalent, shared_model
 
 from redonnx import pipeline
-from redonnx.graph import to_graph
-from redonnx.runtime import REPRODUCIBLE_THREADS, try_session
+from redonnx.io.graph import to_graph
+from redonnx.measure.runtime import REPRODUCIBLE_THREADS, try_session
 
-reconstruct = sys.modules["redonnx.reconstruct"]
+reconstruct = sys.modules["redonnx.redundancy.statistics"]
 
 # both wrote different files under PYTHONHASHSEED=1 and =2 before the fix; ~2 s each
 CASES = ["cifar10/resnet20_bn.onnx", "cifar10/resnet20_dynamo/model.onnx"]

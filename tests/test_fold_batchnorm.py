@@ -8,9 +8,9 @@ import pytest
 from builders import Builder
 from conftest import MODELS, assert_equivalent, shared_model
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import session
 from redonnx.pipeline import run_passes
-from redonnx.runtime import session
 
 
 def fold(model: onnx.ModelProto):

@@ -7,10 +7,10 @@ import onnx
 from builders import Builder
 from conftest import MODELS, assert_equivalent, shared_model
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import random_inputs, run, session
 from redonnx.passes import FoldConstants
 from redonnx.pipeline import run_passes
-from redonnx.runtime import random_inputs, run, session
 
 
 def reshape_by_shape_arithmetic(dims: list) -> onnx.ModelProto:

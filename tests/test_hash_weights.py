@@ -11,13 +11,13 @@ import pytest
 from builders import Builder
 from conftest import MODELS, cifar_batch, shared_model
 
-from redonnx import hashing as H
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.passes.hash_weights import HashWeights, hash_tensor, layer_taus
 from redonnx.pipeline import prune, run_passes
-from redonnx.runtime import run, session
+from redonnx.redundancy import hashing as H
 
 CENTRES = np.array([-0.3, -0.1, 0.05, 0.25])
 

@@ -11,7 +11,7 @@ from conftest import assert_equivalent
 from onnx import helper
 from test_io import assert_clean_failure, cli
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
 
 
 def save(m: onnx.ModelProto, path: Path) -> Path:

@@ -12,14 +12,14 @@ from builders import Builder, tf2onnx_style
 from conftest import ROOT, shared_model
 from onnx import TensorProto, helper
 
-from redonnx import reconstruct as R
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
-from redonnx.input_model import RAW_PIXELS, from_given, infer
-from redonnx.io import load_model
+from redonnx.inputs.model import RAW_PIXELS, from_given, infer
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
+from redonnx.measure.verify import verify
 from redonnx.pipeline import prune
-from redonnx.runtime import run, session
-from redonnx.verify import verify
+from redonnx.redundancy import statistics as R
 
 FIXTURES = ROOT / "tests" / "fixtures"
 BERT = FIXTURES / "bert_tiny.onnx"

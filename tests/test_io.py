@@ -14,10 +14,10 @@ from builders import Builder
 from conftest import MODELS, assert_equivalent, shared_model
 from onnx import helper
 
-from redonnx import io as rio
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
-from redonnx.io import load_model, save_model
+from redonnx.io import files as rio
+from redonnx.io.files import load_model, save_model
 
 GOOD = MODELS / "digits_mlp.onnx"
 

@@ -9,10 +9,11 @@ from builders import Builder
 from conftest import MODELS
 from onnx import helper, numpy_helper
 
-from redonnx import latency, speed
-from redonnx.latency import Cache, CostModel, LayerShape, compare
+from redonnx.measure import latency
+from redonnx.measure.latency import Cache, CostModel, LayerShape, compare
 from redonnx.passes import MergeChannels, PassContext
 from redonnx.pipeline import prune, run_passes
+from redonnx.planner import speed
 
 
 def fake_timer(block: int):
@@ -47,8 +48,9 @@ def test_block_is_measured_and_the_planner_keeps_to_it(block: int, width: int) -
     assert cm.block() == block
     model = conv_net(width)
     for budget in (0.01, 0.1, 1.0, 10.0):
-        out, _ = run_passes(model, [MergeChannels(error_budget=budget)], False,
-                            PassContext(target="ort-cpu", cost_model=cm))
+        out, _ = run_passes(
+            model, [MergeChannels(error_budget=budget)], False, PassContext(target="ort-cpu", cost_model=cm)
+        )
         for cout, _ in conv_counts(out)[:2]:
             assert cout % block == 0 or cout == width, (budget, conv_counts(out))
     assert any(c[0] < width for c in conv_counts(out)[:2])  # the largest budget did remove channels
@@ -176,7 +178,7 @@ def test_gate_keeps_a_faster_result(monkeypatch, tmp_path) -> None:
 def test_layer_shape_of_graph_nodes() -> None:
     import onnx_graphsurgeon as gs
 
-    from redonnx.shapes import annotate_graph
+    from redonnx.inputs.shapes import annotate_graph
 
     g = gs.import_onnx(conv_net())
     g.inputs[0].shape = [1, 3, 16, 16]
@@ -191,7 +193,7 @@ def test_dynamic_layers_are_timed_at_the_chosen_sizes() -> None:
     the chosen sizes (the transformer MLPs of issue 14 were costed at 0 ms before)."""
     import onnx_graphsurgeon as gs
 
-    from redonnx.cost import folded_graph
+    from redonnx.measure.cost import folded_graph
 
     x = gs.Variable("x", np.float32, ["batch", "seq", 16])
     w = gs.Constant("w", np.ones((16, 64), np.float32))

@@ -9,8 +9,8 @@ from builders import Builder
 from conftest import MODELS, assert_equivalent, shared_model
 from widen import widen
 
-from redonnx.cost import model_cost
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.cost import model_cost
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import TARGETS, prune, run_passes
 

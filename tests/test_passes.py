@@ -12,8 +12,8 @@ from conftest import MODELS
 from redonnx import passes
 from redonnx.cli import _configured, build_parser
 from redonnx.errors import RedonnxError
-from redonnx.graph import to_graph
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.io.graph import to_graph
 from redonnx.passes import HashWeights, MergeChannels, PassContext, PruneHeads, SeparateDepthwise
 from redonnx.pipeline import prune, run_passes
 from redonnx.planner import searched

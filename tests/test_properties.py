@@ -10,7 +10,7 @@ from builders import Builder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from redonnx.cost import model_cost
+from redonnx.measure.cost import model_cost
 from redonnx.pipeline import prune
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

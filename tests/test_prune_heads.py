@@ -7,12 +7,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from conftest import ROOT
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.passes import PassContext
 from redonnx.passes import prune_heads as H
 from redonnx.pipeline import prune, run_passes
 from redonnx.planner.stages import score_heads
-from redonnx.runtime import run, session
 
 FIXTURES = ROOT / "tests" / "fixtures"
 

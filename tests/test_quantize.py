@@ -16,10 +16,10 @@ from conftest import MODELS, cifar_batch, shared_model
 from onnx import TensorProto, helper, numpy_helper
 
 from redonnx.cli import main
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.pipeline import prune
 from redonnx.quantize.cpu import detect
-from redonnx.runtime import run, session
 
 DIGITS = MODELS / "digits_resnet.onnx"
 
@@ -66,10 +66,14 @@ def _outlier_mlp() -> onnx.ModelProto:
     w2[0] = 1e-4
     w3 = rng.standard_normal((32, 10)).astype(np.float32) / 6
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
-             helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("Relu", ["a1"], ["h1"]),
-             helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"), helper.make_node("Relu", ["m2"], ["h2"]),
-             helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"),
+        helper.make_node("Relu", ["m2"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3"),
+    ]
     return _vector_model("outlier", nodes, inits, 10)
 
 
@@ -168,6 +172,28 @@ def test_pre_processing_without_sympy_keeps_the_weights_inside_the_model(tmp_pat
     np.testing.assert_allclose(run(session(prepared), {"x": x})["y"], x @ w, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_with_external_data_is_prepared_with_its_weights(tmp_path: Path, monkeypatch) -> None:
+    """A model loaded with external data stays lean (its tensors point into files beside it); the
+    quantizers get its weights in the proto (a clean install failed on resnet20_dynamo)."""
+    from redonnx.quantize.quantizer import prepare
+
+    for name in ("sympy", "onnxruntime.tools.symbolic_shape_infer"):
+        monkeypatch.setitem(sys.modules, name, None)
+    path = tmp_path / "src" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save_model(load_model(DIGITS).model, str(path), save_as_external_data=True, location="m.data",
+                    size_threshold=256)  # fmt: skip
+    lean = load_model(path)
+    assert lean.external_data
+    work = tmp_path / "work"
+    work.mkdir()
+    prepared = prepare(lean.model, work)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in prepared.graph.initializer)
+    x, _ = _digits()
+    ref = run(session(load_model(DIGITS).model), {"input": x[:4]})["logits"]
+    np.testing.assert_allclose(run(session(prepared), {"input": x[:4]})["logits"], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_fp32_writes_no_quantization_and_exact_refuses_int8(tmp_path: Path) -> None:
     res = prune(DIGITS, precision="fp32")
     assert res.precision is None and "QuantizeLinear" not in _ops(res.model)
@@ -222,8 +248,9 @@ def test_calibration_with_real_images_holds_resnet20_top1(tmp_path: Path) -> Non
     calib = tmp_path / "c.npz"
     np.savez(calib, input=x[:256])
     src = shared_model("cifar10/resnet20_bn.onnx")
-    res = prune(src, passes=["fold-batchnorm", "cleanup"], precision="int8", target="macs",
-                calibration=dict(np.load(calib)))
+    res = prune(
+        src, passes=["fold-batchnorm", "cleanup"], precision="int8", target="macs", calibration=dict(np.load(calib))
+    )
     assert res.verification.passed and res.precision.kept != "float"
     assert res.precision.chosen.calibration.startswith("the given calibration inputs (256")
     ref = run(session(onnx.load(str(src))), {"input": x[256:]})["logits"].argmax(1)

@@ -7,11 +7,11 @@ import onnx
 from builders import Builder
 from conftest import MODELS, cifar_batch, shared_model
 
-import redonnx.input_model as input_model
-from redonnx import realism as RL
-from redonnx.io import load_model
+import redonnx.inputs.model as input_model
+from redonnx.inputs import realism as RL
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.pipeline import prune, run_passes
-from redonnx.runtime import run, session
 
 
 def resnet20() -> onnx.ModelProto:
@@ -80,7 +80,7 @@ def test_corrections_follow_folding_and_cut_channels() -> None:
 
 def test_statistics_use_the_corrections(monkeypatch) -> None:
     """Default prune of a BN model: channel statistics are measured on the corrected network."""
-    import redonnx.reconstruct as R
+    import redonnx.redundancy.statistics as R
 
     seen = []
     real = R.channel_stats

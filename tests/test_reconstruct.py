@@ -6,9 +6,9 @@ import numpy as np
 from builders import Builder
 from conftest import assert_equivalent
 
-from redonnx import reconstruct as R
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import run_passes
+from redonnx.redundancy import statistics as R
 
 
 def test_precision_downdate_matches_inverse_of_the_rest() -> None:
@@ -48,7 +48,7 @@ def test_predictable_channel_removed_with_compensation() -> None:
 def test_statistics_never_use_the_verification_inputs(monkeypatch) -> None:
     """The budget is checked on inputs the reconstruction was not fitted to: for vector inputs
     the synthetic statistics once were the verification samples themselves (same seed)."""
-    from redonnx.verify import feeds_for
+    from redonnx.measure.verify import feeds_for
 
     b = Builder(5)
     h = b.op("Relu", [b.op("MatMul", ["x", b.rand(32, 24)])])

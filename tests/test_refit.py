@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from conftest import MODELS
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
-from redonnx.refit import refit
-from redonnx.runtime import run, session
+from redonnx.redundancy.refit import refit
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +53,7 @@ def test_a_wide_layer_with_few_rows_is_not_refitted() -> None:
     held-out check declines it; with many rows the same layer is refitted."""
     import onnx_graphsurgeon as gs
 
-    from redonnx.refit import _generalizes
+    from redonnx.redundancy.refit import _generalizes
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 8))

@@ -12,7 +12,7 @@ from conftest import MODELS, assert_equivalent
 from onnx import TensorProto, helper, numpy_helper
 
 from redonnx.pipeline import prune
-from redonnx.report import layer_table, write_html
+from redonnx.report.tables import layer_table, write_html
 
 
 def unnamed_chain(duplicate: bool = False) -> onnx.ModelProto:

@@ -7,9 +7,9 @@ from builders import Builder
 from conftest import cifar_batch, shared_model
 from onnx import TensorProto, helper
 
-from redonnx.io import load_model
-from redonnx.runtime import run, session
-from redonnx.segments import Stepper
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
+from redonnx.measure.segments import Stepper
 
 
 def test_piecewise_run_equals_one_session() -> None:
@@ -62,5 +62,5 @@ def test_resumed_runs_equal_whole_runs() -> None:
         resumed = stepper.run({"input": x}, spy, keep=states, resume=stop)
         assert np.array_equal(whole["logits"], resumed["logits"])
         assert not np.array_equal(whole["logits"], ref["logits"])
-        assert seen == stops[stops.index(stop):]
+        assert seen == stops[stops.index(stop) :]
     assert len(states) == len(stepper._pieces)  # resumed runs leave the reference states alone

@@ -9,8 +9,8 @@ import pytest
 from builders import Builder
 from conftest import assert_equivalent, shared_model
 
-from redonnx.cost import model_cost
-from redonnx.io import load_model
+from redonnx.io.files import load_model
+from redonnx.measure.cost import model_cost
 from redonnx.passes import PassContext, SeparateDepthwise
 from redonnx.passes.separate_depthwise import costs, factorize
 from redonnx.pipeline import prune, run_passes
@@ -132,7 +132,7 @@ def rank_one_conv(c: int = 16):
 
 def test_separation_gated_on_a_measurement() -> None:
     """With a cost model (--target ort-cpu) a separated form that times slower is declined, saying so."""
-    from redonnx.latency import Cache, CostModel
+    from redonnx.measure.latency import Cache, CostModel
 
     slow_forms = CostModel(Cache("off"), timer=lambda shape: 1.0, model_timer=lambda model, feeds: 2.0)
     fast_forms = CostModel(Cache("off"), timer=lambda shape: 1.0, model_timer=lambda model, feeds: 0.5)

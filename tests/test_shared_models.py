@@ -10,9 +10,9 @@ import pytest
 from conftest import cifar_batch, shared_model
 
 from redonnx.cli import main
-from redonnx.io import load_model
-from redonnx.runtime import run, session
-from redonnx.verify import verify
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import run, session
+from redonnx.measure.verify import verify
 
 CASES = [
     ("cifar10/resnet20_bn.onnx", []),

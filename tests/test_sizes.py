@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 from redonnx import pipeline
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
+from redonnx.inputs.sizes import total_stride
 from redonnx.pipeline import prune
-from redonnx.sizes import total_stride
 
 
 def pyramid(stride: int = 64) -> onnx.ModelProto:
@@ -110,7 +110,7 @@ def test_the_planner_checks_every_trial_at_both_sizes(monkeypatch) -> None:
     """The planner's reference holds the second size too: a candidate that is right at the first
     size only is over the budget in the search, not refused after it (the search then writes less)."""
     from redonnx import planner
-    from redonnx.verify import AtTwoSizes, Tolerance
+    from redonnx.measure.verify import AtTwoSizes, Tolerance
 
     original, baked = scaled_by_width(False), scaled_by_width(True)
     seen = []
@@ -174,17 +174,22 @@ def test_settled_inputs_draw_what_each_caller_drew() -> None:
     (batch-leading images, a fixed-batch model, token ids at chosen sequence sizes, given arrays)."""
     from conftest import MODELS
 
-    from redonnx import input_model
-    from redonnx.reconstruct import draw_stats_inputs, stats_feeds
-    from redonnx.sizes import settle_inputs
+    from redonnx.inputs import model as input_model
+    from redonnx.inputs.sizes import settle_inputs
+    from redonnx.redundancy.statistics import draw_stats_inputs, stats_feeds
 
     fixtures = Path(__file__).parent / "fixtures"
     bert = onnx.load(fixtures / "bert_tiny.onnx")
     given = str(fixtures / "bert_tiny_inputs.npz")
     fixed = scaled_by_width(True)
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # a batch the model fixes
-    for model, inputs, hints in [(onnx.load(MODELS / "digits_resnet.onnx"), None, None), (bert, None, None),
-                                 (bert, given, None), (fixed, None, {"x": [2, 3, 8, 8]}), (pyramid(8), None, None)]:
+    for model, inputs, hints in [
+        (onnx.load(MODELS / "digits_resnet.onnx"), None, None),
+        (bert, None, None),
+        (bert, given, None),
+        (fixed, None, {"x": [2, 3, 8, 8]}),
+        (pyramid(8), None, None),
+    ]:
         settled = settle_inputs(model, inputs, hints)
         assert settled.shapes is not None and settled.hints is not None
         for batch, seed, white in [(1, 0, False), (5, 3, True), (64, 100_003, False)]:
@@ -200,7 +205,7 @@ def test_settled_inputs_draw_what_each_caller_drew() -> None:
 
 def test_unsettled_sizes_fail_when_drawn_only() -> None:
     """--exact --no-verify settles what it can: sizes no ladder finds are an error only when drawn."""
-    from redonnx.sizes import settle_inputs
+    from redonnx.inputs.sizes import settle_inputs
 
     model = scaled_by_width(True)
     model.graph.input[0].type.tensor_type.ClearField("shape")  # no declared shape, no hint

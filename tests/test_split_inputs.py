@@ -6,7 +6,7 @@ import numpy as np
 from builders import Builder
 from conftest import assert_equivalent, shared_model
 
-from redonnx.io import load_model
+from redonnx.io.files import load_model
 from redonnx.passes import SplitInputs
 from redonnx.passes.split_inputs import codebook
 from redonnx.pipeline import run_passes

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
-from redonnx.verify import compare_arrays, verify
+from redonnx.measure.verify import compare_arrays, verify
 
 MLP = MODELS / "digits_mlp.onnx"
 
@@ -112,7 +112,7 @@ def test_shape_hint_must_match_fixed_dims() -> None:
 def test_one_moved_sample_shows_in_the_worst_sample_cosine() -> None:
     """47 embeddings unchanged, one rotated: the output-wide cosine stays near 1, the per-sample
     minimum shows the moved one (and the summary line says so)."""
-    from redonnx.verify import compare_arrays
+    from redonnx.measure.verify import compare_arrays
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((48, 384)).astype(np.float32)

@@ -17,11 +17,11 @@ import pytest
 from builders import Builder
 from conftest import assert_equivalent
 
-from redonnx import io as rio
-from redonnx import weights
 from redonnx.cli import main
-from redonnx.graph import to_graph
-from redonnx.io import load_model, save_model
+from redonnx.io import files as rio
+from redonnx.io import weights
+from redonnx.io.files import load_model, save_model
+from redonnx.io.graph import to_graph
 from redonnx.pipeline import prune, run_passes
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import onnx
 
 from redonnx.errors import RedonnxError
-from redonnx.graph import to_graph, to_model
+from redonnx.io.graph import to_graph, to_model
 from redonnx.passes.base import Decline, Pass, PassContext, PassResult
 from redonnx.passes.cleanup import Cleanup
 from redonnx.passes.drop_branches import DropBranches

@@ -19,9 +19,9 @@ import onnx_graphsurgeon as gs
 if TYPE_CHECKING:
     import onnx
 
-    from redonnx.input_model import InputModel
-    from redonnx.latency import CostModel
-    from redonnx.sizes import Settled
+    from redonnx.inputs.model import InputModel
+    from redonnx.inputs.sizes import Settled
+    from redonnx.measure.latency import CostModel
 
 
 @dataclass
@@ -99,8 +99,8 @@ class PassContext:
         with the run's inputs) at ``shapes``, the input model inferred if none was given."""
         if self.inputs is not None:
             return self.inputs
-        from redonnx.input_model import infer
-        from redonnx.sizes import Settled
+        from redonnx.inputs.model import infer
+        from redonnx.inputs.sizes import Settled
 
         im = self.input_model if self.input_model is not None else infer(model, self.shapes)
         return Settled.of(model, self.shapes, im)

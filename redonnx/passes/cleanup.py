@@ -18,8 +18,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx import weights
-from redonnx.graph import const_value, is_graph_output, replace_uses
+from redonnx.io import weights
+from redonnx.io.graph import const_value, is_graph_output, replace_uses
 from redonnx.passes.base import Pass, PassContext, PassResult
 
 

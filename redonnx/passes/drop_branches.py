@@ -26,9 +26,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import LINEAR_OPS, const_value, is_graph_output
+from redonnx.inputs.shapes import annotate_graph
+from redonnx.io.graph import LINEAR_OPS, const_value, is_graph_output
 from redonnx.passes.base import Pass, PassContext, PassResult
-from redonnx.shapes import annotate_graph
 
 
 @dataclass

@@ -34,9 +34,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import add_to_bias, const_value, is_graph_output, new_constant, sole_reader
+from redonnx.inputs.shapes import annotate_graph
+from redonnx.io.graph import add_to_bias, const_value, is_graph_output, new_constant, sole_reader
 from redonnx.passes.base import Pass, PassContext, PassResult
-from redonnx.shapes import annotate_graph
 
 AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 

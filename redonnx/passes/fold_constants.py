@@ -17,11 +17,11 @@ from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
-import redonnx.runtime  # noqa: F401  (quiets onnxruntime's logger)
-from redonnx.graph import lift_constant_nodes
+import redonnx.measure.runtime  # noqa: F401  (quiets onnxruntime's logger)
+from redonnx.inputs.shapes import annotate_graph, restore_constants, swap_constants
+from redonnx.io.graph import lift_constant_nodes
+from redonnx.io.weights import ExternalValues
 from redonnx.passes.base import Decline, Pass, PassContext, PassResult
-from redonnx.shapes import annotate_graph, restore_constants, swap_constants
-from redonnx.weights import ExternalValues
 
 DEFAULT_SIZE_LIMIT = 16 * 2**20
 

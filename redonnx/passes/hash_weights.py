@@ -28,9 +28,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx import hashing as H
 from redonnx.errors import RedonnxError
 from redonnx.passes.base import Pass, PassContext, PassResult
+from redonnx.redundancy import hashing as H
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_ERROR = 0.06
@@ -196,7 +196,7 @@ def _grid_size(values: np.ndarray, h: float | None, error: float) -> int:
 
 
 def _plot(folder: str, node: gs.Node, tensor: gs.Constant, binned: H.Binned, hashing: H.Hashing) -> None:
-    from redonnx.plots import plot_hashing
+    from redonnx.report.plots import plot_hashing
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (node.name or tensor.name))
     Path(folder).mkdir(parents=True, exist_ok=True)

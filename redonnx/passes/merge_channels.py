@@ -1,9 +1,9 @@
 """merge-channels: merge and remove redundant output channels across coupled layers (RED step 2).
 
-Channel work in three parts: which channels are coupled (:mod:`redonnx.channels`: every tensor
+Channel work in three parts: which channels are coupled (:mod:`redonnx.channels.coupling`: every tensor
 and layer that indexes one channel, groups ended safely at unknown ops), which are redundant
 (:mod:`redonnx.redundancy`, one module per criterion) and how each op is cut
-(:mod:`redonnx.cutting`). Exact rules, always applied: a channel identical to another, or a
+(:mod:`redonnx.channels.cutting`). Exact rules, always applied: a channel identical to another, or a
 positive multiple s of it through positively homogeneous ops, is dropped and its readers' columns
 added into the other's (col_a += s col_b, paper eq. 2); a provably constant channel k is dropped
 and k times its columns folded into the readers' biases. Relaxed (lossy) rules, when ``alpha`` or
@@ -21,16 +21,16 @@ from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
-from redonnx.channels import analyze
-from redonnx.cutting import apply_plan
+from redonnx.channels.coupling import analyze
+from redonnx.channels.cutting import apply_plan
 from redonnx.errors import RedonnxError
+from redonnx.inputs.shapes import annotate_graph
 from redonnx.passes.base import Decline, Pass, PassContext, PassResult
 from redonnx.redundancy.blocks import align, channel_multiple
 from redonnx.redundancy.classes import Plan, class_infos, parallel_groups
 from redonnx.redundancy.exact import exact_merges
 from redonnx.redundancy.paper import paper_merges
 from redonnx.redundancy.reconstruct import relaxed_removals
-from redonnx.shapes import annotate_graph
 
 CRITERIA = ("reconstruct", "paper")
 

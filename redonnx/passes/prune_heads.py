@@ -17,7 +17,7 @@ C_h Wo_h, so:
   exactly, Wo_keep += Wo_h;
 - any other head (lossy, chosen by the planner: parameter ``drop``) goes with its context replaced by
   its least-squares prediction from the kept heads' contexts, C_h ~ C_K B + c, fitted on the
-  statistics of the H*D features (parameter ``stats``, :mod:`redonnx.reconstruct`): Wo_K += B Wo_h,
+  statistics of the H*D features (parameter ``stats``, :mod:`redonnx.redundancy.statistics`): Wo_K += B Wo_h,
   bo += c Wo_h (B = 0 would be mean replacement; the fit can only do better on those inputs).
 
 Matching is separate from rewriting; an attention block that is not in this form is left alone
@@ -33,9 +33,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import add_to_bias, const_value, set_input_values
+from redonnx.io.graph import add_to_bias, const_value, set_input_values
 from redonnx.passes.base import Pass, PassContext, PassResult
-from redonnx.reconstruct import Stats, regression
+from redonnx.redundancy.statistics import Stats, regression
 
 
 @dataclass
@@ -340,8 +340,16 @@ class PruneHeads(Pass):
                             ("heads removed with least-squares compensation", len(fitted))):  # fmt: skip
                 if n:
                     res.count(what, n)
-            res.layers.append({"attention": att.key, "heads": att.heads, "kept": att.heads - len(dup) - len(means)
-                               - len(fitted), "duplicates": sorted(dup), "constant": const, "removed": sorted(fitted)})
+            res.layers.append(
+                {
+                    "attention": att.key,
+                    "heads": att.heads,
+                    "kept": att.heads - len(dup) - len(means) - len(fitted),
+                    "duplicates": sorted(dup),
+                    "constant": const,
+                    "removed": sorted(fitted),
+                }
+            )
         if res.modified:
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
         return res

@@ -24,10 +24,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channels import slice_params
-from redonnx.graph import const_value
+from redonnx.channels.coupling import slice_params
+from redonnx.inputs.shapes import annotate_graph
+from redonnx.io.graph import const_value
 from redonnx.passes.base import Pass, PassContext, PassResult
-from redonnx.shapes import annotate_graph
 
 BIG = 2**31 - 1
 

@@ -26,9 +26,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import const_value
+from redonnx.inputs.shapes import annotate_graph
+from redonnx.io.graph import const_value
 from redonnx.passes.base import Pass, PassContext, PassResult
-from redonnx.shapes import annotate_graph
 
 _ids = itertools.count()
 
@@ -145,8 +145,8 @@ def _rewrite(graph: gs.Graph, node: gs.Node, v: np.ndarray, codes: np.ndarray) -
 
 def _latency_ratio(w_km: np.ndarray, v: np.ndarray, codes: np.ndarray, opset: int) -> float:
     """Median time of the split layer over the original MatMul, worst of batch 1 and 32."""
-    from redonnx.bench import interleaved_times
-    from redonnx.runtime import session
+    from redonnx.measure.bench import interleaved_times
+    from redonnx.measure.runtime import session
 
     k, m = w_km.shape
     models = []

@@ -12,11 +12,11 @@ every candidate against the fidelity budget on the verification inputs. For a de
 3. merging's tunable (``MergeChannels.knob``: the reconstruction budget, or the paper's alpha)
    is bisected on a ladder (:mod:`redonnx.planner.search`), or sized to ``--target-macs``;
 4. the exact passes after merging run once on the result;
-5. under ``--target ort-cpu`` the result is timed against the lossless one (:mod:`redonnx.speed`)
+5. under ``--target ort-cpu`` the result is timed against the lossless one (:mod:`redonnx.planner.speed`)
    and kept only if measurably faster, else less pruning, else the lossless result.
 
 With ``--calibration`` (and ``refit``) the pruned layers of every trial are refitted to the
-calibration inputs by least squares (:mod:`redonnx.refit`).
+calibration inputs by least squares (:mod:`redonnx.redundancy.refit`).
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ import numpy as np
 import onnx
 
 from redonnx import passes as P
-from redonnx import refit as refit_mod
-from redonnx import speed as speed_mod
-from redonnx import weights
-from redonnx.cost import ModelCost, model_cost
+from redonnx.io import weights
+from redonnx.measure.cost import ModelCost, model_cost
+from redonnx.measure.verify import Checker, Tolerance
 from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.passes.hash_weights import HashWeights
 from redonnx.passes.merge_channels import MergeChannels
+from redonnx.planner import speed as speed_mod
 from redonnx.planner.search import SearchResult, search_merging
 from redonnx.planner.stages import DepthResult, depth_stage, head_stage
-from redonnx.verify import Checker, Tolerance
+from redonnx.redundancy import refit as refit_mod
 
 FALLBACKS = 2  # passing trials with less pruning the speed gate tries before the lossless result
 MILDER = 4.0  # hashing's bound is divided by this when hashing alone is over the budget

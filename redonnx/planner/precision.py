@@ -4,7 +4,7 @@ After the channel and depth stages chose the float result, the INT8 stage
 (:mod:`redonnx.quantize.stage`) proposes a model per scheme (static QDQ; dynamic MatMul weights on
 models without convolutions), each held to the same budget against the original. Under
 ``precision auto`` each proposal is timed against the float result and the input
-(:func:`redonnx.speed.measure`, interleaved) and the fastest that is measurably faster (the speed
+(:func:`redonnx.planner.speed.measure`, interleaved) and the fastest that is measurably faster (the speed
 gate's rule) is kept, else the float result. ``precision int8`` keeps the INT8 proposal even when
 not faster (timed where a cost model is set, to say so). The channels and the precision share one
 budget: INT8 gets what pruning left of it. (Not yet: quantizing the lossless result as a second
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from redonnx import speed as speed_mod
 from redonnx.errors import RedonnxError
 from redonnx.passes.base import PassResult
+from redonnx.planner import speed as speed_mod
 from redonnx.quantize import QuantResult, Scheme, StageInputs, run_stage
 from redonnx.quantize.cpu import detect
 from redonnx.quantize.quantizer import TRT_OPS
@@ -121,8 +121,13 @@ class PrecisionStage:
     feeds: dict[str, np.ndarray] | None = None  # batch-1 timing inputs (ort-cpu)
     cache: Any = None  # latency.Cache
 
-    def run(self, float_model: onnx.ModelProto, results: list[PassResult], float_speed: Any = None,
-            float_cosine: float | None = None) -> tuple[onnx.ModelProto, list[PassResult], PrecisionResult]:
+    def run(
+        self,
+        float_model: onnx.ModelProto,
+        results: list[PassResult],
+        float_speed: Any = None,
+        float_cosine: float | None = None,
+    ) -> tuple[onnx.ModelProto, list[PassResult], PrecisionResult]:
         out = PrecisionResult(self.precision, self.target, float_cosine=float_cosine)
         if float_speed is not None:
             out.float_vs_input = float_speed.final_vs_input

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from redonnx import weights
-from redonnx.cost import model_cost
+from redonnx.io import weights
+from redonnx.measure.cost import model_cost
+from redonnx.measure.verify import Checker, Tolerance, VerificationResult
 from redonnx.passes.base import Pass, PassContext, PassResult
 from redonnx.passes.merge_channels import MergeChannels
-from redonnx.verify import Checker, Tolerance, VerificationResult
 
 ALPHA_MAX = 0.6
 STEPS = 6

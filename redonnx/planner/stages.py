@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from redonnx import reconstruct as R
-from redonnx.graph import export, to_graph
+from redonnx.inputs.realism import intervene
+from redonnx.io.graph import export, to_graph
+from redonnx.measure.segments import Stepper
+from redonnx.measure.verify import Checker, Tolerance
 from redonnx.passes import drop_branches as D
 from redonnx.passes import prune_heads as H
 from redonnx.passes.base import PassContext, PassResult
 from redonnx.planner.search import Runner, Trial
-from redonnx.realism import intervene
-from redonnx.segments import Stepper
-from redonnx.verify import Checker, Tolerance
+from redonnx.redundancy import statistics as R
 
 DEPTH_SEED = 2  # the scores' synthetic inputs: neither the statistics' nor verification's samples
 SCORE_BATCH = 8  # samples (at most) the branch scores run on

@@ -1,9 +1,9 @@
 """Calibration without data: activation ranges for static INT8 from the input model's draws.
 
 Static quantization needs each activation's range. Without data the ranges come from the input
-model's realistic draws (:mod:`redonnx.input_model`) of their own seed, so calibration and
+model's realistic draws (:mod:`redonnx.inputs.model`) of their own seed, so calibration and
 verification never share a sample; where the model has BatchNorm and its draws were corrected
-(:mod:`redonnx.realism`: a per-channel affine after each BatchNorm brings the synthetic activations
+(:mod:`redonnx.inputs.realism`: a per-channel affine after each BatchNorm brings the synthetic activations
 to the running mean and variance), the ranges of every tensor the corrected original shares by
 name with the model being quantized (folding keeps the BatchNorm's output name) are read from the
 corrected original, so they are the ranges real data would give. ``--calibration c.npz`` replaces
@@ -76,7 +76,7 @@ def _one_thread(calibrator) -> None:
     differ in their last bits, and the ranges (so the scales, so the file) would follow."""
     import onnxruntime as ort
 
-    from redonnx.runtime import REPRODUCIBLE_THREADS
+    from redonnx.measure.runtime import REPRODUCIBLE_THREADS
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import onnx
 
+from redonnx.errors import RedonnxError
+
 #: layers whose precision the stage decides, one by one: weighted ops with a constant weight
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -38,6 +40,9 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: residual Adds, none on their outputs (TensorRT fuses the following Q into the layer, and folds
 #: BatchNorm, ReLU and the float bias itself).
 TRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+
+#: onnxruntime's quantizers take the model as one proto (2 GiB at most, with the scales added)
+MAX_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,13 @@ def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
     stays in ``work``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from redonnx.io.external_data import external_base, inline_copy, model_nbytes
+
+    if external_base(model) is not None:  # a lean model: its weights live in our scratch files
+        if model_nbytes(model) > MAX_BYTES:
+            raise RedonnxError(f"the model holds {model_nbytes(model) / 2**30:.1f} GiB: onnxruntime's quantizers "
+                               f"need it in one proto (at most {MAX_BYTES / 2**30:.0f} GiB here)")  # fmt: skip
+        model = inline_copy(model)
     named = name_nodes(model)
     path = (work / "prepared.onnx").resolve()
     source = (work / "named.onnx").resolve()  # a file, not the proto: given a proto without sympy's

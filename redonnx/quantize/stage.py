@@ -199,8 +199,8 @@ class Stage:
                 plain = C.tensor_ranges(q.prepared, runs, method, self.work)
                 corrected = None
                 if self.inputs.corrections and self.inputs.calibration is None:
-                    from redonnx.external_data import inline_copy
-                    from redonnx.realism import intervene
+                    from redonnx.inputs.realism import intervene
+                    from redonnx.io.external_data import inline_copy
 
                     original = inline_copy(intervene(self.inputs.source, self.inputs.corrections))
                     corrected = C.tensor_ranges(original, runs, method, self.work)

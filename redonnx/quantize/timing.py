@@ -1,6 +1,6 @@
 """How fast this CPU runs one layer in INT8, against float: the cost model's int8 column.
 
-Each weighted layer is timed alone at its shape (:func:`redonnx.latency.layer_model`), in float and
+Each weighted layer is timed alone at its shape (:func:`redonnx.measure.latency.layer_model`), in float and
 as the library quantizes it. For static QDQ the library's model is timed between int8 tensors: its
 boundary QuantizeLinear (graph input) and DequantizeLinear (graph output) are cut off, so what is
 timed is the fused QLinearConv / QLinear MatMul a chain of int8 layers runs, not the conversions at
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from redonnx.latency import CostModel, LayerShape, layer_model
+from redonnx.measure.latency import CostModel, LayerShape, layer_model
 from redonnx.quantize.quantizer import Quantizer, Scheme
 
 CALIB_RUNS = 4  # random inputs that calibrate the single-layer model

@@ -6,5 +6,5 @@
 
 They share :mod:`.classes` (channel classes and their sources) and :mod:`.blocks` (channel counts
 in the runtime's block, what a channel saves). Which channels are coupled is
-:mod:`redonnx.channels`; how each op is cut is :mod:`redonnx.cutting`.
+:mod:`redonnx.channels.coupling`; how each op is cut is :mod:`redonnx.channels.cutting`.
 """

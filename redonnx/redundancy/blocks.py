@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channels import ChannelGraph
+from redonnx.channels.coupling import ChannelGraph
 from redonnx.redundancy.classes import ClassInfo, Plan, in_axis, out_axis
 
 CHANNEL_MULTIPLE = 1  # 8 keeps onnxruntime CPU convs on their blocked fast path

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channels import ChannelGraph, Item
-from redonnx.graph import const_value
+from redonnx.channels.coupling import ChannelGraph, Item
+from redonnx.io.graph import const_value
 
 ZERO_SAFE = {
     "Relu", "LeakyRelu", "PRelu", "Tanh", "HardSwish", "Identity", "Dropout", "Cast", "Neg", "Abs", "Elu",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channels import ChannelGraph, Item
+from redonnx.channels.coupling import ChannelGraph, Item
 from redonnx.redundancy.classes import HOMOGENEOUS, ClassInfo, Plan
 
 

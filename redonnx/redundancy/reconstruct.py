@@ -12,10 +12,10 @@ from collections import Counter, defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx import reconstruct as R
-from redonnx.channels import ChannelGraph
-from redonnx.cost import layer_origin
+from redonnx.channels.coupling import ChannelGraph
+from redonnx.measure.cost import layer_origin
 from redonnx.passes.base import PassContext, PassResult
+from redonnx.redundancy import statistics as R
 from redonnx.redundancy.blocks import align, savings
 from redonnx.redundancy.classes import ClassInfo, Plan, sink_columns
 
@@ -45,8 +45,15 @@ def relaxed_removals(
     key = tuple(sorted(axes.items()))
     stats = cache.get(key) if cache is not None else None
     if stats is None:
-        stats = R.channel_stats(graph, axes, ctx.calibration, ctx.shapes, input_model=ctx.input_model,
-                                corrections=ctx.corrections, inputs=ctx.inputs)
+        stats = R.channel_stats(
+            graph,
+            axes,
+            ctx.calibration,
+            ctx.shapes,
+            input_model=ctx.input_model,
+            corrections=ctx.corrections,
+            inputs=ctx.inputs,
+        )
         if cache is not None:
             cache[key] = stats
     energy = cache.setdefault("column energy", {}) if cache is not None else {}  # the readers' weights: once

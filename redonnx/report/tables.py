@@ -9,14 +9,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from redonnx.bench import interleaved_times
-from redonnx.io import publish
-from redonnx.runtime import session
+from redonnx.io.files import publish
+from redonnx.measure.bench import interleaved_times
+from redonnx.measure.runtime import session
 
 
 def layer_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each original layer with its parameters and MACs before and after (separated layers summed)."""
-    from redonnx.result import layer_rows
+    from redonnx.report.result import layer_rows
 
     return report.get("layers") or layer_rows(report["before"]["layers"], report["after"]["layers"])
 
@@ -39,7 +39,7 @@ def _png(fig) -> str:
 
 def removed_bars(rows: list[dict[str, Any]]) -> str:
     """Per-layer share of parameters removed, by depth (the paper's Figure 5, one training state)."""
-    from redonnx.plots import _pyplot
+    from redonnx.report.plots import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100)

@@ -16,7 +16,7 @@ inputs 100x too large 0.17. Below :data:`POOR` the synthetic inputs do not look 
 
 Corrections: a per-channel affine z' = a z + c at each BN output brings the synthetic
 activations to the expected mean and deviation. Each depends on every correction upstream, so
-they are fitted in one pass, layer after layer (:class:`redonnx.segments.Stepper`), and can then
+they are fitted in one pass, layer after layer (:class:`redonnx.measure.segments.Stepper`), and can then
 be inserted into any model holding the same tensors (:func:`intervene`): the channel statistics
 that relaxed merging fits its compensation to are measured on the corrected network.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from redonnx import weights
-from redonnx.segments import Stepper
+from redonnx.io import weights
+from redonnx.measure.segments import Stepper
 
 POOR = 0.9  # model realism below this: synthetic inputs look unlike the data; lossy passes hold back
 DEAD = 1e-6  # relative |gamma| below which a channel is constant (beta) whatever the input

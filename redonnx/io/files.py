@@ -17,8 +17,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from redonnx import weights
 from redonnx.errors import RedonnxError
+from redonnx.io import weights
 
 MIN_OPSET = 7
 TWO_GB = 2**31 - 1
@@ -65,7 +65,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise RedonnxError(f"{p}: cannot read: {exc.strerror or exc}") from None
     _check_header(model, p)
     external = _check_external_data(model, p.parent, p)
-    if external:  # lean: weights stay in their files until a pass reads them (see redonnx.weights)
+    if external:  # lean: weights stay in their files until a pass reads them (see redonnx.io.weights)
         weights.set_external_base(model, p.parent.resolve())
     loaded = LoadedModel(model=model, path=p, external_data=external)
     validate_structure(model, p)

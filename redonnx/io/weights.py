@@ -14,7 +14,7 @@ or one onnxruntime session) instead of the source, working copy, exported candid
 bytes and onnxruntime's copy an in-memory pipeline holds at once.
 
 The proto-level helpers (metadata, reading tensors, :func:`write_external`) are in
-:mod:`redonnx.external_data` and importable from here.
+:mod:`redonnx.io.external_data` and importable from here.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from redonnx.errors import RedonnxError
-from redonnx.external_data import ALIGN as ALIGN
-from redonnx.external_data import BASE_KEY as BASE_KEY
-from redonnx.external_data import CHUNK as CHUNK
-from redonnx.external_data import (
+from redonnx.io.external_data import ALIGN as ALIGN
+from redonnx.io.external_data import BASE_KEY as BASE_KEY
+from redonnx.io.external_data import CHUNK as CHUNK
+from redonnx.io.external_data import (
     EXTERNAL_MIN_BYTES,
     SPILL_KEY,
     _pad,
@@ -52,9 +52,9 @@ from redonnx.external_data import (
     set_external_base,
     tensor_array,
 )
-from redonnx.external_data import inline_copy as inline_copy
-from redonnx.external_data import iter_graphs as iter_graphs
-from redonnx.external_data import write_external as write_external
+from redonnx.io.external_data import inline_copy as inline_copy
+from redonnx.io.external_data import iter_graphs as iter_graphs
+from redonnx.io.external_data import write_external as write_external
 
 #: Graphs holding more constant bytes than this are exported lean (lowered in tests).
 LEAN_BYTES = 512 * 2**20

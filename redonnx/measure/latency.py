@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from redonnx.runtime import session
+from redonnx.measure.runtime import session
 
 CACHE_VERSION = 1
 

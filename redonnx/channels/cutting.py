@@ -12,8 +12,8 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channels import ChannelGraph, Item
-from redonnx.graph import add_to_bias, const_value, set_input_values
+from redonnx.channels.coupling import ChannelGraph, Item
+from redonnx.io.graph import add_to_bias, const_value, set_input_values
 from redonnx.redundancy.classes import (
     ClassInfo,
     Plan,
@@ -238,7 +238,7 @@ def _cut_slice(cg: ChannelGraph, node: gs.Node, keeps: dict[str, list[int]]) -> 
     src = node.inputs[0].name
     sp = cg.spaces[src]
     keep = keeps.get(src, list(range(sp.size)))
-    from redonnx.channels import slice_params
+    from redonnx.channels.coupling import slice_params
 
     starts, ends, axes, steps = slice_params(node)
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from redonnx.errors import RedonnxError
-from redonnx.hashing import Binned, Hashing
+from redonnx.redundancy.hashing import Binned, Hashing
 
 
 def _pyplot():

@@ -1,7 +1,7 @@
 """The final speed gate: a lossy result is written only if it runs measurably faster.
 
 Each candidate (the budget's choice, then passing trials with less pruning) is timed against the
-lossless (``--exact``) result and the input model, interleaved (:func:`redonnx.latency.compare`).
+lossless (``--exact``) result and the input model, interleaved (:func:`redonnx.measure.latency.compare`).
 It is kept when the 90 % interval of its latency ratio to the lossless result lies below 0.97 and
 its median ratio to the input is at most 1; otherwise the next candidate is tried, and in the end
 the lossless result is written. Verdicts are cached with the measurements (keyed by both models'
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from redonnx import latency
+from redonnx.measure import latency
 from redonnx.passes.base import PassResult
 
 

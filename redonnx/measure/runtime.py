@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from redonnx import weights
 from redonnx.errors import RedonnxError
-from redonnx.shapes import graph_inputs, resolve_input_shapes
+from redonnx.inputs.shapes import graph_inputs, resolve_input_shapes
+from redonnx.io import weights
 
 ORT_SIZE_LIMIT = 2**31 - 2**26
 ort.set_default_logger_severity(4)  # errors reach the user once, as our own one line
@@ -83,7 +83,7 @@ def random_inputs(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs of the right dtypes: floats ~ N(0, 1), integers in [0, 8), random booleans
-    (tests and benchmarks; prune and verify draw with :mod:`redonnx.input_model`)."""
+    (tests and benchmarks; prune and verify draw with :mod:`redonnx.inputs.model`)."""
     rng = np.random.default_rng(seed)
     concrete = resolve_input_shapes(model, shapes, batch=batch)
     feeds: dict[str, np.ndarray] = {}

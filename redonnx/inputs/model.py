@@ -7,7 +7,7 @@ the model's data. Each graph input gets a *kind*, a range and the evidence for t
   image in 1..1.5) with the colour channels correlated as in natural images (0.9), at the scale
   the model expects. The scale is a convention (normalized N(0, 1), pixels in 0..1, -1..1 or raw
   0..255). Where the model has BatchNorm, the convention whose activations at the first BatchNorm
-  layers best match their running mean and variance wins (:mod:`redonnx.realism`); a rival whose
+  layers best match their running mean and variance wins (:mod:`redonnx.inputs.realism`); a rival whose
   realism is within the spread that drawing other spectra (e = 1, e = 1.5) gives either one is
   *plausible* too, and verification holds in it as well (:func:`alternatives`). Otherwise the gain
   of the first weighted layer decides, measured through whatever reaches it (Transpose,
@@ -21,7 +21,7 @@ the model's data. Each graph input gets a *kind*, a range and the evidence for t
 - **values the graph compares with constants** (a single number only compared: silero-vad's
   sample rate, ``Equal(sr, 16000)`` before an If): drawn as each constant and one value per
   outcome of the comparisons (16000 and 8000); verification covers every value (see
-  :mod:`redonnx.input_kinds`).
+  :mod:`redonnx.inputs.kinds`).
 - **values the graph branches on otherwise** (a single number used by If/Loop, as a shape, in
   arithmetic, or compared with no constant): cannot be drawn; the error names the input and asks
   for ``--inputs``.
@@ -30,7 +30,7 @@ Given inputs (``--inputs``) replace the inference: :func:`from_given` fits the s
 arrays (their value sets, scales and shapes), so synthetic samples drawn for statistics are valid
 and distinct from the samples verification uses.
 
-The pieces live in :mod:`redonnx.input_specs` (specs, drawing) and :mod:`redonnx.input_kinds`
+The pieces live in :mod:`redonnx.inputs.specs` (specs, drawing) and :mod:`redonnx.inputs.kinds`
 (kinds from the graph); this module chooses the scales and fits given inputs, and re-exports them.
 """
 
@@ -41,23 +41,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from redonnx import realism as RL
-from redonnx.input_kinds import BRANCHING as BRANCHING
-from redonnx.input_kinds import FLOATS as FLOATS
-from redonnx.input_kinds import PASS_THROUGH as PASS_THROUGH
-from redonnx.input_kinds import SHAPE_SLOTS as SHAPE_SLOTS
-from redonnx.input_kinds import Constants as Constants
-from redonnx.input_kinds import constant_info as constant_info
-from redonnx.input_kinds import infer_kinds_only
-from redonnx.input_specs import COLOUR_CORRELATION as COLOUR_CORRELATION
-from redonnx.input_specs import NATURAL_SPECTRUM as NATURAL_SPECTRUM
-from redonnx.input_specs import InputModel, InputSpec
-from redonnx.input_specs import batch_is_leading as batch_is_leading
-from redonnx.input_specs import natural_noise as natural_noise
-from redonnx.input_specs import need_values_message as need_values_message
-from redonnx.input_specs import smooth_noise as smooth_noise
-from redonnx.segments import Stepper
-from redonnx.shapes import graph_inputs, resolve_input_shapes
+from redonnx.inputs import realism as RL
+from redonnx.inputs.kinds import BRANCHING as BRANCHING
+from redonnx.inputs.kinds import FLOATS as FLOATS
+from redonnx.inputs.kinds import PASS_THROUGH as PASS_THROUGH
+from redonnx.inputs.kinds import SHAPE_SLOTS as SHAPE_SLOTS
+from redonnx.inputs.kinds import Constants as Constants
+from redonnx.inputs.kinds import constant_info as constant_info
+from redonnx.inputs.kinds import infer_kinds_only
+from redonnx.inputs.shapes import graph_inputs, resolve_input_shapes
+from redonnx.inputs.specs import COLOUR_CORRELATION as COLOUR_CORRELATION
+from redonnx.inputs.specs import NATURAL_SPECTRUM as NATURAL_SPECTRUM
+from redonnx.inputs.specs import InputModel, InputSpec
+from redonnx.inputs.specs import batch_is_leading as batch_is_leading
+from redonnx.inputs.specs import natural_noise as natural_noise
+from redonnx.inputs.specs import need_values_message as need_values_message
+from redonnx.inputs.specs import smooth_noise as smooth_noise
+from redonnx.measure.segments import Stepper
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ piece becomes a small model whose inputs are whatever earlier pieces (or the gra
 computed and later nodes still read. After a piece runs, a hook sees each stop tensor it made
 and may return a replacement, which every later piece then reads. One run costs one forward
 pass plus a session per piece: a correction that depends on every correction upstream (see
-:mod:`redonnx.realism`) is fitted in one pass instead of one pass per layer.
+:mod:`redonnx.inputs.realism`) is fitted in one pass instead of one pass per layer.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from redonnx.runtime import run, session
-from redonnx.shapes import graph_inputs
+from redonnx.inputs.shapes import graph_inputs
+from redonnx.measure.runtime import run, session
 
 Hook = Callable[[str, np.ndarray], np.ndarray | None]
 

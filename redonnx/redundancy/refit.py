@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import const_value, export, set_input_values, to_graph, to_model
+from redonnx.io.graph import const_value, export, set_input_values, to_graph, to_model
+from redonnx.measure.runtime import run, session
+from redonnx.measure.segments import Stepper
 from redonnx.redundancy.classes import out_axis
-from redonnx.runtime import run, session
-from redonnx.segments import Stepper
 
 ROWS = 16384
 RIDGE = 1e-4
@@ -177,7 +177,7 @@ def refit(
     """Refit every refittable layer of ``pruned`` whose output tensor the original also has
     (``cache`` keeps the original's outputs between calls: the budget search refits every trial).
 
-    One piecewise run of the pruned model (:class:`redonnx.segments.Stepper`): at each layer's
+    One piecewise run of the pruned model (:class:`redonnx.measure.segments.Stepper`): at each layer's
     input the layer is refitted, and the pieces after it, built only when they first run, read
     the new weights."""
     kept = kept or {}

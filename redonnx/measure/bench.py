@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from redonnx.io import load_model
-from redonnx.runtime import session
+from redonnx.io.files import load_model
+from redonnx.measure.runtime import session
 
 
 def bench_models(
@@ -25,7 +25,7 @@ def bench_models(
     inputs: dict[str, np.ndarray] | str | Path | None = None,
 ) -> dict[str, Any]:
     """Latency of each model on the same inputs (the first ``batch`` given samples, or valid ones
-    drawn as :mod:`redonnx.input_model` infers them); runs alternate between models to share noise."""
+    drawn as :mod:`redonnx.inputs.model` infers them); runs alternate between models to share noise."""
     models = [load_model(p).model for p in paths]
     sessions = [session(m, optimize=optimize, threads=threads, spin=True) for m in models]
     feeds = bench_feeds(models[0], inputs, shapes, batch)
@@ -51,8 +51,8 @@ def bench_feeds(
     model, inputs: dict[str, np.ndarray] | str | Path | None, shapes: dict[str, list[int]] | None, batch: int = 1
 ) -> dict[str, np.ndarray]:
     """Valid inputs for timing: given samples, or drawn by the inferred input model."""
-    from redonnx.input_model import infer
-    from redonnx.sizes import settle
+    from redonnx.inputs.model import infer
+    from redonnx.inputs.sizes import settle
 
     given, shapes, _ = settle(model, inputs, shapes)
     if given is not None:

@@ -24,12 +24,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from redonnx.graph import export
-from redonnx.input_model import InputModel, batch_is_leading
-from redonnx.input_model import infer as infer_inputs
-from redonnx.realism import Correction, intervene
-from redonnx.runtime import run, session
-from redonnx.sizes import Settled
+from redonnx.inputs.model import InputModel, batch_is_leading
+from redonnx.inputs.model import infer as infer_inputs
+from redonnx.inputs.realism import Correction, intervene
+from redonnx.inputs.sizes import Settled
+from redonnx.io.graph import export
+from redonnx.measure.runtime import run, session
 
 ROWS_PER_CHANNEL = 8  # fewer rows per channel than this: shrunk covariance (see Stats.of_rows)
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
@@ -83,7 +83,7 @@ def channel_stats(
     Synthetic inputs (drawn by the run's settled ``inputs``, else by ``input_model`` at ``shapes``,
     inferred from the graph when None): 64 images
     (every pixel position is a sample) or, for inputs without spatial dimensions, up to 1024
-    vectors, within 2**20 input values. ``corrections`` (:mod:`redonnx.realism`) are inserted
+    vectors, within 2**20 input values. ``corrections`` (:mod:`redonnx.inputs.realism`) are inserted
     first, so the statistics are those of activations at their BatchNorm running moments. The
     tensors are taken in name order whatever order ``axes`` lists them in: one generator samples
     every tensor's rows in turn (a set's order varies with PYTHONHASHSEED)."""

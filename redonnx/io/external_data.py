@@ -1,7 +1,7 @@
 """External data at the proto level: where a lean model's tensors live (recorded in its metadata),
 reading their bytes, and saving a model with its tensors streamed into one data file.
 
-The graph side (lazy constants, lean exports, the scratch folder) is in :mod:`redonnx.weights`,
+The graph side (lazy constants, lean exports, the scratch folder) is in :mod:`redonnx.io.weights`,
 which re-exports these names.
 """
 

@@ -32,10 +32,10 @@ import numpy as np
 import onnx
 
 from redonnx.errors import RedonnxError
-from redonnx.shapes import declared_shape, graph_inputs, resolve_input_shapes
+from redonnx.inputs.shapes import declared_shape, graph_inputs, resolve_input_shapes
 
 if TYPE_CHECKING:
-    from redonnx.input_specs import InputModel
+    from redonnx.inputs.specs import InputModel
 
 SEQUENCE = (16, 64, 128)
 SIGNAL = (16, 64, 256, 512, 1024, 4096)  # 1-D float signals (audio chunks), in multiples of their stride
@@ -61,9 +61,11 @@ class Chosen:
             return ""
         sizes = ", ".join(f"{k}={v}" for k, v in self.picks.items())
         also = ", ".join(f"{k}={v}" for k, v in self.second_picks.items())
-        return (f"dynamic sizes chosen: {sizes} (the first of the ladder with which onnxruntime runs the model"
-                + (f"; verified at {also} too" if also else "")
-                + "; --shape overrides; the written model keeps its dynamic dimensions)")
+        return (
+            f"dynamic sizes chosen: {sizes} (the first of the ladder with which onnxruntime runs the model"
+            + (f"; verified at {also} too" if also else "")
+            + "; --shape overrides; the written model keeps its dynamic dimensions)"
+        )
 
 
 def _open(model: onnx.ModelProto, hints: dict[str, list[int]]):
@@ -182,7 +184,7 @@ def choose(model: onnx.ModelProto, hints: dict[str, list[int]] | None, draw) -> 
     symbols = _symbols(model, hints)
     if not symbols:
         return Chosen(hints)
-    from redonnx.runtime import session
+    from redonnx.measure.runtime import session
 
     sess = session(model)
     steps = max(len(v) for v in symbols.values())
@@ -219,7 +221,7 @@ def choose(model: onnx.ModelProto, hints: dict[str, list[int]] | None, draw) -> 
 
 def _runs(sess, feeds: dict | list[dict]) -> str:
     """'' when onnxruntime runs the model on ``feeds`` (each of them, if several), else its first error line."""
-    from redonnx.runtime import run
+    from redonnx.measure.runtime import run
 
     try:
         for one in feeds if isinstance(feeds, list) else [feeds]:
@@ -234,8 +236,8 @@ def settle(
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, list[int]], Chosen | None]:
     """The given inputs (loaded from a file if need be) and the shapes to verify and count MACs
     at: the given arrays' shapes, else the hints completed by :func:`choose`."""
-    from redonnx.input_model import InputModel, given_shapes, infer_kinds_only
-    from redonnx.runtime import load_npz_inputs
+    from redonnx.inputs.model import InputModel, given_shapes, infer_kinds_only
+    from redonnx.measure.runtime import load_npz_inputs
 
     if isinstance(inputs, (str, Path)):
         inputs = load_npz_inputs(inputs, model)
@@ -267,9 +269,9 @@ class Settled:
     @classmethod
     def of(cls, model: onnx.ModelProto, hints: dict[str, list[int]] | None, input_model: InputModel,
            given: dict[str, np.ndarray] | None = None, chosen: Chosen | None = None) -> Settled:  # fmt: skip
-        """The inputs of ``model`` at ``hints`` (as :func:`redonnx.shapes.resolve_input_shapes`
+        """The inputs of ``model`` at ``hints`` (as :func:`redonnx.inputs.shapes.resolve_input_shapes`
         completes them), drawn by ``input_model``."""
-        from redonnx.input_specs import batch_is_leading
+        from redonnx.inputs.specs import batch_is_leading
 
         try:
             shapes, error = resolve_input_shapes(model, hints, batch=1), ""
@@ -313,7 +315,7 @@ def settle_inputs(
     """:func:`settle`, then the input model: fitted to the given arrays, else inferred from the
     graph at the settled shapes. ``lenient``: sizes that cannot be settled are left unknown (the
     lossless passes need none) instead of an error; drawing then raises it."""
-    from redonnx import input_model as im
+    from redonnx.inputs import model as im
 
     try:
         given, shapes, chosen = settle(model, inputs, hints)

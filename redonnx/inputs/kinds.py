@@ -1,6 +1,6 @@
 """Input kinds inferred from the graph alone: where each input's values go (Gather tables,
 branches, shapes, arithmetic), hence token ids, masks, images, vectors, values the graph compares
-with constants, or values that must be given (see :mod:`redonnx.input_model`).
+with constants, or values that must be given (see :mod:`redonnx.inputs.model`).
 
 A single number the graph only compares with constants (silero-vad's ``sr``: ``Equal(sr, 16000)``
 choosing the 16 kHz or the 8 kHz branch of an If) affects the outputs through the outcomes of
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from redonnx.input_specs import InputSpec
-from redonnx.shapes import declared_shape, graph_inputs
+from redonnx.inputs.shapes import declared_shape, graph_inputs
+from redonnx.inputs.specs import InputSpec
 
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 _NP = {

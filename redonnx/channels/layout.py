@@ -1,5 +1,5 @@
 """Channel rules of ops that move, cut, pad or flatten the channel axis: Concat, Split, Slice,
-Pad, Transpose, Resize, reductions and Flatten/Reshape (see :mod:`redonnx.channels`).
+Pad, Transpose, Resize, reductions and Flatten/Reshape (see :mod:`redonnx.channels.coupling`).
 """
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channel_graph import ChannelGraph, Item
-from redonnx.channel_rules import _pass_through, _rank, _space_of
-from redonnx.graph import const_value
+from redonnx.channels.graph import ChannelGraph, Item
+from redonnx.channels.rules import _pass_through, _rank, _space_of
+from redonnx.io.graph import const_value
 
 
 def _concat(cg: ChannelGraph, node: gs.Node) -> None:

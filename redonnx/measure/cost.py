@@ -21,8 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from redonnx.errors import RedonnxError
-from redonnx.graph import to_graph
-from redonnx.shapes import graph_shapes, infer_shapes, resolve_input_shapes
+from redonnx.inputs.shapes import graph_shapes, infer_shapes, resolve_input_shapes
+from redonnx.io.graph import to_graph
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
 _AS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # dynamic quantization: same shapes and MACs

@@ -26,11 +26,11 @@ import numpy as np
 import onnx
 
 from redonnx.errors import RedonnxError
-from redonnx.input_model import InputModel
-from redonnx.input_model import infer as infer_inputs
-from redonnx.io import LoadedModel, load_model
-from redonnx.runtime import load_npz_inputs, run, try_session
-from redonnx.shapes import graph_inputs
+from redonnx.inputs.model import InputModel
+from redonnx.inputs.model import infer as infer_inputs
+from redonnx.inputs.shapes import graph_inputs
+from redonnx.io.files import LoadedModel, load_model
+from redonnx.measure.runtime import load_npz_inputs, run, try_session
 
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-4
@@ -329,8 +329,8 @@ def verify(
     seed: int = 0,
 ) -> VerificationResult:
     """Run both models on the same inputs and compare every output (dynamic sizes chosen as
-    :func:`redonnx.sizes.settle` does when neither inputs nor shapes fix them)."""
-    from redonnx.sizes import settle
+    :func:`redonnx.inputs.sizes.settle` does when neither inputs nor shapes fix them)."""
+    from redonnx.inputs.sizes import settle
 
     ref_model = _as_proto(reference)
     inputs, shapes, chosen = settle(ref_model, inputs, shapes)
@@ -356,7 +356,7 @@ class AtTwoSizes:
 
 
 class AcrossConventions:
-    """References drawn in each plausible input convention (:func:`redonnx.input_model.alternatives`):
+    """References drawn in each plausible input convention (:func:`redonnx.inputs.model.alternatives`):
     when the evidence cannot tell, say, pixels 0..1 from -1..1, a candidate passes only if it holds
     in both; the result is the union of the outputs, each marked with its convention, so the worst
     decides. Checks like :class:`Reference` (the planner's trials use it as they use any checker)."""

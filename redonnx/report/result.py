@@ -9,16 +9,16 @@ from typing import Any
 import onnx
 
 import redonnx
-from redonnx import realism as realism_mod
-from redonnx import speed as speed_mod
-from redonnx import weights
-from redonnx.cost import ModelCost
-from redonnx.input_model import InputModel
-from redonnx.io import LoadedModel
+from redonnx.inputs import realism as realism_mod
+from redonnx.inputs.model import InputModel
+from redonnx.inputs.realism import Realism
+from redonnx.io import weights
+from redonnx.io.files import LoadedModel
+from redonnx.measure.cost import ModelCost
+from redonnx.measure.verify import VerificationResult
 from redonnx.passes.base import PassResult
+from redonnx.planner import speed as speed_mod
 from redonnx.planner.search import SearchResult
-from redonnx.realism import Realism
-from redonnx.verify import VerificationResult
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _sizes(model: onnx.ModelProto, cost: ModelCost) -> dict[str, Any]:
 
 def layer_rows(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each original layer with its parameters and MACs before and after, paired by origin (see
-    :func:`redonnx.cost.layer_origin`; layers sharing one, in graph order); a separated layer's
+    :func:`redonnx.measure.cost.layer_origin`; layers sharing one, in graph order); a separated layer's
     parts (``ORIGIN_sepK_...``) are summed."""
     by_origin: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for a in after:

@@ -20,8 +20,8 @@ columns, also through Flatten with the channel-major expansion) are recorded per
 that touch anything else (graph inputs and outputs, unknown ops, grouped convs, Shape, reductions
 over channels) are *pinned*, with the reason: never guessed, never changed.
 
-The data (:class:`ChannelGraph`) is in :mod:`redonnx.channel_graph`, the per-op rules in
-:mod:`redonnx.channel_rules` and :mod:`redonnx.channel_layout`; this module walks the graph and
+The data (:class:`ChannelGraph`) is in :mod:`redonnx.channels.graph`, the per-op rules in
+:mod:`redonnx.channels.rules` and :mod:`redonnx.channels.layout`; this module walks the graph and
 pins what they do not model.
 """
 
@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from redonnx.channel_graph import ChannelGraph, Space
-from redonnx.channel_graph import Item as Item
-from redonnx.channel_layout import _concat, _flatten, _pad, _reduce, _resize, _slice, _split, _transpose
-from redonnx.channel_layout import slice_params as slice_params
-from redonnx.channel_rules import _binary, _pass_through, _per_channel_op, _visit_layer
+from redonnx.channels.graph import ChannelGraph, Space
+from redonnx.channels.graph import Item as Item
+from redonnx.channels.layout import _concat, _flatten, _pad, _reduce, _resize, _slice, _split, _transpose
+from redonnx.channels.layout import slice_params as slice_params
+from redonnx.channels.rules import _binary, _pass_through, _per_channel_op, _visit_layer
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 UNARY = {

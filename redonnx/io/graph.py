@@ -15,8 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import redonnx
-from redonnx import weights
 from redonnx.errors import RedonnxError
+from redonnx.io import weights
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -33,7 +33,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export(graph: gs.Graph, lean: bool = False, **kw) -> onnx.ModelProto:
-    """``gs.export_onnx``; lean (weights in scratch data files, see :mod:`redonnx.weights`) when
+    """``gs.export_onnx``; lean (weights in scratch data files, see :mod:`redonnx.io.weights`) when
     asked, or when the graph reads weights from disk or holds more than ``weights.LEAN_BYTES``."""
     if lean or weights.is_lean_graph(graph):
         return weights.export_lean(graph, lambda g: gs.export_onnx(g, do_type_check=False, **kw))

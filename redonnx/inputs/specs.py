@@ -1,6 +1,6 @@
 """Input specs and how to draw them: :class:`InputSpec` (one input's kind, range and evidence),
 :class:`InputModel` (every input of a model) and the drawing of each kind (noise with the spectrum of natural images,
-masks, ids), as described in :mod:`redonnx.input_model`.
+masks, ids), as described in :mod:`redonnx.inputs.model`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from redonnx.errors import RedonnxError
-from redonnx.shapes import graph_inputs, resolve_input_shapes
+from redonnx.inputs.shapes import graph_inputs, resolve_input_shapes
 
 COLOUR_CORRELATION = 0.9  # between the RGB channels of natural images (0.79-0.91 on the CIFAR-10 images)
 #: Natural images' amplitude spectra fall off as 1/f**e with e about 1 to 1.5 from image to image (power
@@ -102,7 +102,7 @@ class InputModel:
 
     def draw_at(self, concrete: dict[str, list[int]], seed: int, white: bool = False,
                 case: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
-        """:meth:`draw` at shapes already resolved (batch included; see :class:`redonnx.sizes.Settled`)."""
+        """:meth:`draw` at shapes already resolved (batch included; see :class:`redonnx.inputs.sizes.Settled`)."""
         self.check_values()
         rng = np.random.default_rng(seed)
         return {name: _draw(spec, concrete[name], rng, white, case) for name, spec in self.specs.items()}

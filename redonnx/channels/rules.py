@@ -1,6 +1,6 @@
 """Channel rules of layers and element-wise ops: Conv/ConvTranspose/Gemm/MatMul (rows and sinks,
 depthwise convs), pass-through ops, per-channel parameter ops and binary ops (see
-:mod:`redonnx.channels`).
+:mod:`redonnx.channels.coupling`).
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from redonnx.channel_graph import ChannelGraph, Item, Space
-from redonnx.graph import const_value
+from redonnx.channels.graph import ChannelGraph, Item, Space
+from redonnx.io.graph import const_value
 
 
 def _rank(t: gs.Tensor) -> int | None:

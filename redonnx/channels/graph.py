@@ -1,7 +1,7 @@
 """The channel graph's data: per-tensor channel spaces, the union-find joining their elements,
 the items (sources, sinks, rewritten ops) indexed by channels, and the pins with their reasons.
 
-Built by :func:`redonnx.channels.analyze`; see :mod:`redonnx.channels` for what joins channels.
+Built by :func:`redonnx.channels.coupling.analyze`; see :mod:`redonnx.channels.coupling` for what joins channels.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""What the model's inputs hold, settled once: kinds, sizes, shapes, how to draw them, how realistic the draws are."""

@@ -1,0 +1,1 @@
+"""Measurement: onnxruntime sessions, MACs, latency and its cost model, piecewise runs, verification."""
