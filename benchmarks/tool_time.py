@@ -12,9 +12,10 @@ the latency cache (``$REDONNX_CACHE``, default a folder under /tmp shared by the
 Phases are measured from outside the package by wrapping its functions (self time: a phase nested
 in another is subtracted from it): imports (redonnx.cli, redonnx.io.files, redonnx.pipeline), load, sizes,
 evidence (input model, realism, corrections), reference (the original's verification outputs),
-planner (its trials included), speed gate, passes (pipelines the planner does not size), cost
-(MAC counts), verification (the final check), report, save; setup is the rest of ``prune`` (resolving
-the passes, the context), "other" the rest of the process (interpreter start, argument parsing).
+planner (its trials included), speed gate, precision (the INT8 stage and its gate), passes (pipelines
+the planner does not size), cost (MAC counts), verification (the final check), report, save; setup is
+the rest of ``prune`` (resolving the passes, the context), "other" the rest of the process
+(interpreter start, argument parsing).
 ``--root`` runs another checkout; ``--against DIR`` runs a second checkout alternately with it (before
 and after back to back, under the same load) and prints the ratios; ``--profile NAME`` writes a
 cProfile of that case to benchmarks/results/.
@@ -37,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
 RESULTS = ROOT / "benchmarks" / "results"
 
-PHASES = ["imports", "load", "setup", "sizes", "evidence", "reference", "planner", "speed gate", "passes", "cost",
-          "verification", "report", "save", "other"]  # fmt: skip
+PHASES = ["imports", "load", "setup", "sizes", "evidence", "reference", "planner", "speed gate", "precision", "passes",
+          "cost", "verification", "report", "save", "other"]  # fmt: skip
 BRANCH = 0.05  # added blocks: their residual branch scaled so that the stream does not grow block after block
 GOALS = {"resnet56 default": 3.0, "resnet56 hashing": 2.0, "mobilenetv2 default": 10.0}
 
@@ -161,6 +162,9 @@ def child(argv: list[str], profile: str | None) -> None:
     wrap(pl, "cost_and_shapes", "cost", nested=False)
     wrap(Planner, "plan", "planner")
     wrap(Planner, "_speed_gate", "speed gate")
+    from redonnx.planner.precision import PrecisionStage
+
+    wrap(PrecisionStage, "run", "precision")
     wrap(vf.Reference, "check", "verification", nested=False)
     wrap(vf.AtTwoSizes, "check", "verification", nested=False)
     wrap(res.PruneResult, "report", "report", nested=False)

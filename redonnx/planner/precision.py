@@ -61,7 +61,8 @@ class PrecisionResult:
 
     precision: str
     target: str
-    kept: str = "float"
+    kept: str = "float"  # the kept proposal's description, or "float"
+    kept_index: int | None = None  # which proposal was kept
     proposals: list[QuantResult] = field(default_factory=list)
     measured: list[dict[str, Any]] = field(default_factory=list)  # per proposal: vs float, vs input
     float_vs_input: dict[str, Any] | None = None
@@ -70,7 +71,7 @@ class PrecisionResult:
 
     @property
     def chosen(self) -> QuantResult | None:
-        return next((p for p in self.proposals if p.describe() == self.kept), None)
+        return self.proposals[self.kept_index] if self.kept_index is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, "target": self.target, "kept": self.kept, "cpu": detect().to_dict(),
@@ -155,7 +156,7 @@ class PrecisionStage:
             return float_model, results, out
         p, _, entry = best
         entry["kept"] = True
-        out.kept = p.describe()
+        out.kept, out.kept_index = p.describe(), out.proposals.index(p)
         if timed and not entry["accepted"]:
             out.note = "--precision int8: kept although not measurably faster"
         elif not timed:
