@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,71 @@ def _uneven_columns() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Mul", ["m", "s"], ["y"])]
     return _vector_model("uneven", nodes, inits, 32)
+
+
+class _Shape:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def key(self) -> str:
+        return self.name
+
+
+class _Costs:
+    """A cost model: every layer 1 ms in float; in INT8 ``int8`` ms, the last layer ``last`` ms."""
+
+    def __init__(self, int8: float, last: float, last_name: str) -> None:
+        self.int8, self.last, self.last_name = int8, last, last_name
+
+    def ms(self, shape) -> float:
+        return 1.0
+
+    def timed(self, key, build) -> float:
+        return self.last if key.endswith(self.last_name) else self.int8
+
+
+class _Verdicts(dict):
+    def put(self, key, value) -> None:
+        self[key] = json.loads(json.dumps(value))
+
+
+def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio: float, verdicts: _Verdicts, probed: list):
+    from redonnx.quantize import Scheme, StageInputs
+    from redonnx.quantize.stage import Stage
+
+    model = _outlier_mlp()
+
+    def probe(m: onnx.ModelProto) -> float:
+        probed.append(m)
+        return probe_ratio
+
+    inputs = StageInputs(
+        source=model, check=lambda m: pytest.fail("a fidelity trial ran"), batched=True,
+        draw=lambda batch, seed: {"x": np.random.default_rng(seed).standard_normal((batch, 16)).astype(np.float32)},
+        cost_model=_Costs(int8, last, "fc3"), layer_shapes=lambda m: {n.name: _Shape(n.name) for n in m.graph.node},
+        probe=probe, verdicts=verdicts, min_gain=0.03)  # fmt: skip
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    return Stage(inputs, Scheme("static"), True, work).run(model)
+
+
+def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remembered(tmp_path: Path) -> None:
+    """Layers that save too little by the cost model end the stage without a model built; layers
+    faster alone whose whole model is not faster (the probe: every such layer in INT8, timed once
+    against the float result) end it before any fidelity trial; either verdict is kept by the float
+    model's bytes, so the next run on this CPU neither prepares nor times anything."""
+    verdicts, probed = _Verdicts(), []
+    little = _speed_stage(tmp_path, 1.0, 0.94, 0.5, verdicts, probed)  # fc3 6 % faster: 2 % of 3 ms in all
+    assert little.model is None and "would save 2.0% of the layers' float time" in little.declined
+    assert not probed and little.trials == 0 and [c.precision for c in little.layers] == ["float", "float", "int8"]
+    verdicts.clear()
+    slow = _speed_stage(tmp_path, 0.5, 0.5, 1.2, verdicts, probed)
+    assert slow.model is None and "ran at 1.200x" in slow.declined and slow.trials == 0
+    assert len(probed) == 1 and {"QuantizeLinear", "DequantizeLinear"} <= _ops(probed[0])
+    assert len(verdicts) == 1 and all(c.int8_ms == 0.5 for c in slow.layers)
+    again = _speed_stage(tmp_path, 0.5, 0.5, 1.2, verdicts, probed)
+    assert again.declined == slow.declined and len(probed) == 1
+    assert [c.to_dict() for c in again.layers] == [c.to_dict() for c in slow.layers]
+    assert "recalled" in again.notes[0]
 
 
 def test_dynamic_int8_scales_weights_per_column() -> None:

@@ -13,7 +13,7 @@ candidate when pruning spent the budget INT8 needed.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -133,7 +133,15 @@ class PrecisionStage:
         if float_speed is not None:
             out.float_vs_input = float_speed.final_vs_input
         timed = self.feeds is not None and self.cache is not None and self.target == "ort-cpu"
-        out.proposals = run_stage(float_model, self.inputs, schemes(self.target, float_model),
+        inputs = replace(self.inputs, min_gain=speed_mod.MIN_GAIN)
+        if timed and self.precision == "auto":
+
+            def probe(cand: onnx.ModelProto) -> float:  # cached: the gate below reuses a probed model's timing
+                hit = speed_mod.measure(self.inputs.source, float_model, cand, self.feeds, self.cache)
+                return hit["vs_exact"]["ratio"]
+
+            inputs = replace(inputs, probe=probe, verdicts=self.cache)
+        out.proposals = run_stage(float_model, inputs, schemes(self.target, float_model),
                                   speed=timed and self.precision == "auto")  # fmt: skip
         best = None
         for p in out.proposals:

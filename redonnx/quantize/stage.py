@@ -7,6 +7,10 @@ both: the check is always against the *original* model on the verification input
    and in INT8 (:mod:`redonnx.quantize.timing`); a layer whose INT8 form is not at least
    :data:`MIN_LAYER_GAIN` faster stays float (depthwise convolutions, small layers on CPUs without
    fast int8 dot products);
+   then, before any fidelity trial, whether INT8 can pay at all: the cost model's sum of what the
+   faster layers save must reach the speed gate's margin of the layers' float time, and the model
+   with every such layer in INT8 (the fastest the search could propose) is timed against the float
+   result once (``probe``); if it is not faster by that margin, no subset is tried;
 2. **calibration method**: the remaining layers are quantized together with the ranges of each
    method in :data:`redonnx.quantize.calibration.METHODS` in turn; the first whose model meets the
    budget is chosen, else the one whose model came closest;
@@ -21,6 +25,7 @@ activations quantized at run time) is a second candidate on models without convo
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -115,6 +120,9 @@ class StageInputs:
     cost_model: Any = None  # CostModel: time layers (precision auto, ort-cpu)
     layer_shapes: Callable[[onnx.ModelProto], dict[str, Any]] | None = None  # node name -> LayerShape
     image: bool = True  # 4-D inputs: fewer calibration samples
+    probe: Callable[[onnx.ModelProto], float] | None = None  # a model -> latency ratio to the float result
+    verdicts: Any = None  # latency.Cache: speed verdicts (INT8 cannot pay) kept by the float model's bytes
+    min_gain: float = 0.03  # the speed gate's margin (set by the planner)
 
 
 def _calibration_runs(inp: StageInputs) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -140,35 +148,97 @@ class Stage:
     work: Path
     _ranges: dict[str, Path] = field(default_factory=dict)
     trials: int = 0
+    _by_speed: bool = False  # declined for speed (a verdict worth keeping), not for fidelity
 
     def run(self, float_model: onnx.ModelProto) -> QuantResult:
         t0 = time.perf_counter()
         res = QuantResult(self.scheme, detect())
+        key = self._verdict_key(float_model)
+        hit = self.inputs.verdicts.get(key) if key else None
+        try:
+            if hit is not None:  # a speed verdict depends on the model and this CPU alone: it is not re-timed
+                res.declined, res.layers = hit["declined"], [LayerChoice(**d) for d in hit["layers"]]
+                res.notes.append("speed verdict recalled from the latency cache")
+            else:
+                self._run(float_model, res)
+        finally:
+            res.trials, res.seconds = self.trials, time.perf_counter() - t0
+        if key and hit is None and self._by_speed:
+            self.inputs.verdicts.put(key, {"declined": res.declined, "layers": [c.to_dict() for c in res.layers]})
+        return res
+
+    def _verdict_key(self, float_model: onnx.ModelProto) -> str | None:
+        if not self.speed or self.inputs.verdicts is None:
+            return None
+        h = hashlib.sha1(float_model.SerializeToString())
+        h.update(self.scheme.describe().encode())
+        return "int8 verdict " + h.hexdigest()
+
+    def _run(self, float_model: onnx.ModelProto, res: QuantResult) -> None:
         try:
             prepared = prepare(float_model, self.work)
         except RedonnxError as exc:
             res.declined = str(exc)
-            return res
+            return
         found = layers(prepared)
         if not found:
             res.declined = "no weighted layer (Conv, Gemm, MatMul with a constant weight) to quantize"
-            return res
+            return
         q = Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
         choices = {lay.name: LayerChoice(lay.name, lay.op) for lay in found}
+        res.layers = list(choices.values())
         slow = self._timed(prepared, found, choices) if self.speed else set()
         if len(slow) == len(found):
-            res.layers, res.declined = list(choices.values()), "INT8 is not faster than float for any layer on this CPU"
-            return res
+            res.declined, self._by_speed = "INT8 is not faster than float for any layer on this CPU", True
+            return
+        if self.speed and (why := self._too_little(choices, slow)):
+            res.declined, self._by_speed = why, True
+            return
         runs, res.calibration = _calibration_runs(self.inputs) if self.scheme.mode == "static" else ([], "")
+        if self.speed and (why := self._probe(q, frozenset(slow), runs, res)):
+            res.declined, self._by_speed = why, True
+            return
         self._search(q, [lay for lay in found if lay.name not in slow], frozenset(slow), runs, choices, res)
-        res.layers, res.trials, res.seconds = list(choices.values()), self.trials, time.perf_counter() - t0
         if res.model is not None:
             quantized = int8_nodes(res.model, [lay.name for lay in found if choices[lay.name].precision == "int8"])
             for lay in found:
                 if choices[lay.name].precision == "int8" and lay.name not in quantized:
                     c = choices[lay.name]
                     c.precision, c.why = "float", "left float by onnxruntime's quantizer"
-        return res
+
+    def _too_little(self, choices: dict[str, LayerChoice], slow: set[str]) -> str:
+        """Why INT8 cannot pass the speed gate by the cost model ("" if it may): what the layers
+        faster alone save, against the layers' float time (an upper bound of the model's share)."""
+        timed = [c for c in choices.values() if c.float_ms is not None and c.int8_ms is not None]
+        total = sum(c.float_ms for c in timed)
+        saved = sum(c.float_ms - c.int8_ms for c in timed if c.name not in slow)
+        if total <= 0 or saved >= self.inputs.min_gain * total:
+            return ""
+        return (f"the {len(choices) - len(slow)} layers faster alone in INT8 would save {saved / total:.1%} of the "
+                f"layers' float time (cost model): under the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
+
+    def _probe(self, q: Quantizer, slow: frozenset[str], runs, res: QuantResult) -> str:
+        """Why INT8 cannot pass the speed gate as timed ("" if it may): the model with every layer
+        faster alone in INT8, the fastest the search could propose, against the float result."""
+        if self.inputs.probe is None:
+            return ""
+        method, layers_only = self._tries()[0]
+        cache = self._ranges_for(q, runs, method, res) if method else None
+        ratio = self.inputs.probe(q.build(slow, None, cache, method or "MinMax", layers_only))
+        if ratio < 1.0 - self.inputs.min_gain:
+            return ""
+        return (f"with every layer faster alone in INT8 the model ran at {ratio:.3f}x the float result's latency: "
+                f"not faster by the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
+
+    def _tries(self) -> list[tuple[str | None, bool]]:
+        """The first trials' (calibration method, weighted layers only), in order: every op the library
+        quantizes with MinMax (static), then the weighted layers alone with each method."""
+        methods: list[str | None] = list(C.METHODS) if self.scheme.mode == "static" else [None]
+        tries = [(m, True) for m in methods]
+        ops = self.scheme.op_types  # dynamic quantizes the weighted layers' MatMuls alone either way
+        if self.scheme.mode == "static" and (ops is None or set(ops) - set(LAYER_OPS)):
+            tries.insert(0, (methods[0], False))
+        return tries
 
     def _timed(self, prepared: onnx.ModelProto, found: list[Layer], choices: dict[str, LayerChoice]) -> set[str]:
         from redonnx.quantize.timing import int8_ms
@@ -218,13 +288,8 @@ class Stage:
         return model, self.inputs.check(model)
 
     def _search(self, q: Quantizer, cands: list[Layer], slow: frozenset[str], runs, choices, res: QuantResult) -> None:
-        methods: list[str | None] = list(C.METHODS) if self.scheme.mode == "static" else [None]
         best = None
-        ops = self.scheme.op_types
-        tries = [(m, True) for m in methods]  # the weighted layers alone, each calibration method
-        static = self.scheme.mode == "static"  # dynamic quantizes the weighted layers' MatMuls alone either way
-        if static and (ops is None or set(ops) - set(LAYER_OPS)):  # first every op the library quantizes, MinMax
-            tries.insert(0, (methods[0], False))
+        tries = self._tries()
         for method, layers_only in tries:
             model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
             if best is None or v.worst_cosine > best[2].worst_cosine:
