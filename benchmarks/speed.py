@@ -2,7 +2,7 @@
 onnxslim and onnxruntime's own INT8 (quantize_static with real and with noise calibration,
 quantize_dynamic), in one run.
 
-Run: python benchmarks/speed.py [--models a,b] [--seconds S]
+Run: python benchmarks/speed.py [--models a,b] [--seconds S] [--variants "redonnx default,onnxsim"]
 Prints a Markdown table and writes benchmarks/results/speed.json. Needs onnxsim and onnxslim
 (pip install onnxsim onnxslim); a tool that is missing or fails on a model is recorded as such.
 
@@ -208,7 +208,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", help="comma-separated names (see fidelity.py)")
     ap.add_argument("--seconds", type=float, default=15.0, help="timing budget per model")
+    ap.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     args = ap.parse_args()
+    if args.variants:
+        chosen = [v.strip() for v in args.variants.split(",")]
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {VARIANTS}")
+        VARIANTS[:] = chosen
     wanted = set(args.models.split(",")) if args.models else None
     rows: list[dict] = []
     for name, model, shapes in models():

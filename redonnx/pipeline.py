@@ -213,12 +213,24 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
         draw=lambda batch, seed: settled.draw(batch=batch, seed=seed),
         batched=batch_is_leading(source), calibration=ctx.calibration, corrections=evidence.corrections,
         cost_model=cost, layer_shapes=layer_shapes if cost is not None else None,
-        image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input))  # fmt: skip
+        image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input),
+        budget=_budget_key(tol, ctx.calibration))  # fmt: skip
     stage = PrecisionStage(prec, target, inputs, feeds, cost.cache if cost is not None else None)
     float_check = reference.check(model, tol)
     model, results, quant = stage.run(model, results, speed, float_check.worst_cosine)
     chosen = quant.chosen
     return model, results, quant, chosen.verification if chosen is not None else float_check
+
+
+def _budget_key(tol: Tolerance, calibration: dict[str, np.ndarray] | None) -> str:
+    """The tolerance and the calibration inputs' digest: what an INT8 verdict depends on beside the model."""
+    import hashlib
+
+    h = hashlib.sha1(repr(tol).encode())
+    for name in sorted(calibration or {}):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(calibration[name]).tobytes())
+    return h.hexdigest()
 
 
 def _reference(model: onnx.ModelProto, inputs: sizes_mod.Settled, samples: int) -> Checker:

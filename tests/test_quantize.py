@@ -149,7 +149,17 @@ class _Verdicts(dict):
         self[key] = json.loads(json.dumps(value))
 
 
-def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio: float, verdicts: _Verdicts, probed: list):
+class _Over:
+    """A check over the budget."""
+
+    worst_cosine = 0.9
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio, verdicts: _Verdicts, probed: list,
+                 check=None):  # fmt: skip
     from redonnx.quantize import Scheme, StageInputs
     from redonnx.quantize.stage import Stage
 
@@ -157,10 +167,10 @@ def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio: float, v
 
     def probe(m: onnx.ModelProto) -> float:
         probed.append(m)
-        return probe_ratio
+        return probe_ratio if isinstance(probe_ratio, float) else probe_ratio[len(probed) - 1]
 
     inputs = StageInputs(
-        source=model, check=lambda m: pytest.fail("a fidelity trial ran"), batched=True,
+        source=model, check=check or (lambda m: pytest.fail("a fidelity trial ran")), batched=True,
         draw=lambda batch, seed: {"x": np.random.default_rng(seed).standard_normal((batch, 16)).astype(np.float32)},
         cost_model=_Costs(int8, last, "fc3"), layer_shapes=lambda m: {n.name: _Shape(n.name) for n in m.graph.node},
         probe=probe, verdicts=verdicts, min_gain=0.03)  # fmt: skip
@@ -186,6 +196,12 @@ def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remember
     assert again.declined == slow.declined and len(probed) == 1
     assert [c.to_dict() for c in again.layers] == [c.to_dict() for c in slow.layers]
     assert "recalled" in again.notes[0]
+    # every op in INT8 is faster but over the budget: the weighted layers alone are probed before more trials
+    verdicts.clear()
+    probed.clear()
+    layers = _speed_stage(tmp_path, 0.5, 0.5, [0.5, 1.2], verdicts, probed, check=lambda m: _Over())
+    assert "with the weighted layers faster alone in INT8 the model ran at 1.200x" in layers.declined
+    assert layers.trials == 1 and len(probed) == 2 and len(verdicts) == 1
 
 
 def test_dynamic_int8_scales_weights_per_column() -> None:

@@ -10,7 +10,8 @@ both: the check is always against the *original* model on the verification input
    then, before any fidelity trial, whether INT8 can pay at all: the cost model's sum of what the
    faster layers save must reach the speed gate's margin of the layers' float time, and the model
    with every such layer in INT8 (the fastest the search could propose) is timed against the float
-   result once (``probe``); if it is not faster by that margin, no subset is tried;
+   result once (``probe``); if it is not faster by that margin, no subset is tried (probed again
+   with the other ops float once every op in INT8 is over the budget);
 2. **calibration method**: the remaining layers are quantized together with the ranges of each
    method in :data:`redonnx.quantize.calibration.METHODS` in turn; the first whose model meets the
    budget is chosen, else the one whose model came closest;
@@ -122,6 +123,7 @@ class StageInputs:
     image: bool = True  # 4-D inputs: fewer calibration samples
     probe: Callable[[onnx.ModelProto], float] | None = None  # a model -> latency ratio to the float result
     verdicts: Any = None  # latency.Cache: speed verdicts (INT8 cannot pay) kept by the float model's bytes
+    budget: str = ""  # what else a verdict depends on: the tolerance, the calibration inputs
     min_gain: float = 0.03  # the speed gate's margin (set by the planner)
 
 
@@ -171,7 +173,7 @@ class Stage:
         if not self.speed or self.inputs.verdicts is None:
             return None
         h = hashlib.sha1(float_model.SerializeToString())
-        h.update(self.scheme.describe().encode())
+        h.update(f"|{self.scheme.describe()}|{self.inputs.budget}".encode())
         return "int8 verdict " + h.hexdigest()
 
     def _run(self, float_model: onnx.ModelProto, res: QuantResult) -> None:
@@ -217,17 +219,23 @@ class Stage:
         return (f"the {len(choices) - len(slow)} layers faster alone in INT8 would save {saved / total:.1%} of the "
                 f"layers' float time (cost model): under the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
 
-    def _probe(self, q: Quantizer, slow: frozenset[str], runs, res: QuantResult) -> str:
+    def _probe(
+        self, q: Quantizer, slow: frozenset[str], runs, res: QuantResult, layers_only: bool | None = None
+    ) -> str:
         """Why INT8 cannot pass the speed gate as timed ("" if it may): the model with every layer
-        faster alone in INT8, the fastest the search could propose, against the float result."""
+        faster alone in INT8, the fastest the search could still propose, against the float result
+        (first with every op the library quantizes; once that is over the budget, the weighted
+        layers alone, whose Q/DQ pairs around the float ops cost time of their own)."""
         if self.inputs.probe is None:
             return ""
-        method, layers_only = self._tries()[0]
+        method, first = self._tries()[0]
+        layers_only = first if layers_only is None else layers_only
         cache = self._ranges_for(q, runs, method, res) if method else None
         ratio = self.inputs.probe(q.build(slow, None, cache, method or "MinMax", layers_only))
         if ratio < 1.0 - self.inputs.min_gain:
             return ""
-        return (f"with every layer faster alone in INT8 the model ran at {ratio:.3f}x the float result's latency: "
+        what = "the weighted layers" if layers_only and not first else "every layer"
+        return (f"with {what} faster alone in INT8 the model ran at {ratio:.3f}x the float result's latency: "
                 f"not faster by the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
 
     def _tries(self) -> list[tuple[str | None, bool]]:
@@ -291,6 +299,10 @@ class Stage:
         best = None
         tries = self._tries()
         for method, layers_only in tries:
+            other_ops_float = layers_only and not tries[0][1] and method == tries[0][0]
+            if other_ops_float and self.speed and (why := self._probe(q, slow, runs, res, layers_only=True)):
+                res.declined, self._by_speed = why, True
+                return
             model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
             if best is None or v.worst_cosine > best[2].worst_cosine:
                 best = (method, model, v)
