@@ -62,6 +62,8 @@ def ort_int8(name: str, model: onnx.ModelProto, calib: dict[str, np.ndarray] | N
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from redonnx.io.external_data import inline_copy
+
     class Reader:
         def __init__(self, feeds: dict[str, np.ndarray]) -> None:
             n = len(next(iter(feeds.values())))
@@ -72,7 +74,7 @@ def ort_int8(name: str, model: onnx.ModelProto, calib: dict[str, np.ndarray] | N
 
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, str(src))
+        onnx.save(inline_copy(model), str(src))  # a user quantizes the file itself, weights and all
         try:
             quant_pre_process(str(src), str(pre))
         except Exception:
