@@ -60,3 +60,28 @@ def test_planner_keeps_a_branch_that_matters() -> None:
     res = prune(residual_net(scale=0.5), target="trt")
     assert res.report()["budget"]["depth"]["removed"] == 0
     assert sum(n.op_type == "Conv" for n in res.model.graph.node) == 4
+
+
+def test_ancestry_bit_sets_match_a_plain_walk() -> None:
+    """The ancestor sets computed once per graph are each tensor's walk back to the inputs."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    from conftest import SHARED
+
+    from redonnx.io.graph import to_graph
+    from redonnx.passes.drop_branches import _Ancestry
+
+    resnet = SHARED / "cifar10" / "resnet20_bn.onnx"
+    for model in [residual_net(extra_reader=True)] + ([onnx.load(str(resnet))] if resnet.exists() else []):
+        graph = to_graph(model)
+        ancestry = _Ancestry()
+        for t in [t for t in graph.tensors().values() if isinstance(t, gs.Variable)][::-1]:
+            seen, stack = set(), [t]
+            while stack:
+                cur = stack.pop()
+                if id(cur) not in seen:
+                    seen.add(id(cur))
+                    stack.extend(x for n in cur.inputs for x in n.inputs if isinstance(x, gs.Variable))
+            bits = ancestry.of(t)
+            members = {id(x) for x in graph.tensors().values() if bits & ancestry.bit(x)}
+            assert members == seen & {id(x) for x in graph.tensors().values()}, t.name

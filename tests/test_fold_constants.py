@@ -86,3 +86,29 @@ def test_one_unevaluable_constant_node_does_not_stop_the_rest() -> None:
     graph_out, _ = run_passes(model, ["fold-constants"], exact=True)
     ops = [n.op_type for n in graph_out.graph.node]
     assert "Concat" not in ops and "Mystery" in ops
+
+
+def test_a_graph_with_nothing_to_fold_skips_the_evaluation(monkeypatch) -> None:
+    """gs copies the whole graph before it finds nothing: the pass proves there is nothing first,
+    and the graphs that have something still fold (shape arithmetic, constants, a Cast)."""
+    import onnx_graphsurgeon as gs
+
+    from redonnx.io.graph import to_graph
+    from redonnx.passes import fold_constants as F
+
+    b = Builder()
+    h = b.op("Relu", [b.op("MatMul", ["x", b.rand(4, 4)])])
+    plain = b.model([("x", [2, 4])], [b.op("Add", [h, b.rand(4)])])
+    calls = []
+    real = gs.Graph.fold_constants
+    monkeypatch.setattr(gs.Graph, "fold_constants", lambda self, **kw: calls.append(1) or real(self, **kw))
+    out, (res,) = run_passes(plain, ["fold-constants"], exact=True)
+    assert not calls and not res.modified
+    assert_equivalent(plain, out)
+    assert not F._may_fold(to_graph(plain))
+    cast = Builder()
+    m = cast.model([("x", [2, 4])], [cast.op("Cast", [cast.op("Relu", ["x"])], to=onnx.TensorProto.FLOAT)])
+    for model in (reshape_by_shape_arithmetic([2, 3, 4]), m):
+        assert F._may_fold(to_graph(model))
+    out, _ = run_passes(reshape_by_shape_arithmetic([2, 3, 4]), ["fold-constants"], exact=True)
+    assert calls and "Shape" not in [n.op_type for n in out.graph.node]

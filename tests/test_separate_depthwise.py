@@ -12,7 +12,7 @@ from conftest import assert_equivalent, shared_model
 from redonnx.io.files import load_model
 from redonnx.measure.cost import model_cost
 from redonnx.passes import PassContext, SeparateDepthwise
-from redonnx.passes.separate_depthwise import costs, factorize
+from redonnx.passes.separate_depthwise import costs, factorize, first_unpaying_channel
 from redonnx.pipeline import prune, run_passes
 
 
@@ -63,6 +63,25 @@ def test_full_rank_declined() -> None:
     out, res = separated(m)
     assert not res.counts and "would not lower" in res.declined[0].reason
     assert_equivalent(m, out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_early_rank_bound_decides_as_the_full_factorization(seed: int) -> None:
+    """One channel of too high a rank declines the conv before the full SVD: the verdict must be
+    the one the full factorization and its cost count reach, whichever channel it is."""
+    rng = np.random.default_rng(seed)
+    cout, cin = int(rng.integers(4, 24)), int(rng.integers(1, 6))
+    ranks = [int(r) for r in rng.integers(0, 4, cin)]
+    if seed % 2:
+        ranks[int(rng.integers(cin))] = 9  # one full-rank channel, anywhere
+    w = low_rank(rng.standard_normal((cout, cin, 3, 3)), ranks)
+    f = factorize(w)
+    c = costs(cout, cin, 9, f.ranks)
+    pays = c["stacked"][0] < c["original"][0] and c["stacked"][1] < c["original"][1]
+    over = first_unpaying_channel(w)
+    assert (over is None) == pays
+    if over is not None:
+        assert over[1] == f.ranks[over[0]] and over[0] == next(i for i, r in enumerate(f.ranks) if r == over[1])
 
 
 def test_1d_conv_and_dilation() -> None:

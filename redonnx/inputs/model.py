@@ -57,6 +57,7 @@ from redonnx.inputs.specs import batch_is_leading as batch_is_leading
 from redonnx.inputs.specs import natural_noise as natural_noise
 from redonnx.inputs.specs import need_values_message as need_values_message
 from redonnx.inputs.specs import smooth_noise as smooth_noise
+from redonnx.measure.runtime import in_order
 from redonnx.measure.segments import Stepper
 
 
@@ -159,10 +160,17 @@ def convention_scores(model, specs, spec: InputSpec, first: list[RL.BNPoint], sh
     spectra (:data:`SPECTRUM_RANGE`; vectors: another seed)."""
     others = [(8 + k, e) for k, e in enumerate(SPECTRUM_RANGE)] if spec.kind == "image" else [(8, None)]
     variants = [(7, None), *others]
+
+    def realism(job: tuple) -> float:
+        conv, seed, e = job
+        feeds = _probe_feeds(model, specs, spec, shapes, conv, seed, e)
+        return RL.assess(model, feeds, first, correct=False, prefix=True).overall or 0.0
+
+    jobs = [(conv, seed, e) for conv in CONVENTIONS for seed, e in variants]
+    got = list(in_order(realism, jobs))  # side by side, in order
     score, spread = {}, {}
-    for conv in CONVENTIONS:
-        vals = [RL.assess(model, _probe_feeds(model, specs, spec, shapes, conv, seed, e), first, correct=False,
-                          prefix=True).overall or 0.0 for seed, e in variants]  # fmt: skip
+    for k, conv in enumerate(CONVENTIONS):
+        vals = got[k * len(variants) : (k + 1) * len(variants)]
         score[conv.name], spread[conv.name] = vals[0], max(vals) - min(vals)
     return ConventionScores(score, spread)
 

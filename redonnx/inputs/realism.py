@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from redonnx.io import weights
+from redonnx.measure.runtime import in_order
 from redonnx.measure.segments import Stepper
 
 POOR = 0.9  # model realism below this: synthetic inputs look unlike the data; lossy passes hold back
@@ -213,7 +214,6 @@ def assess(
     def record(name: str, value: np.ndarray) -> None:
         measured[name] = layer_realism(by_tensor[name], *channel_moments(value))
 
-    stepper.run(feeds, record, until=stepper.stops[-1] if prefix else None)
     corrections: list[Correction] = []
 
     def fix(name: str, value: np.ndarray) -> np.ndarray:
@@ -221,8 +221,11 @@ def assess(
         corrections.append(corr)
         return apply(value, corr.scale, corr.shift).astype(value.dtype)
 
-    if correct:
-        stepper.run(feeds, fix)
+    runs = [lambda: stepper.run(feeds, record, until=stepper.stops[-1] if prefix else None)]
+    if correct:  # the corrected pass does not depend on the plain one: both at once
+        runs.append(lambda: stepper.run(feeds, fix))
+    for _ in in_order(lambda go: go(), runs):
+        pass
     batch = {len(v) for v in feeds.values() if np.ndim(v)}
     return Realism([measured[t] for t in stepper.stops if t in measured], corrections, max(batch, default=1))
 

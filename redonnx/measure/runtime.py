@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -23,6 +29,12 @@ ort.set_default_logger_severity(4)  # errors reach the user once, as our own one
 #: conv differs by 2e-6 at 4 threads from 1 or 2), and the default count is the machine's cores: one
 #: thread gives the same numbers, so the same file, on any machine. Timing sets its own count.
 REPRODUCIBLE_THREADS = 1
+
+#: independent runs (verification samples, statistics chunks, branch scores) go to this many
+#: threads at most, each on its own one-thread run: the same numbers as one after another (each run
+#: is alone in its session call and results are taken in order), on every core the machine lends.
+#: Bounded: every run in flight holds its activations.
+MAX_WORKERS = 4
 
 
 def session(
@@ -53,6 +65,61 @@ def session(
         path = Path(tmp) / "model.onnx"
         weights.write_external(model, path, "model.onnx.data")  # streams, no copy of the weights
         return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def workers() -> int:
+    """Threads :func:`in_order` uses: the cores this process may run on, at most :data:`MAX_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_IN_POOL = threading.local()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(workers(), thread_name_prefix="redonnx-run", initializer=_mark_pool)
+        return _POOL
+
+
+def _mark_pool() -> None:
+    _IN_POOL.active = True
+
+
+def in_order(fn: Callable[[_T], _R], items: Iterable[_T], window: int | None = None) -> Iterator[_R]:
+    """``fn`` over ``items`` on the worker threads, results yielded in the items' order, at most
+    ``window`` (default: the worker count) computed ahead of the one being consumed. onnxruntime
+    releases the GIL while it runs, so one-thread runs of independent feeds use the other cores.
+    Called from a worker (nested), or with one worker, it runs inline."""
+    n = workers()
+    if n == 1 or getattr(_IN_POOL, "active", False):
+        for item in items:
+            yield fn(item)
+        return
+    pool, it = _pool(), iter(items)
+    pending: deque[Future] = deque()
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= (window or n):
+            break
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(it, _END)
+        if nxt is not _END:
+            pending.append(pool.submit(fn, nxt))
+        yield result
+
+
+_END = object()
 
 
 def try_session(model: onnx.ModelProto, what: str, optimize: bool = False) -> ort.InferenceSession:

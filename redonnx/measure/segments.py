@@ -10,8 +10,9 @@ pass plus a session per piece: a correction that depends on every correction ups
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -44,6 +45,7 @@ class _Piece:
     outputs: list[str]
     stops: list[str]
     session: ort.InferenceSession | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # runs on several threads build it once
 
 
 class Stepper:
@@ -85,6 +87,10 @@ class Stepper:
         self._inits[name] = onnx.numpy_helper.from_array(np.asarray(values), name)
 
     def _session(self, piece: _Piece, state: dict[str, np.ndarray]) -> ort.InferenceSession:
+        with piece.lock:
+            return self._build(piece, state)
+
+    def _build(self, piece: _Piece, state: dict[str, np.ndarray]) -> ort.InferenceSession:
         if piece.session is None:
             inits = {n for node in piece.nodes for n in node_reads(node) if n in self._inits}
             inputs = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(state[n].dtype), None)
@@ -113,7 +119,8 @@ class Stepper:
         stop, with ``keep`` from an earlier run on the same feeds whose hook replaced nothing before
         it: the pieces before the one making it are not run again (they would compute the same;
         the hook is not called for their stops). Replacing one stop after another costs then the
-        pieces from that stop on, not a whole run each."""
+        pieces from that stop on, not a whole run each. Runs on one stepper may go on several
+        threads at once (a resumed run only reads ``keep``)."""
         first, done = 0, 0
         if resume is not None and keep:
             first = self._piece_of[resume]

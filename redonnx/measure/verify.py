@@ -30,7 +30,7 @@ from redonnx.inputs.model import InputModel
 from redonnx.inputs.model import infer as infer_inputs
 from redonnx.inputs.shapes import graph_inputs
 from redonnx.io.files import LoadedModel, load_model
-from redonnx.measure.runtime import load_npz_inputs, run, try_session
+from redonnx.measure.runtime import in_order, load_npz_inputs, run, try_session
 
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-4
@@ -304,14 +304,15 @@ class Reference:
 
 def _run_all(sess, batches: list[dict[str, np.ndarray]], what: str) -> dict[str, np.ndarray]:
     store: dict[str, list[np.ndarray]] = {}
-    for feeds in batches:
-        try:
-            outs = run(sess, feeds)
-        except Exception as exc:  # onnxruntime runtime errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
-        for k, v in outs.items():
-            store.setdefault(k, []).append(np.asarray(v))
+    try:
+        for outs in in_order(lambda feeds: run(sess, feeds), batches):  # samples side by side
+            for k, v in outs.items():
+                store.setdefault(k, []).append(np.asarray(v))
+    except RedonnxError:
+        raise
+    except Exception as exc:  # onnxruntime runtime errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
     return {k: _stack(v) for k, v in store.items()}
 
 

@@ -57,21 +57,39 @@ class Branch:
         return [n for n in self.nodes if n.op in LINEAR_OPS]
 
 
-def _ancestors(t: gs.Tensor, seen: set[int]) -> None:
-    stack = [t]
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        for n in cur.inputs:
-            stack.extend(x for x in n.inputs if isinstance(x, gs.Variable))
+class _Ancestry:
+    """Which tensors each tensor depends on (itself included), as bit sets computed once per graph:
+    every Add asks for its other side's ancestors, which would otherwise be walked again per Add."""
+
+    def __init__(self) -> None:
+        self._index: dict[int, int] = {}
+        self._bits: dict[int, int] = {}
+
+    def bit(self, t: gs.Tensor) -> int:
+        return 1 << self._index.setdefault(id(t), len(self._index))
+
+    def of(self, t: gs.Tensor) -> int:
+        stack, open_ = [(t, False)], set()  # open_: on the stack (a cycle, in a broken graph, ends there)
+        while stack:
+            cur, ready = stack.pop()
+            if id(cur) in self._bits or (not ready and id(cur) in open_):
+                continue
+            parents = [x for n in cur.inputs for x in n.inputs if isinstance(x, gs.Variable)]
+            if ready:
+                bits = self.bit(cur)
+                for x in parents:
+                    bits |= self._bits.get(id(x), 0)
+                self._bits[id(cur)] = bits
+                continue
+            open_.add(id(cur))
+            stack.append((cur, True))
+            stack.extend((x, False) for x in parents if id(x) not in self._bits)
+        return self._bits[id(t)]
 
 
-def _branch(graph: gs.Graph, add: gs.Node, side: int) -> Branch | str:
+def _branch(graph: gs.Graph, add: gs.Node, side: int, ancestry: _Ancestry) -> Branch | str:
     p, q = add.inputs[side], add.inputs[1 - side]
-    shortcut: set[int] = set()
-    _ancestors(q, shortcut)
+    shortcut = ancestry.of(q)
     nodes: list[gs.Node] = []
     entries: dict[int, gs.Tensor] = {}
     stack, seen = [p], set()
@@ -80,7 +98,7 @@ def _branch(graph: gs.Graph, add: gs.Node, side: int) -> Branch | str:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if id(t) in shortcut:
+        if shortcut & ancestry.bit(t):
             entries[id(t)] = t
             continue
         if not t.inputs:
@@ -129,13 +147,14 @@ def find_branches(graph: gs.Graph) -> tuple[list[Branch], list[tuple[gs.Node, st
     """Residual branches that can go, and the Adds declined with why."""
     annotate_graph(graph)
     found, declined = [], []
+    ancestry = _Ancestry()
     for add in graph.nodes:
         if add.op != "Add" or len(add.inputs) != 2 or not all(isinstance(t, gs.Variable) for t in add.inputs):
             continue
         a, b = add.inputs
         if a.shape is None or b.shape is None or list(a.shape) != list(b.shape):
             continue
-        options = [_branch(graph, add, side) for side in (0, 1)]
+        options = [_branch(graph, add, side, ancestry) for side in (0, 1)]
         got = [o for o in options if isinstance(o, Branch)]
         if got:
             found.append(max(got, key=lambda br: len(br.nodes)))  # the longer side is the branch

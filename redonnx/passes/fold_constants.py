@@ -37,6 +37,9 @@ class FoldConstants(Pass):
         res = self.result()
         annotate_graph(graph)
         graph.toposort(recurse_subgraphs=False)
+        if not _may_fold(graph):  # gs would copy the graph to find nothing: most CNNs, every trial
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+            return res
         _load_folded_weights(graph)
         before = len(graph.nodes)
         _quiet_gs()
@@ -67,6 +70,23 @@ def _fold(graph: gs.Graph, limit: int) -> None:
         graph.fold_constants(partitioning="basic", error_ok=True, **kw)
     finally:
         restore_constants(graph, shielded)
+
+
+#: ops gs's folding acts on whatever their inputs: shape arithmetic, cast elision, constant nodes
+_ALWAYS = frozenset({"Shape", "Size", "Cast", "CastLike", "Constant"})
+
+
+def _may_fold(graph: gs.Graph) -> bool:
+    """Whether folding could change ``graph``: some node computes from constants alone (or from
+    nothing), reads a shape, is a Cast, or has subgraphs (their outer reads are not looked at here).
+    False is a proof that ``graph.fold_constants`` would find nothing."""
+    for node in graph.nodes:
+        if node.op in _ALWAYS or any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(
+                v[0], gs.Graph)) for v in node.attrs.values()):  # fmt: skip
+            return True
+        if all(isinstance(t, gs.Constant) or t.is_empty() for t in node.inputs):
+            return True
+    return False
 
 
 def _load_folded_weights(graph: gs.Graph) -> None:

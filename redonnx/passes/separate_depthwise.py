@@ -65,15 +65,43 @@ def factorize(w: np.ndarray, rank_tol: float = RANK_TOL, max_error: float = 0.0)
     us, vs, err = [], [], 0.0
     for i in range(cin):
         s = ss[i]
-        if max_error > 0:  # smallest rank leaving at most max_error of this channel's energy out
-            tail = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)
-            r = int(np.argmax(tail <= max_error**2 * float(np.sum(s**2))))
-        else:
-            r = int(np.sum(s > rank_tol * max(float(s[0]), 1e-300)))
+        r = rank_of(s, rank_tol, max_error)
         err += float(np.sum(s[r:] ** 2))
         us.append(uu[i][:, :r] * s[:r])
         vs.append(vt[i][:r])
     return Factors(us, vs, float(np.sqrt(err / total)))
+
+
+def rank_of(s: np.ndarray, rank_tol: float = RANK_TOL, max_error: float = 0.0) -> int:
+    """Rank kept from singular values ``s`` (descending): those above ``rank_tol`` x the largest, or
+    the smallest rank leaving at most ``max_error`` of the energy out."""
+    if max_error > 0:
+        tail = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)
+        return int(np.argmax(tail <= max_error**2 * float(np.sum(s**2))))
+    return int(np.sum(s > rank_tol * max(float(s[0]), 1e-300))) if s.size else 0
+
+
+def paying_rank(cout: int, cin: int, k: int) -> int:
+    """The largest multiplier m at which the stacked and multiplier forms still lower both MACs and
+    parameters: cin m (k + cout) < cout cin k."""
+    return max(0, -(-cout * k // (k + cout)) - 1)
+
+
+def first_unpaying_channel(w: np.ndarray, rank_tol: float = RANK_TOL, max_error: float = 0.0) -> tuple[int, int] | None:
+    """(input channel, rank) of the first channel whose rank alone exceeds :func:`paying_rank`, or
+    None: the forms' m is the largest rank, so one such channel decides, before any full SVD (most
+    trained 3x3 kernels are full rank: one small SVD per conv instead of C_in)."""
+    cout, cin = w.shape[:2]
+    k = int(np.prod(w.shape[2:]))
+    limit = paying_rank(cout, cin, k)
+    if limit >= min(cout, k):
+        return None  # any rank pays
+    m = np.asarray(w, np.float64).reshape(cout, cin, -1)
+    for i in range(cin):
+        r = rank_of(np.linalg.svd(m[:, i], compute_uv=False), rank_tol, max_error)
+        if r > limit:
+            return i, r
+    return None
 
 
 def costs(cout: int, cin: int, k: int, ranks: list[int]) -> dict[str, tuple[int, int]]:
@@ -115,10 +143,15 @@ class SeparateDepthwise(Pass):
                     res.decline(node, why)
                 continue
             w = np.asarray(node.inputs[1].values)
-            f = factorize(w, max_error=self.max_error)
-            k = int(np.prod(w.shape[2:]))
-            c = costs(w.shape[0], w.shape[1], k, f.ranks)
             form = "stacked" if self.form == "auto" else self.form  # fastest in onnxruntime (benchmarks/separation.py)
+            k = int(np.prod(w.shape[2:]))
+            over = first_unpaying_channel(w, max_error=self.max_error) if form != "gather" else None
+            if over is not None:
+                res.decline(node, f"input channel {over[0]} has rank {over[1]}: separation would not lower MACs and "
+                                  f"parameters above rank {paying_rank(w.shape[0], w.shape[1], k)}")  # fmt: skip
+                continue
+            f = factorize(w, max_error=self.max_error)
+            c = costs(w.shape[0], w.shape[1], k, f.ranks)
             if c[form][0] >= c["original"][0] or c[form][1] >= c["original"][1]:
                 res.decline(node, f"ranks {_rank_summary(f.ranks)}: separation would not lower MACs and parameters")
                 continue

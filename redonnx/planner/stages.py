@@ -25,6 +25,7 @@ import onnx
 
 from redonnx.inputs.realism import intervene
 from redonnx.io.graph import export, to_graph
+from redonnx.measure.runtime import in_order
 from redonnx.measure.segments import Stepper
 from redonnx.measure.verify import Checker, Tolerance
 from redonnx.passes import drop_branches as D
@@ -80,15 +81,17 @@ def score_branches(base: onnx.ModelProto, branches: list[D.Branch], ctx: PassCon
 
     states: list = []  # each replacement run resumes where its branch ends
     ref = stepper.run(feeds, record, keep=states)
-    effects = {}
-    for b in branches:
+
+    def effect(b: D.Branch) -> float:
         const = D.channel_shaped(means[b.key], ranks[b.key], b.axis)
 
-        def replace(name: str, v: np.ndarray, b=b, const=const) -> np.ndarray | None:
+        def replace(name: str, v: np.ndarray) -> np.ndarray | None:
             return np.broadcast_to(const, v.shape).astype(v.dtype) if name == b.output.name else None
 
         out = stepper.run(feeds, replace, keep=states, resume=b.output.name)
-        effects[b.key] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
+        return float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
+
+    effects = dict(zip([b.key for b in branches], in_order(effect, branches), strict=True))  # side by side
     return means, effects
 
 
@@ -196,24 +199,27 @@ def score_heads(base: onnx.ModelProto, atts: list[H.Attention], ctx: PassContext
     feeds = {k: v[: min(n, SCORE_BATCH)] for k, v in feeds.items()}  # scores: a few samples
     states: list = []  # each replacement run resumes where its head's context is made
     ref = stepper.run(feeds, lambda _n, _v: None, keep=states)
-    effects = {}
-    for a in atts:
-        for h in range(a.heads):
-            cols = list(range(a.cols(h).start, a.cols(h).stop))
-            kept = [c for c in range(a.heads * a.dim) if c not in cols]
-            coef, const = R.regression(stats[a.key], cols, kept)
 
-            def replace(name: str, v: np.ndarray, a=a, h=h, kept=kept, coef=coef, const=const) -> np.ndarray | None:
-                if name != a.ctx.name:
-                    return None
-                out = np.array(v, copy=True)
-                pred = _features(v)[:, kept] @ coef.T + const  # [B*S, D]
-                b, _, s, d = v.shape
-                out[:, h] = pred.reshape(b, s, d).astype(v.dtype)
-                return out
+    def effect(unit: tuple[H.Attention, int]) -> float:
+        a, h = unit
+        cols = list(range(a.cols(h).start, a.cols(h).stop))
+        kept = [c for c in range(a.heads * a.dim) if c not in cols]
+        coef, const = R.regression(stats[a.key], cols, kept)
 
-            out = stepper.run(feeds, replace, keep=states, resume=a.ctx.name)
-            effects[(a.key, h)] = float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
+        def replace(name: str, v: np.ndarray) -> np.ndarray | None:
+            if name != a.ctx.name:
+                return None
+            out = np.array(v, copy=True)
+            pred = _features(v)[:, kept] @ coef.T + const  # [B*S, D]
+            b, _, s, d = v.shape
+            out[:, h] = pred.reshape(b, s, d).astype(v.dtype)
+            return out
+
+        out = stepper.run(feeds, replace, keep=states, resume=a.ctx.name)
+        return float(np.mean([1.0 - _cosine(ref[k], out[k]) for k in ref]))
+
+    units = [(a, h) for a in atts for h in range(a.heads)]
+    effects = {(a.key, h): e for (a, h), e in zip(units, in_order(effect, units), strict=True)}  # side by side
     return stats, effects
 
 

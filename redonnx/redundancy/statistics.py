@@ -29,7 +29,7 @@ from redonnx.inputs.model import infer as infer_inputs
 from redonnx.inputs.realism import Correction, intervene
 from redonnx.inputs.sizes import Settled
 from redonnx.io.graph import export
-from redonnx.measure.runtime import run, session
+from redonnx.measure.runtime import in_order, run, session
 
 ROWS_PER_CHANNEL = 8  # fewer rows per channel than this: shrunk covariance (see Stats.of_rows)
 MAX_ROWS = 16384  # samples per tensor kept for the covariance
@@ -157,14 +157,17 @@ def _sample_rows(sess, feeds: dict[str, np.ndarray], axes: dict[str, int], rng, 
     """Up to MAX_ROWS rows (channel vectors at sampled positions) of every named tensor, in float64.
 
     The batch runs in pieces and each piece contributes its share of rows, so memory holds one
-    piece's activations (all requested tensors of a few images), not the whole batch's."""
+    piece's activations per worker thread (all requested tensors of a few images), not the batch's."""
     sizes = {len(v) if np.ndim(v) else 0 for v in feeds.values()}
     n = sizes.pop() if split and len(sizes) == 1 else 1
     pieces = np.array_split(np.arange(n), min(n, CHUNKS)) if n > 1 else [None]
     quota = -(-MAX_ROWS // len(pieces))
     kept: dict[str, list[np.ndarray]] = {name: [] for name in axes}
-    for idx in pieces:
-        outs = run(sess, feeds if idx is None else {k: v[idx] for k, v in feeds.items()})
+
+    def piece(idx) -> dict[str, np.ndarray]:
+        return run(sess, feeds if idx is None else {k: v[idx] for k, v in feeds.items()})
+
+    for outs in in_order(piece, pieces):  # pieces side by side; rows drawn in piece order
         for name, axis in axes.items():
             x = np.moveaxis(np.asarray(outs[name]), axis, -1)
             x = x.reshape(-1, x.shape[-1])
