@@ -21,6 +21,7 @@ from redonnx.errors import RedonnxError
 from redonnx.inputs import model as input_model
 from redonnx.inputs import realism as realism_mod
 from redonnx.inputs import sizes as sizes_mod
+from redonnx.io import weights
 from redonnx.io.files import LoadedModel, load_model
 from redonnx.measure.cost import ModelCost, cost_and_shapes, model_cost
 from redonnx.measure.latency import CostModel
@@ -165,19 +166,24 @@ def prune(
     if tol.min_cosine == CAUTIOUS_MIN_COSINE:
         evidence.tightened = tol.min_cosine
     reference = _reference(source.model, settled, samples) if check or searching else None
-    search = speed = after = quant = None
+    search = speed = after = quant = second = None
     gate = target == "ort-cpu" and target_macs is None
     feeds = settled.draw(batch=1, seed=0) if gate and (searching or quantizing) else None
     if searching:
         planned = Planner(reference, tol, ctx, target_macs, refit, progress).plan(source.model, chosen, feeds)
         model, results, search, speed, after = planned.model, planned.results, planned.search, planned.speed, \
             planned.cost  # fmt: skip
+        second = planned.lossless
     else:
         model, results = run_passes(source.model, chosen, exact, ctx)
     after = after if after is not None else model_cost(model, settled.hints)
     if quantizing and reference is not None:
         model, results, quant, checked = _precision(source.model, model, results, speed, prec, target, reference, tol,
-                                           evidence, ctx, feeds, settled)  # fmt: skip
+                                           evidence, ctx, feeds, settled, second)  # fmt: skip
+    if second is not None and quant is not None and quant.chosen is not None and quant.chosen.of:
+        after = model_cost(second[0], settled.hints)  # INT8 of the lossless result: its layers
+    elif second is not None:
+        weights.discard(second[0])  # a lean lossless result's scratch weights
     if ctx.cost_model is not None:
         ctx.cost_model.save()
     verification = (checked if quant is not None else reference.check(model, tol)) if check else None
@@ -192,7 +198,8 @@ def prune(
 
 def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[PassResult], speed, prec: str,
                target: str, reference, tol: Tolerance, evidence: Evidence, ctx: PassContext,
-               feeds: dict[str, np.ndarray] | None, settled: sizes_mod.Settled):  # fmt: skip
+               feeds: dict[str, np.ndarray] | None, settled: sizes_mod.Settled,
+               lossless: tuple[onnx.ModelProto, list[PassResult]] | None = None):  # fmt: skip
     """The INT8 stage on the float result, held to the same budget against the original; the
     written model's check (the float result's, or the one the stage made of the INT8 model it kept)."""
     from redonnx.inputs.specs import batch_is_leading
@@ -217,7 +224,7 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
         budget=_budget_key(tol, ctx.calibration))  # fmt: skip
     stage = PrecisionStage(prec, target, inputs, feeds, cost.cache if cost is not None else None)
     float_check = reference.check(model, tol)
-    model, results, quant = stage.run(model, results, speed, float_check.worst_cosine)
+    model, results, quant = stage.run(model, results, speed, float_check.worst_cosine, lossless)
     chosen = quant.chosen
     return model, results, quant, chosen.verification if chosen is not None else float_check
 

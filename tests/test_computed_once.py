@@ -58,3 +58,25 @@ def test_source_cost_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
     res = prune(source, passes=["fold-constants", MergeChannels(error_budget=0.05)], target="ort-cpu")
     assert res.verification is not None
     assert calls.count(id(source)) == 1 and len(calls) == 2  # before and after
+
+
+def test_lossless_result_continues_from_the_searchs_exact_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed gate's lossless result starts with the passes the search ran before merging (fold
+    constants and BatchNorm, heads, branches): they run once on the source, and the result is the
+    bytes the whole lossless pipeline makes."""
+    from redonnx import passes as P
+    from redonnx.passes.fold_batchnorm import FoldBatchNorm
+    from redonnx.planner import Planner
+
+    folds: list[int] = []
+    real = FoldBatchNorm.run
+    monkeypatch.setattr(FoldBatchNorm, "run", lambda self, g, ctx: folds.append(1) or real(self, g, ctx))
+    gated: list[onnx.ModelProto] = []
+    lossless = Planner._lossless
+    monkeypatch.setattr(Planner, "_lossless", lambda self, src: (r := lossless(self, src), gated.append(r[0]))[0])
+    res = prune(RESNET)
+    assert res.speed is not None and gated
+    runs = len(folds)
+    whole, _ = P.apply(onnx.load(RESNET), P.resolve(None, exact=True, target="ort-cpu"))
+    assert runs == 1 and len(folds) == 2  # the search's; then the whole pipeline's here
+    assert gated[0].SerializeToString() == whole.SerializeToString()

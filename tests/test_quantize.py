@@ -348,3 +348,56 @@ def test_cpu_features_name_the_kernel() -> None:
         assert cpu.reduce_range == (not (cpu.vnni or cpu.amx))
     else:
         pytest.skip("not x86-64")
+
+
+def test_lossless_result_is_quantized_too_when_pruning_spent_the_budget_int8_needed(monkeypatch) -> None:
+    """The float result's INT8 proposal kept a layer float for the budget: the lossless result the
+    speed gate timed is quantized too, and the faster model that holds the budget is written with
+    the lossless passes' results; where speed, not the budget, kept layers float, it is not tried."""
+    from redonnx.passes.base import PassResult
+    from redonnx.planner import precision as PM
+    from redonnx.quantize import QuantResult, Scheme, StageInputs
+    from redonnx.quantize.stage import LayerChoice
+
+    pruned, lossless, source = _outlier_mlp(), _outlier_mlp(), _outlier_mlp()
+    pruned.doc_string, lossless.doc_string = "pruned", "lossless"
+    int8_of = {"pruned": onnx.ModelProto(doc_string="int8 pruned"), "lossless": onnx.ModelProto(doc_string="int8 ll")}
+    why = {"value": "kept float: among the most sensitive per ms saved, the budget needs it"}
+    staged: list[str] = []
+
+    def fake_stage(model, inputs, schemes, speed):
+        staged.append(model.doc_string)
+        layers = [LayerChoice("fc1", "MatMul"), LayerChoice("fc2", "MatMul", "float", why["value"])]
+        if model.doc_string == "lossless":
+            layers[1] = LayerChoice("fc2", "MatMul")
+        return [QuantResult(Scheme("static"), detect(), int8_of[model.doc_string], "MinMax", "draws", layers,
+                            verification=_Fit())]  # fmt: skip
+
+    ratios = {"int8 pruned": 0.99, "int8 ll": 0.6}
+
+    class _Fit:
+        worst_cosine = 0.999
+
+        def to_dict(self) -> dict:
+            return {"passed": True}
+
+    def fake_measure(src, float_model, cand, feeds, cache):
+        r = ratios[cand.doc_string]
+        return {"vs_exact": {"ratio": r, "ratio_low": r - 0.01, "ratio_high": r + 0.01},
+                "vs_input": {"ratio": r * 0.8, "ratio_low": r * 0.8, "ratio_high": r * 0.8}, "rounds": 5}  # fmt: skip
+
+    monkeypatch.setattr(PM, "run_stage", fake_stage)
+    monkeypatch.setattr(PM.speed_mod, "measure", fake_measure)
+    inputs = StageInputs(source=source, check=lambda m: None, draw=lambda b, s: {}, batched=True)
+    stage = PM.PrecisionStage("auto", "ort-cpu", inputs, feeds={"x": np.zeros((1, 16), np.float32)}, cache=object())
+    pruned_res, lossless_res = [PassResult("merge-channels")], [PassResult("cleanup")]
+    model, results, out = stage.run(pruned, pruned_res, None, 0.999, (lossless, lossless_res))
+    assert staged == ["pruned", "lossless"] and model.doc_string == "int8 ll"
+    assert [r.name for r in results] == ["cleanup", "quantize-int8"]
+    assert out.chosen.of == "lossless result" and "of the lossless result" in out.kept
+    assert any("pruning's choice spent the budget INT8 needed" in line for line in out.lines())
+    assert out.to_dict()["proposals"][1]["of"] == "lossless result"
+    staged.clear()
+    why["value"] = "int8 not faster on this CPU (0.2 vs 0.1 ms alone)"  # speed kept it float: no second try
+    model, results, out = stage.run(pruned, pruned_res, None, 0.999, (lossless, lossless_res))
+    assert staged == ["pruned"] and out.kept == "float" and model is pruned and results == pruned_res

@@ -163,3 +163,17 @@ def test_output_on_another_disk_copies_instead_of_linking(tmp_path: Path, monkey
     out = tmp_path / "o.onnx"
     assert main(["prune", str(src), "-o", str(out), "--passes", "cleanup"]) == 0
     assert_equivalent(mlp(), load_model(out).model, rtol=0)
+
+
+def test_content_digest_follows_the_weights_not_where_they_lie(tmp_path: Path) -> None:
+    """Caches keyed by a model (the speed gate's timings, INT8 verdicts) must hit again in the next
+    process: a lean model's scratch files are named afresh, so its digest reads the weights instead."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = load_model(save_external(mlp(), tmp_path / "a" / "m.onnx")).model
+    b = load_model(save_external(mlp(), tmp_path / "b" / "other.onnx")).model
+    assert a.SerializeToString() != b.SerializeToString()  # the locations differ
+    assert weights.content_digest(a) == weights.content_digest(b)
+    (tmp_path / "c").mkdir()
+    c = load_model(save_external(mlp(seed=1), tmp_path / "c" / "m.onnx")).model
+    assert weights.content_digest(c) != weights.content_digest(a)

@@ -106,6 +106,30 @@ def _blocks(model: onnx.ModelProto) -> Iterator[bytes]:
                     yield chunk[k : k + _BLOCK]
 
 
+def content_digest(model: onnx.ModelProto) -> str:
+    """sha1 of what the model computes with: its proto, and for a lean model the bytes of its
+    external tensors instead of where they lie (scratch files are named afresh in every process, so
+    the serialized proto of the same model differs from run to run; caches keyed by it missed)."""
+    h = hashlib.sha1()
+    base = external_base(model)
+    if base is None:
+        h.update(model.SerializeToString())
+        return h.hexdigest()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for prop in [p for p in copy.metadata_props if p.key in (BASE_KEY, SPILL_KEY)]:
+        copy.metadata_props.remove(prop)
+    for t, c in zip(iter_tensors(model), iter_tensors(copy), strict=True):
+        if is_external(t):
+            path, offset, length = external_range(t, base)
+            h.update(t.name.encode() + b"=")
+            for chunk in read_chunks(path, offset, length):
+                h.update(chunk)
+            del c.external_data[:]
+    h.update(copy.SerializeToString())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- graphs over lean models
 
 

@@ -105,13 +105,14 @@ def resolve(
 
 
 def apply(
-    model: onnx.ModelProto, passes: Sequence[Pass], ctx: PassContext | None = None
+    model: onnx.ModelProto, passes: Sequence[Pass], ctx: PassContext | None = None, done: Sequence[Pass] = ()
 ) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run ``passes`` in order on a copy of ``model``; the new model and each pass's result."""
+    """Run ``passes`` in order on a copy of ``model``; the new model and each pass's result.
+    ``done``: the passes that made ``model`` (named with these in the model's ``redonnx`` tag)."""
     graph = to_graph(model)
     ctx = ctx if ctx is not None else PassContext()
     results = [p(graph, ctx) for p in passes]
-    return to_model(graph, model, note=",".join(p.name for p in passes)), results
+    return to_model(graph, model, note=",".join(p.name for p in [*done, *passes])), results
 
 
 __all__ = [

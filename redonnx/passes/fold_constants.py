@@ -39,6 +39,7 @@ class FoldConstants(Pass):
         graph.toposort(recurse_subgraphs=False)
         if not _may_fold(graph):  # gs would copy the graph to find nothing: most CNNs, every trial
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+            res.count("nodes folded", 0)
             return res
         _load_folded_weights(graph)
         before = len(graph.nodes)

@@ -59,6 +59,7 @@ class Planned:
     search: SearchResult
     speed: speed_mod.SpeedCheck | None = None
     cost: ModelCost | None = None  # the model's, where the speed gate counted it
+    lossless: tuple[onnx.ModelProto, list[PassResult]] | None = None  # timed against, where not kept
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Planner:
     refit: bool = True  # with calibration inputs: refit the pruned layers of every trial
     progress: Callable[[str], None] | None = None
     _targets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # original's calibration outputs
+    _before: tuple[list[Pass], onnx.ModelProto, list[PassResult]] | None = field(default=None, repr=False)
 
     def plan(self, source: onnx.ModelProto, passes: list[Pass], feeds: dict[str, np.ndarray] | None = None) -> Planned:
         """Size ``passes`` (which hold one searched merge-channels) for ``source``; with ``feeds``
@@ -130,6 +132,8 @@ class Planner:
         attempts = self._attempts(passes[:cut])
         for i, before in enumerate(attempts):
             base, results = P.apply(source, before, self.ctx)
+            if i == 0 and all(p.exact for p in before):
+                self._before = (before, base, list(results))  # the lossless result starts the same way
             heads = depth = None
             kept_before: dict[str, list[int]] = {}
             if self.target_macs is None:
@@ -157,14 +161,24 @@ class Planner:
                 self.progress("over budget before any merging: milder hashing")
         raise AssertionError("unreachable")
 
+    def _lossless(self, source: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassResult]]:
+        """The lossless pipeline on ``source``; where the search's exact passes before merging are its
+        first passes, continued from the model they made (not run twice)."""
+        passes = P.resolve(None, exact=True, target="ort-cpu")
+        if self._before is not None:
+            done, model, results = self._before
+            if len(done) < len(passes) and passes[: len(done)] == done and weights.external_base(model) is None:
+                out, rest = P.apply(model, passes[len(done) :], self.ctx, done=done)
+                return out, [*results, *rest]
+        return P.apply(source, passes, self.ctx)
+
     def _speed_gate(
         self, source: onnx.ModelProto, best: Planned, finish: Callable, feeds: dict[str, np.ndarray]
     ) -> tuple[onnx.ModelProto, list[PassResult], speed_mod.SpeedCheck, ModelCost]:
         """Keep the most pruned candidate that is measurably faster than the lossless result (and
         its cost, counted here)."""
         search = best.search
-        lossless_passes = P.resolve(None, exact=True, target="ort-cpu")
-        lossless = speed_mod.Candidate("lossless result", *P.apply(source, lossless_passes, self.ctx))
+        lossless = speed_mod.Candidate("lossless result", *self._lossless(source))
         what = search.knob.replace("_", " ")
         candidates = [speed_mod.Candidate(f"budget's choice ({what} {search.value:.3g})", best.model, best.results)
                       ] if search.value else []  # fmt: skip
@@ -175,9 +189,11 @@ class Planner:
         candidates = [c for c in candidates if floor is None or (costs[id(c.model)].macs or 0) < floor]
         kept, check = speed_mod.gate(source, lossless, candidates, feeds, self.ctx.cost_model.cache, "ort-cpu")
         self.ctx.cost_model.save()
-        for cand in [lossless, *candidates]:
+        for cand in candidates:
             if cand is not kept:
                 weights.discard(cand.model)
+        if kept is not lossless:  # the precision stage's second candidate (the caller discards it)
+            best.lossless = (lossless.model, lossless.results)
         search.discard_fallbacks()
         return kept.model, kept.results, check, costs[id(kept.model)]
 

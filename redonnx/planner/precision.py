@@ -7,8 +7,10 @@ models without convolutions), each held to the same budget against the original.
 (:func:`redonnx.planner.speed.measure`, interleaved) and the fastest that is measurably faster (the speed
 gate's rule) is kept, else the float result. ``precision int8`` keeps the INT8 proposal even when
 not faster (timed where a cost model is set, to say so). The channels and the precision share one
-budget: INT8 gets what pruning left of it. (Not yet: quantizing the lossless result as a second
-candidate when pruning spent the budget INT8 needed.)
+budget: INT8 gets what pruning left of it. Where pruning spent what INT8 needed (the budget, not
+speed, kept some layer float) and the speed gate timed a lossless result, that result is quantized
+too, held to the same budget: pruning and INT8 are two ways to spend one budget, and the faster
+model that keeps it is written (its proposals say "of the lossless result").
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ class PrecisionResult:
         """Each stage's share of the speed-up and of the fidelity spent."""
         chosen = next((m for m in self.measured if m["kept"]), None)
         q = self.chosen
+        if q is not None and q.of:  # INT8 of the lossless result: the channel stage's share is its rewrites
+            cosine = q.verification.worst_cosine if q.verification is not None else None
+            return {"float": {"of": q.of, "speedup_vs_input": None, "cosine": None},
+                    "int8": {"speedup_vs_input": _speedup(chosen.get("vs_input")) if chosen else None,
+                             "speedup_vs_float_result": _speedup(chosen.get("vs_float")) if chosen else None,
+                             "cosine": cosine}}  # fmt: skip
         return {
             "float": {"speedup_vs_input": _speedup(self.float_vs_input), "cosine": self.float_cosine},
             "int8": {"speedup_vs_float": _speedup(chosen.get("vs_float")) if chosen else None,
@@ -99,7 +107,12 @@ class PrecisionResult:
                          f"{f['ratio_low']:.3f}-{f['ratio_high']:.3f})")  # fmt: skip
             out.append(f"  {p.describe()}{speed}")
         st = self.stages()
-        if self.kept != "float" and st["float"]["speedup_vs_input"] is not None:
+        if self.chosen is not None and self.chosen.of:
+            i8 = st["int8"]
+            out.append(f"  stages: the {self.chosen.of} (pruning's choice spent the budget INT8 needed), then INT8: "
+                       f"{(i8['speedup_vs_input'] or 1):.2f}x the input, {(i8['speedup_vs_float_result'] or 1):.2f}x "
+                       f"the pruned float result (cosine {i8['cosine']:.5f})")  # fmt: skip
+        elif self.kept != "float" and st["float"]["speedup_vs_input"] is not None:
             fl, i8 = st["float"], st["int8"]
             out.append(f"  stages: float {fl['speedup_vs_input']:.2f}x (cosine {fl['cosine']:.5f}), then INT8 "
                        f"{(i8['speedup_vs_float'] or 1):.2f}x (cosine {i8['cosine']:.5f})")  # fmt: skip
@@ -128,7 +141,10 @@ class PrecisionStage:
         results: list[PassResult],
         float_speed: Any = None,
         float_cosine: float | None = None,
+        lossless: tuple[onnx.ModelProto, list[PassResult]] | None = None,
     ) -> tuple[onnx.ModelProto, list[PassResult], PrecisionResult]:
+        """INT8 proposals for ``float_model`` (and, where pruning spent the budget they needed, for
+        ``lossless``: the lossless result and its passes' results), gated against ``float_model``."""
         out = PrecisionResult(self.precision, self.target, float_cosine=float_cosine)
         if float_speed is not None:
             out.float_vs_input = float_speed.final_vs_input
@@ -141,8 +157,13 @@ class PrecisionStage:
                 return hit["vs_exact"]["ratio"]
 
             inputs = replace(inputs, probe=probe, verdicts=self.cache)
-        out.proposals = run_stage(float_model, inputs, schemes(self.target, float_model),
-                                  speed=timed and self.precision == "auto")  # fmt: skip
+        auto = timed and self.precision == "auto"
+        out.proposals = run_stage(float_model, inputs, schemes(self.target, float_model), speed=auto)
+        if auto and lossless is not None and any(p.budget_bound for p in out.proposals):
+            second = run_stage(lossless[0], inputs, schemes(self.target, lossless[0]), speed=True)
+            for p in second:
+                p.of = "lossless result"
+            out.proposals += second
         best = None
         for p in out.proposals:
             if p.model is None:
@@ -173,7 +194,7 @@ class PrecisionStage:
                          counts={"layers in INT8": p.int8_layers,
                                  "layers kept float": len(p.layers) - p.int8_layers})  # fmt: skip
         res.seconds = p.seconds
-        return p.model, [*results, res], out
+        return p.model, [*(lossless[1] if p.of and lossless is not None else results), res], out
 
 
 def _why_float(out: PrecisionResult, timed: bool) -> str:

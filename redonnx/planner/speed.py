@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from redonnx.io import weights
 from redonnx.measure import latency
 from redonnx.passes.base import PassResult
 
@@ -44,14 +45,16 @@ class SpeedCheck:
                 "exact_vs_input": self.exact_vs_input, "speedup_vs_input": self.final_vs_input,
                 "config": self.config}  # fmt: skip
 
-    def describe(self) -> str:
+    def describe(self, written: bool = True) -> str:
+        """One line; ``written`` False: a later stage wrote another model (INT8 of the lossless result)."""
         if self.final_vs_input is None:
             return f"speed: not measured for target {self.target}"
         f = self.final_vs_input
         rejected = [m["label"] for m in self.measured if not m["accepted"]]
         why = f"; not faster than the lossless result, so not kept: {', '.join(rejected)}" if rejected else ""
         return (f"speed ({self.config}): {1 / f['ratio']:.2f}x the input (latency ratio {f['ratio']:.3f}, 90 % "
-                f"interval {f['ratio_low']:.3f}-{f['ratio_high']:.3f}), writing the {self.kept}{why}")  # fmt: skip
+                f"interval {f['ratio_low']:.3f}-{f['ratio_high']:.3f}), "
+                f"{'writing' if written else 'the float gate kept'} the {self.kept}{why}")  # fmt: skip
 
 
 MIN_GAIN = 0.03  # a lossy result must be at least this much faster (90 % interval): identical models
@@ -61,7 +64,7 @@ MIN_GAIN = 0.03  # a lossy result must be at least this much faster (90 % interv
 def _digest(*models: onnx.ModelProto) -> str:
     h = hashlib.sha1()
     for m in models:
-        h.update(m.SerializeToString())
+        h.update(weights.content_digest(m).encode())  # lean models: by their weights, not scratch paths
         h.update(b"|")
     return h.hexdigest()
 

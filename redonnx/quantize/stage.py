@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from redonnx.errors import RedonnxError
+from redonnx.io import weights
 from redonnx.quantize import calibration as C
 from redonnx.quantize.cpu import Int8Cpu, detect
 from redonnx.quantize.quantizer import (
@@ -87,21 +88,30 @@ class QuantResult:
     seconds: float = 0.0
     declined: str | None = None
     notes: list[str] = field(default_factory=list)
+    of: str = ""  # what was quantized when not the float result (the planner's second candidate)
 
     @property
     def int8_layers(self) -> int:
         return sum(1 for lay in self.layers if lay.precision == "int8")
 
+    @property
+    def budget_bound(self) -> bool:
+        """Whether the fidelity budget, not speed, kept some layer float (or every layer)."""
+        return any(lay.precision == "float" and "budget" in lay.why for lay in self.layers) or (
+            self.model is None and "budget" in (self.declined or ""))  # fmt: skip
+
     def describe(self) -> str:
+        what = f"int8 ({self.scheme.describe()})" + (f" of the {self.of}" if self.of else "")
         if self.model is None:
-            return f"int8 ({self.scheme.describe()}): none, {self.declined}"
+            return f"{what}: none, {self.declined}"
         cos = f", cosine {self.verification.worst_cosine:.5f}" if self.verification is not None else ""
         how = f"calibration {self.method} on {self.calibration}" if self.method else "no calibration (dynamic)"
-        return (f"int8 ({self.scheme.describe()}): {self.int8_layers} of {len(self.layers)} layers in INT8, "
+        return (f"{what}: {self.int8_layers} of {len(self.layers)} layers in INT8, "
                 f"{how}{cos}; {self.trials} trials, {self.seconds:.1f} s")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheme": self.scheme.describe(), "cpu": self.cpu.to_dict(), "method": self.method,
+        return {"scheme": self.scheme.describe(), "of": self.of or "float result", "cpu": self.cpu.to_dict(),
+                "method": self.method,
                 "calibration": self.calibration, "int8_layers": self.int8_layers, "layers_total": len(self.layers),
                 "layers": [lay.to_dict() for lay in self.layers], "declined": self.declined, "trials": self.trials,
                 "seconds": round(self.seconds, 3), "notes": self.notes,
@@ -172,7 +182,7 @@ class Stage:
     def _verdict_key(self, float_model: onnx.ModelProto) -> str | None:
         if not self.speed or self.inputs.verdicts is None:
             return None
-        h = hashlib.sha1(float_model.SerializeToString())
+        h = hashlib.sha1(weights.content_digest(float_model).encode())  # lean models: by their weights
         h.update(f"|{self.scheme.describe()}|{self.inputs.budget}".encode())
         return "int8 verdict " + h.hexdigest()
 

@@ -133,18 +133,21 @@ def savings(
     cands: list[ClassInfo],
     cost_model: Any,
     multiple: int,
+    memo: dict | None = None,
 ) -> dict[int, float]:
     """What removing one channel of each candidate saves: measured milliseconds with a cost model
     (per group: the touched layers' latency at the current count minus at ``multiple`` fewer,
-    per channel), else multiply-accumulates."""
+    per channel), else multiply-accumulates. ``memo``: per group and step, kept between the budget
+    search's trials (every trial starts from the same graph, so a group's layers are the same)."""
     if cost_model is None:
         return {i.root: _channel_macs(cg, i) for i in cands}
-    by_group: dict[tuple, float] = {}
+    by_group: dict[tuple, float] = memo if memo is not None else {}
     out = {}
     for info in cands:
-        if info.key not in by_group:
-            by_group[info.key] = _group_ms_saved(cg, info, cost_model, multiple)
-        out[info.root] = by_group[info.key]
+        key = (info.key, multiple)
+        if key not in by_group:
+            by_group[key] = _group_ms_saved(cg, info, cost_model, multiple)
+        out[info.root] = by_group[key]
     return out
 
 

@@ -84,6 +84,13 @@ class _Rows:
 
     def __init__(self) -> None:
         self._cache: dict[int, np.ndarray] = {}
+        self._zero: dict[int, np.ndarray] = {}
+
+    def zero(self, node: gs.Node) -> np.ndarray:
+        """Which output channels of a layer have all-zero weights (once per layer)."""
+        if id(node) not in self._zero:
+            self._zero[id(node)] = zero_rows(node, self)
+        return self._zero[id(node)]
 
     def get(self, node: gs.Node) -> np.ndarray:
         w = np.asarray(node.inputs[1].values)
@@ -95,6 +102,14 @@ class _Rows:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[id(node)] = np.ascontiguousarray(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1)
         return self._cache[id(node)]
+
+
+def zero_rows(node: gs.Node, rows: _Rows | None = None) -> np.ndarray:
+    """Per output channel of a layer: whether its weights are all zero."""
+    w = np.asarray(node.inputs[1].values)
+    axis = out_axis(node)
+    mat = rows.get(node) if rows is not None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return ~np.any(mat, axis=1)
 
 
 def channel_row(node: gs.Node, c: int, rows: _Rows | None = None) -> np.ndarray:
@@ -242,9 +257,13 @@ def _const_of(
     if n is None:
         return None
     if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1:
-        row = channel_row(n, c, rows)
-        nw = np.asarray(n.inputs[1].values).size // cg.spaces[t].size
-        return float(row[nw]) if not np.any(row[:nw]) and row.size > nw else (0.0 if not np.any(row) else None)
+        if not (rows.zero(n) if rows is not None else zero_rows(n))[c]:
+            return None  # weights that read the input: not a constant
+        bias = const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None
+        if bias is None:
+            return 0.0
+        b = bias.reshape(-1)
+        return float(b[c] if b.size > 1 else b[0])
     ins = [value.get(x.name) if x.name in at else _scalar_param(cg, n, x, t, c) for x in n.inputs if x.name]
     if not ins or (ins[0] is None and n.op not in ("Add", "Sub", "Mul", "Div", "Max", "Min")):
         return None

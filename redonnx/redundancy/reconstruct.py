@@ -66,7 +66,8 @@ def relaxed_removals(
             if t in prec and np.isfinite(prec[t][c, c]):
                 prec[t] = R.remove_from_precision(prec[t], c)
     total = {t: float(energy[t] @ stats[t].second_moment) or 1.0 for t in sinks}
-    saving = savings(cg, cands, ctx.cost_model, multiple)
+    memo = cache.setdefault("savings", {}) if cache is not None else None  # per group: the same in every trial
+    saving = savings(cg, cands, ctx.cost_model, multiple, memo)
     all_cands = cands
     cands = [i for i in cands if saving[i.root] > 0]
     key_of = {i.root: k for k, members in groups.items() for i in members}
@@ -84,7 +85,11 @@ def relaxed_removals(
         for t, c in info.members:
             if t in sinks:
                 removed[t].append(c)
-    dropped = {t: {c for d, _k, _s in plan.merges for tt, c in cg.members_of(d) if tt == t} for t in removed}
+    dropped: dict[str, set[int]] = defaultdict(set)
+    for d, _k, _s in plan.merges:
+        for tt, c in cg.members_of(d):
+            if tt in removed:
+                dropped[tt].add(c)
     for t, r in removed.items():
         kept = [c for c in range(cg.spaces[t].size) if c not in dropped[t]]
         b, c0 = R.regression(stats[t], sorted(r), kept)

@@ -15,6 +15,7 @@ from redonnx.inputs.realism import Realism
 from redonnx.io import weights
 from redonnx.io.files import LoadedModel
 from redonnx.measure.cost import ModelCost
+from redonnx.measure.runtime import in_order
 from redonnx.measure.verify import VerificationResult
 from redonnx.passes.base import PassResult
 from redonnx.planner import speed as speed_mod
@@ -47,7 +48,9 @@ class PruneResult:
     def report(self) -> dict[str, Any]:
         """The JSON report: sizes before/after, what each pass did and declined, verification."""
         if self._sizes is None:  # serializing and deflating both models is the costly part: once
-            self._sizes = (_sizes(self.source.model, self.before), _sizes(self.model, self.after))
+            pairs = [(self.source.model, self.before), (self.model, self.after)]
+            before, after = in_order(lambda pair: _sizes(*pair), pairs)  # zlib lets both deflate at once
+            self._sizes = (before, after)
         before, after = self._sizes
         return {
             "tool": f"redonnx {redonnx.__version__}",
@@ -99,7 +102,8 @@ class PruneResult:
         )
         lines += [f"note: {n}" for n in self.notes]
         if self.speed is not None:
-            lines.append(self.speed.describe())
+            chosen = self.precision.chosen if self.precision is not None else None
+            lines.append(self.speed.describe(written=chosen is None or not chosen.of))
         if self.precision is not None:
             lines += self.precision.lines()
         if self.evidence is not None:
