@@ -46,11 +46,11 @@ def test_search_stops_when_decided() -> None:
             assert _bisect(ok, top, want_max) == expected
             assert len(tried) == len(set(tried)) <= 2 + top.bit_length()
             if want_max and edge >= top:
-                assert tried == [top]
-            if want_max and edge < 0:
-                assert len(tried) == 2
+                assert tried == [1, top]
+            if want_max and edge < 1:  # not even the least lossy step: decided in one, nothing lossier built
+                assert tried == [1]
     res = prune(RESNET, target="macs", rtol=1e9, min_cosine=-1.0)  # every amount passes
-    assert [t.value for t in res.search.trials] == [ERROR_LADDER[-1]] and res.search.met
+    assert [t.value for t in res.search.trials] == [ERROR_LADDER[1], ERROR_LADDER[-1]] and res.search.met
 
 
 def test_stricter_budget_removes_less() -> None:

@@ -54,6 +54,13 @@ class ChannelGraph:
     read: dict[int, set[str]] = field(default_factory=dict)  # node id -> channel tensors it models
     flattened: set[str] = field(default_factory=set)  # Flatten outputs whose readers are sinks upstream
     _members: dict[int, list[tuple[str, int]]] | None = None  # classes(), computed once spaces are final
+    _order: dict[int, int] | None = None  # node id -> position in the graph
+
+    def node_order(self) -> dict[int, int]:
+        """Each node's position in the graph (by id), computed once."""
+        if self._order is None:
+            self._order = {id(n): i for i, n in enumerate(self.graph.nodes)}
+        return self._order
 
     # ---------------------------------------------------------------- union-find
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -73,7 +73,9 @@ class Planner:
     refit: bool = True  # with calibration inputs: refit the pruned layers of every trial
     progress: Callable[[str], None] | None = None
     _targets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # original's calibration outputs
-    _before: tuple[list[Pass], onnx.ModelProto, list[PassResult]] | None = field(default=None, repr=False)
+    # the search's exact passes before merging, the model they made, their results, and the search's
+    # memo where the search started from that model (no heads or branches removed)
+    _before: tuple[list[Pass], onnx.ModelProto, list[PassResult], dict | None] | None = field(default=None, repr=False)
 
     def plan(self, source: onnx.ModelProto, passes: list[Pass], feeds: dict[str, np.ndarray] | None = None) -> Planned:
         """Size ``passes`` (which hold one searched merge-channels) for ``source``; with ``feeds``
@@ -132,15 +134,18 @@ class Planner:
         attempts = self._attempts(passes[:cut])
         for i, before in enumerate(attempts):
             base, results = P.apply(source, before, self.ctx)
+            memo: dict = {}
             if i == 0 and all(p.exact for p in before):
-                self._before = (before, base, list(results))  # the lossless result starts the same way
+                self._before = (before, base, list(results), memo)  # the lossless result starts the same way
             heads = depth = None
             kept_before: dict[str, list[int]] = {}
             if self.target_macs is None:
                 base, results, heads, depth, kept_before = self._stages(base, results)
+            if self._before is not None and base is not self._before[1]:  # heads or branches went: not shared
+                self._before = (*self._before[:3], None)
             out, tail, search = search_merging(base, merge, in_trials, self.ctx, self.reference, self.tol,
                                                self._trial(source, kept_before), self.target_macs,
-                                               self.progress)  # fmt: skip
+                                               self.progress, memo)  # fmt: skip
             search.depth = depth.to_dict() if depth is not None and depth.ranking else None
             search.heads = heads.to_dict() if heads is not None and heads.ranking else None
             if search.met or i == len(attempts) - 1:
@@ -166,9 +171,11 @@ class Planner:
         first passes, continued from the model they made (not run twice)."""
         passes = P.resolve(None, exact=True, target="ort-cpu")
         if self._before is not None:
-            done, model, results = self._before
+            done, model, results, memo = self._before
             if len(done) < len(passes) and passes[: len(done)] == done and weights.external_base(model) is None:
-                out, rest = P.apply(model, passes[len(done) :], self.ctx, done=done)
+                # where the search started from this very model, its memo (class summaries) holds here too
+                ctx = replace(self.ctx, memo=memo) if memo is not None else self.ctx
+                out, rest = P.apply(model, passes[len(done) :], ctx, done=done)
                 return out, [*results, *rest]
         return P.apply(source, passes, self.ctx)
 

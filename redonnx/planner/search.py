@@ -84,9 +84,11 @@ def search_merging(
     run_passes: Runner,
     target_macs: float | None = None,
     progress: Callable[[str], None] | None = None,
+    memo: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[PassResult], SearchResult]:
-    """Run ``merge`` then ``after`` on ``base`` for the value of merging's tunable the budget allows."""
-    ctx = replace(ctx, memo={})  # every trial starts from ``base``: what depends on it only, once
+    """Run ``merge`` then ``after`` on ``base`` for the value of merging's tunable the budget allows;
+    ``memo`` (a fresh one when None) keeps what depends on ``base`` only, for every pass started there."""
+    ctx = replace(ctx, memo={} if memo is None else memo)  # every trial starts from ``base``: once
     knob = merge.knob
     shapes = ctx.shapes
     ladder = [round(ALPHA_MAX * i / 2**STEPS, 4) for i in range(2**STEPS + 1)] if knob == "alpha" else ERROR_LADDER
@@ -129,14 +131,18 @@ def search_merging(
 
 def _bisect(ok: Callable[[int], bool], top: int, want_max: bool) -> int:
     """Largest index with ok (want_max) or smallest index with ok, in [0, top]. The search stops
-    as soon as it is decided: with want_max, ``top`` is tried first (the most pruning passing
-    decides it in one trial), then 0 (nothing passing decides it in two)."""
+    as soon as it is decided. With want_max, 1 (the least lossy step) is tried first: on
+    well-trained models even that is over the budget, and that decides it in one trial (0, the
+    exact merges, is what is left; nothing lossier is built, the largest step least of all); then
+    ``top`` (the most pruning passing decides it in two); then bisection between them."""
     if want_max:
-        if ok(top):
-            return top
-        if not ok(0):
+        if top < 1:
             return 0
-        lo, hi = 0, top
+        if not ok(1):
+            return 0
+        if top == 1 or ok(top):
+            return top
+        lo, hi = 1, top
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)

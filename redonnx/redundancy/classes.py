@@ -240,11 +240,30 @@ def _constants(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows | N
     constants to constants. Spatial zero padding breaks a non-zero constant at the borders.
     """
     at = dict(members)
-    order = {id(n): i for i, n in enumerate(cg.graph.nodes)}
+    if not _may_be_constant(cg, at, rows):
+        return {}  # no source can be constant: every member varies (most classes of a trained net)
+    order = cg.node_order()
     value: dict[str, float | None] = {}
     for t in sorted(at, key=lambda name: order.get(id(cg.producer(name)), -1)):
         value[t] = _const_of(cg, t, at[t], value, at, rows)
     return value
+
+
+def _may_be_constant(cg: ChannelGraph, at: dict[str, int], rows: _Rows | None) -> bool:
+    """False when no member can hold a constant: a constant starts at zero padding, a layer row of
+    zero weights, or a node computing from constants alone; every other member derives from members."""
+    for t, c in at.items():
+        if any(it.kind == "zero" and it.lo <= c < it.hi for it in cg.items.get(t, [])):
+            return True
+        n = cg.producer(t)
+        if n is None:
+            continue
+        if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1:
+            if (rows.zero(n) if rows is not None else zero_rows(n))[c]:
+                return True
+        elif not any(x.name in at for x in n.inputs if x.name):
+            return True
+    return False
 
 
 def _const_of(
