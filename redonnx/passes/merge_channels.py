@@ -76,9 +76,9 @@ class MergeChannels(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = self.result()
         alpha = float(self.alpha or 0.0)
-        annotate_graph(graph)
-        cg = analyze(graph)
         memo = ctx.memo.setdefault(self.name, {}) if ctx.memo is not None else None
+        _annotate(graph, memo)
+        cg = analyze(graph)
         infos, pinned = class_infos(cg, memo.setdefault("class_sources", {}) if memo is not None else None)
         _report_pins(res, pinned)
         groups = parallel_groups(infos)
@@ -100,6 +100,26 @@ class MergeChannels(Pass):
             res.kept = apply_plan(cg, infos, plan)
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
         return res
+
+
+def _annotate(graph: gs.Graph, memo: dict | None) -> None:
+    """Shapes and dtypes onnx infers, filled in; with a memo (every budget trial starts from the same
+    graph) inferred once and copied by tensor name afterwards."""
+    if memo is None:
+        annotate_graph(graph)
+        return
+    known = memo.get("annotated")
+    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable)]
+    if known is None:
+        annotate_graph(graph)
+        memo["annotated"] = {t.name: (t.shape, t.dtype) for t in variables}
+        return
+    for t in variables:
+        shape, dtype = known.get(t.name, (None, None))
+        if t.shape is None and shape is not None:
+            t.shape = list(shape)
+        if t.dtype is None and dtype is not None:
+            t.dtype = dtype
 
 
 def _report_pins(res: PassResult, pinned: dict[int, str]) -> None:
