@@ -179,9 +179,9 @@ def prune(
     after = after if after is not None else model_cost(model, settled.hints)
     if quantizing and reference is not None:
         model, results, quant, checked = _precision(source.model, model, results, speed, prec, target, reference, tol,
-                                           evidence, ctx, feeds, settled, second)  # fmt: skip
+                                           evidence, ctx, feeds, settled, second[:2] if second else None)  # fmt: skip
     if second is not None and quant is not None and quant.chosen is not None and quant.chosen.of:
-        after = model_cost(second[0], settled.hints)  # INT8 of the lossless result: its layers
+        after = second[2]  # INT8 of the lossless result: its layers (counted by the speed gate)
     elif second is not None:
         weights.discard(second[0])  # a lean lossless result's scratch weights
     if ctx.cost_model is not None:

@@ -357,12 +357,12 @@ def test_lossless_result_is_quantized_too_when_pruning_spent_the_budget_int8_nee
     from redonnx.passes.base import PassResult
     from redonnx.planner import precision as PM
     from redonnx.quantize import QuantResult, Scheme, StageInputs
-    from redonnx.quantize.stage import LayerChoice
+    from redonnx.quantize.stage import BUDGET_NEEDS_IT, LayerChoice
 
     pruned, lossless, source = _outlier_mlp(), _outlier_mlp(), _outlier_mlp()
     pruned.doc_string, lossless.doc_string = "pruned", "lossless"
     int8_of = {"pruned": onnx.ModelProto(doc_string="int8 pruned"), "lossless": onnx.ModelProto(doc_string="int8 ll")}
-    why = {"value": "kept float: among the most sensitive per ms saved, the budget needs it"}
+    why = {"value": BUDGET_NEEDS_IT}
     staged: list[str] = []
 
     def fake_stage(model, inputs, schemes, speed):

@@ -308,8 +308,6 @@ def _run_all(sess, batches: list[dict[str, np.ndarray]], what: str) -> dict[str,
         for outs in in_order(lambda feeds: run(sess, feeds), batches):  # samples side by side
             for k, v in outs.items():
                 store.setdefault(k, []).append(np.asarray(v))
-    except RedonnxError:
-        raise
     except Exception as exc:  # onnxruntime runtime errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None

@@ -87,8 +87,10 @@ def paying_rank(cout: int, cin: int, k: int) -> int:
     return max(0, -(-cout * k // (k + cout)) - 1)
 
 
-def first_unpaying_channel(w: np.ndarray, rank_tol: float = RANK_TOL, max_error: float = 0.0) -> tuple[int, int] | None:
-    """(input channel, rank) of the first channel whose rank alone exceeds :func:`paying_rank`, or
+def first_unpaying_channel(
+    w: np.ndarray, rank_tol: float = RANK_TOL, max_error: float = 0.0
+) -> tuple[int, int, int] | None:
+    """(input channel, rank, :func:`paying_rank`) of the first channel whose rank alone exceeds it, or
     None: the forms' m is the largest rank, so one such channel decides, before any full SVD (most
     trained 3x3 kernels are full rank: one small SVD per conv instead of C_in)."""
     cout, cin = w.shape[:2]
@@ -100,7 +102,7 @@ def first_unpaying_channel(w: np.ndarray, rank_tol: float = RANK_TOL, max_error:
     for i in range(cin):
         r = rank_of(np.linalg.svd(m[:, i], compute_uv=False), rank_tol, max_error)
         if r > limit:
-            return i, r
+            return i, r, limit
     return None
 
 
@@ -148,7 +150,7 @@ class SeparateDepthwise(Pass):
             over = first_unpaying_channel(w, max_error=self.max_error) if form != "gather" else None
             if over is not None:
                 res.decline(node, f"input channel {over[0]} has rank {over[1]}: separation would not lower MACs and "
-                                  f"parameters above rank {paying_rank(w.shape[0], w.shape[1], k)}")  # fmt: skip
+                                  f"parameters above rank {over[2]}")  # fmt: skip
                 continue
             f = factorize(w, max_error=self.max_error)
             c = costs(w.shape[0], w.shape[1], k, f.ranks)

@@ -59,7 +59,7 @@ class Planned:
     search: SearchResult
     speed: speed_mod.SpeedCheck | None = None
     cost: ModelCost | None = None  # the model's, where the speed gate counted it
-    lossless: tuple[onnx.ModelProto, list[PassResult]] | None = None  # timed against, where not kept
+    lossless: tuple[onnx.ModelProto, list[PassResult], ModelCost] | None = None  # timed against, where not kept
 
 
 @dataclass
@@ -134,15 +134,14 @@ class Planner:
         attempts = self._attempts(passes[:cut])
         for i, before in enumerate(attempts):
             base, results = P.apply(source, before, self.ctx)
-            memo: dict = {}
-            if i == 0 and all(p.exact for p in before):
-                self._before = (before, base, list(results), memo)  # the lossless result starts the same way
+            made = (before, base, list(results)) if i == 0 and all(p.exact for p in before) else None
             heads = depth = None
             kept_before: dict[str, list[int]] = {}
             if self.target_macs is None:
                 base, results, heads, depth, kept_before = self._stages(base, results)
-            if self._before is not None and base is not self._before[1]:  # heads or branches went: not shared
-                self._before = (*self._before[:3], None)
+            memo: dict = {}
+            if made is not None:  # the lossless result starts the same way; the memo holds if no stage cut
+                self._before = (*made, memo if base is made[1] else None)
             out, tail, search = search_merging(base, merge, in_trials, self.ctx, self.reference, self.tol,
                                                self._trial(source, kept_before), self.target_macs,
                                                self.progress, memo)  # fmt: skip
@@ -200,7 +199,7 @@ class Planner:
             if cand is not kept:
                 weights.discard(cand.model)
         if kept is not lossless:  # the precision stage's second candidate (the caller discards it)
-            best.lossless = (lossless.model, lossless.results)
+            best.lossless = (lossless.model, lossless.results, costs[id(lossless.model)])
         search.discard_fallbacks()
         return kept.model, kept.results, check, costs[id(kept.model)]
 

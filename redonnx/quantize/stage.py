@@ -57,6 +57,12 @@ MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % 
 Check = Callable[[onnx.ModelProto], Any]  # a model -> VerificationResult (truthy when within budget)
 
 
+#: why the fidelity budget, not speed, kept layers float (what :attr:`QuantResult.budget_bound` reads)
+OVER_BUDGET = "over the budget in INT8"
+BUDGET_NEEDS_IT = "kept float: among the most sensitive per ms saved, the budget needs it"
+NO_LAYER_FITS = "no layer fits the budget in INT8"
+
+
 @dataclass
 class LayerChoice:
     """One weighted layer's precision and why."""
@@ -97,8 +103,8 @@ class QuantResult:
     @property
     def budget_bound(self) -> bool:
         """Whether the fidelity budget, not speed, kept some layer float (or every layer)."""
-        return any(lay.precision == "float" and "budget" in lay.why for lay in self.layers) or (
-            self.model is None and "budget" in (self.declined or ""))  # fmt: skip
+        return any(lay.precision == "float" and lay.why in (OVER_BUDGET, BUDGET_NEEDS_IT) for lay in self.layers) or (
+            self.model is None and self.declined == NO_LAYER_FITS)  # fmt: skip
 
     def describe(self) -> str:
         what = f"int8 ({self.scheme.describe()})" + (f" of the {self.of}" if self.of else "")
@@ -335,9 +341,9 @@ class Stage:
 
         lo, hi = 0, len(order) - 1  # k = 0 failed above; k = len(order) would leave no layer in INT8
         if hi <= lo or not passes(hi):
-            res.declined = "no layer fits the budget in INT8"
+            res.declined = NO_LAYER_FITS
             for name in order:
-                choices[name].precision, choices[name].why = "float", "over the budget in INT8"
+                choices[name].precision, choices[name].why = "float", OVER_BUDGET
             return
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -346,7 +352,7 @@ class Stage:
         k, res.model, res.verification = found
         for name in order[:k]:
             choices[name].precision = "float"
-            choices[name].why = "kept float: among the most sensitive per ms saved, the budget needs it"
+            choices[name].why = BUDGET_NEEDS_IT
 
     def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
         """Layer names, worst first: output deviation alone in INT8 per ms saved."""

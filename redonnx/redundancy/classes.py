@@ -249,17 +249,31 @@ def _constants(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows | N
     return value
 
 
+def _padded(cg: ChannelGraph, t: str, c: int) -> bool:
+    """Whether channel ``c`` of ``t`` is zero padding."""
+    return any(it.kind == "zero" and it.lo <= c < it.hi for it in cg.items.get(t, []))
+
+
+def _plain_layer(n: gs.Node) -> bool:
+    """A layer whose output channel is its own row of weights (not grouped)."""
+    return n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1
+
+
+def _zero_row(n: gs.Node, c: int, rows: _Rows | None) -> bool:
+    return bool((rows.zero(n) if rows is not None else zero_rows(n))[c])
+
+
 def _may_be_constant(cg: ChannelGraph, at: dict[str, int], rows: _Rows | None) -> bool:
     """False when no member can hold a constant: a constant starts at zero padding, a layer row of
     zero weights, or a node computing from constants alone; every other member derives from members."""
     for t, c in at.items():
-        if any(it.kind == "zero" and it.lo <= c < it.hi for it in cg.items.get(t, [])):
+        if _padded(cg, t, c):
             return True
         n = cg.producer(t)
         if n is None:
             continue
-        if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1:
-            if (rows.zero(n) if rows is not None else zero_rows(n))[c]:
+        if _plain_layer(n):
+            if _zero_row(n, c, rows):
                 return True
         elif not any(x.name in at for x in n.inputs if x.name):
             return True
@@ -269,14 +283,13 @@ def _may_be_constant(cg: ChannelGraph, at: dict[str, int], rows: _Rows | None) -
 def _const_of(
     cg: ChannelGraph, t: str, c: int, value: dict[str, float | None], at: dict[str, int], rows: _Rows | None
 ) -> float | None:
-    for it in cg.items.get(t, []):
-        if it.kind == "zero" and it.lo <= c < it.hi:
-            return 0.0
+    if _padded(cg, t, c):
+        return 0.0
     n = cg.producer(t)
     if n is None:
         return None
-    if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1:
-        if not (rows.zero(n) if rows is not None else zero_rows(n))[c]:
+    if _plain_layer(n):
+        if not _zero_row(n, c, rows):
             return None  # weights that read the input: not a constant
         bias = const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None
         if bias is None:
