@@ -13,6 +13,7 @@ from redonnx.measure.runtime import run, session
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
 from redonnx.planner.search import ERROR_LADDER, _bisect
+from redonnx.planner.stages import largest_passing
 
 RESNET = MODELS / "digits_resnet.onnx"
 
@@ -51,6 +52,48 @@ def test_search_stops_when_decided() -> None:
                 assert tried == [1]
     res = prune(RESNET, target="macs", rtol=1e9, min_cosine=-1.0)  # every amount passes
     assert [t.value for t in res.search.trials] == [ERROR_LADDER[1], ERROR_LADDER[-1]] and res.search.met
+
+
+def test_a_budget_range_makes_the_same_choices() -> None:
+    """The greedy says which budgets make its choices: every budget in [low, high) writes the same
+    model (the search reuses the trial there), and ``high`` itself chooses more."""
+    src = run_passes(load_model(RESNET).model, ["fold-batchnorm"], False)[0]
+
+    def merged(budget: float):
+        out, results = run_passes(src, [MergeChannels(error_budget=budget), "cleanup"], False)
+        return out.SerializeToString(), results[0]
+
+    checked = 0
+    for budget in (1e-3, 1e-2, 0.05, 0.2):
+        made, res = merged(budget)
+        low, high = res.same_for
+        assert low <= budget < high
+        inside = [low, (low + budget) / 2, budget] + ([np.nextafter(high, 0)] if np.isfinite(high) else [])
+        for b in inside:
+            if b > 0:
+                assert merged(b)[0] == made, (budget, b, res.same_for)
+        if np.isfinite(high):
+            assert merged(high)[0] != made, (budget, res.same_for)
+            checked += 1
+    assert checked >= 2
+
+
+def test_largest_passing_matches_a_scan_from_any_guess() -> None:
+    """The depth stage's count search: for every threshold and guess, the scan's answer, no count
+    tried twice, and two trials when the guess is right (one when it is the last count)."""
+    for n in range(0, 24):
+        for edge in range(0, n + 1):
+            for guess in [None, *range(0, n + 2)]:
+                tried: list[int] = []
+
+                def ok(k: int, edge=edge, tried=tried) -> bool:
+                    tried.append(k)
+                    return k <= edge
+
+                assert largest_passing(ok, n, guess) == edge, (n, edge, guess, tried)
+                assert len(tried) == len(set(tried)) and all(1 <= k <= n for k in tried)
+                if guess is not None and guess == edge >= 1:
+                    assert len(tried) == (1 if edge == n else 2), (n, edge, tried)
 
 
 def test_stricter_budget_removes_less() -> None:

@@ -154,6 +154,7 @@ def test_gate_falls_back_when_the_lossy_result_is_slower(monkeypatch, tmp_path) 
     real = speed.gate
 
     def slow_candidates(source, exact, candidates, feeds, cache, target):
+        candidates = list(candidates)  # the planner builds them as the gate draws them
         for c in candidates:
             c.model = slow_down(c.model)
         return real(source, exact, candidates, feeds, cache, target)

@@ -50,6 +50,7 @@ class PassResult:
     declined: list[Decline] = field(default_factory=list)
     seconds: float = 0.0
     kept: dict[str, list[int]] = field(default_factory=dict)  # tensor -> channels kept (channel passes)
+    same_for: tuple[float, float] | None = None  # [low, high): values of the searched tunable making this rewrite
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -62,6 +63,7 @@ class PassResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("kept")  # per-channel indices: for the pipeline, too long for a report
+        d.pop("same_for")  # for the search
         d["seconds"] = round(self.seconds, 4)
         return d
 

@@ -186,16 +186,28 @@ class Planner:
         search = best.search
         lossless = speed_mod.Candidate("lossless result", *self._lossless(source))
         what = search.knob.replace("_", " ")
-        candidates = [speed_mod.Candidate(f"budget's choice ({what} {search.value:.3g})", best.model, best.results)
-                      ] if search.value else []  # fmt: skip
-        for value, m, res in search.fallbacks[:FALLBACKS]:
-            candidates.append(speed_mod.Candidate(f"less pruning ({what} {value:.3g})", *finish(m, res)))
-        costs = {id(c.model): model_cost(c.model, self.ctx.shapes) for c in [lossless, *candidates]}
-        floor = costs[id(lossless.model)].macs  # a candidate must do less work to be tried
-        candidates = [c for c in candidates if floor is None or (costs[id(c.model)].macs or 0) < floor]
-        kept, check = speed_mod.gate(source, lossless, candidates, feeds, self.ctx.cost_model.cache, "ort-cpu")
+        pending = [(f"budget's choice ({what} {search.value:.3g})", lambda: (best.model, best.results))
+                   ] if search.value else []  # fmt: skip
+        pending += [(f"less pruning ({what} {value:.3g})", lambda m=m, res=res: finish(m, res))
+                    for value, m, res in search.fallbacks[:FALLBACKS]]  # fmt: skip
+        costs: dict[int, ModelCost] = {}
+        built: list[speed_mod.Candidate] = []
+
+        def cost(c: speed_mod.Candidate) -> ModelCost:
+            costs[id(c.model)] = model_cost(c.model, self.ctx.shapes)
+            return costs[id(c.model)]
+
+        floor = cost(lossless).macs  # a candidate must do less work to be tried
+
+        def candidates():  # built and counted as the gate comes to them: it stops at the first kept
+            for label, make in pending:
+                built.append(cand := speed_mod.Candidate(label, *make()))
+                if floor is None or (cost(cand).macs or 0) < floor:
+                    yield cand
+
+        kept, check = speed_mod.gate(source, lossless, candidates(), feeds, self.ctx.cost_model.cache, "ort-cpu")
         self.ctx.cost_model.save()
-        for cand in candidates:
+        for cand in built:
             if cand is not kept:
                 weights.discard(cand.model)
         if kept is not lossless:  # the precision stage's second candidate (the caller discards it)

@@ -14,7 +14,9 @@ and its MACs are counted:
   MACs, and the report states the fidelity that cost.
 
 Channel statistics are computed on the first trial and reused through the context's memo (they
-only depend on the graph before merging); the pass does not know it is being searched.
+only depend on the graph before merging); the pass does not know it is being searched. A trial's
+merge result says which other budgets make the same choices (the budget only decides whether a
+step fits); the search takes those from the trial instead of building the same model again.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def search_merging(
 
     def trial(index: int):
         value = ladder[index]
+        same = next((a for a, t in trials.items() if value > 0 and _makes_same(t[1], value)), None)
+        if same is not None:  # a value making the same choices as one tried: the same model
+            return trials[same]
         if value not in trials:
             model, results = run_passes(base, [merge.with_params(**{knob: value}), *after], ctx)
             v = reference.check(model, tol)
@@ -115,18 +120,27 @@ def search_merging(
         goal = f"{target_macs:g} % MACs"
     else:
         index, goal = _bisect(lambda i: bool(trial(i)[2]), top, want_max=True), "fidelity budget"
-    value = ladder[index]
     model, results, v, removed = trial(index)
+    value = next(a for a, t in trials.items() if t[0] is model)  # the value built (others made the same)
     record = SearchResult(goal, knob, value, met=bool(v) if target_macs is None else (removed or 0) >= target_macs)
     for a, t in sorted(trials.items(), reverse=True):
+        if t[0] is model:
+            continue
         if 0 < a < value and bool(t[2]):
             record.fallbacks.append((a, t[0], t[1]))
-        elif a != value:
+        else:
             weights.discard(t[0])  # lean candidates: free their scratch data files
     record.trials = [
         Trial(a, t[3], t[2].worst_cosine, t[2].min_top1, bool(t[2])) for a, t in sorted(trials.items())
     ]  # fmt: skip
     return model, results, record
+
+
+def _makes_same(results: list[PassResult], value: float) -> bool:
+    """Whether merging at ``value`` makes the choices of the trial with these ``results`` (its
+    merge-channels result says for which values of the tunable it would choose the same)."""
+    same = results[0].same_for if results else None
+    return same is not None and same[0] <= value < same[1]
 
 
 def _bisect(ok: Callable[[int], bool], top: int, want_max: bool) -> int:

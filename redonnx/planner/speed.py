@@ -11,6 +11,7 @@ bytes), so the same inputs give the same file.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,12 +88,13 @@ def measure(
 def gate(
     source: onnx.ModelProto,
     exact: Candidate,
-    candidates: list[Candidate],
+    candidates: Iterable[Candidate],
     feeds: dict[str, np.ndarray],
     cache: latency.Cache,
     target: str,
 ) -> tuple[Candidate, SpeedCheck]:
-    """The first candidate measurably faster than ``exact`` and not slower than ``source``."""
+    """The first candidate measurably faster than ``exact`` and not slower than ``source`` (later ones
+    are not drawn from ``candidates``)."""
     check = SpeedCheck(target)
     for cand in candidates:
         hit = measure(source, exact.model, cand.model, feeds, cache)

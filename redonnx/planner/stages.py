@@ -10,7 +10,8 @@ BatchNorm), the model runs once piecewise to record every branch output's per-ch
 once per branch with that branch's output replaced by its mean; the score is the outputs' mean
 (1 - cosine) to the unchanged run, per millisecond the branch's layers cost (cost model) or per
 MAC (other targets). Branches are removed in that order, as many as the fidelity budget allows
-(bisection on the count, each candidate verified like the channel trials). Channel merging then
+(each candidate verified like the channel trials; the search on the count starts where the summed
+scores reach the cosine budget and steps away from there until the verdict turns, then bisects). Channel merging then
 searches what budget is left on the shallower model.
 """
 
@@ -138,18 +139,42 @@ def _removal_stage(
                 progress(f"{k} {what} removed: cosine {v.worst_cosine:.4f}, {verdict}")
         return trials[k][2]
 
-    lo, hi = 0, len(keys)
-    if keys and ok(1):
-        lo = 1
-        if ok(hi):
-            lo = hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    guess = None
+    if tol.min_cosine is not None:  # the scores, summed, predict how many fit the cosine budget
+        spent = np.cumsum([r[1] for r in ranked])
+        guess = int(np.searchsorted(spent, 1.0 - tol.min_cosine, side="right"))
+    lo = largest_passing(ok, len(keys), guess)
     if lo:
         result.model, result.results, _ = trials[lo]
         result.removed = lo
     return result
+
+
+def largest_passing(ok: Callable[[int], bool], n: int, guess: int | None = None) -> int:
+    """The largest k in [1, n] with ok(k), 0 if none, for an ok that holds up to a point. From a
+    ``guess`` (clamped to [1, n]): that, then steps doubling away from it until the verdict turns,
+    then bisection (a good guess decides in two trials). Without one: 1, n, then bisection."""
+    if n < 1:
+        return 0
+    if guess is None:
+        if not ok(1):
+            return 0
+        lo, hi = (n, n + 1) if n == 1 or ok(n) else (1, n)
+    else:
+        k = min(max(guess, 1), n)
+        lo, hi, step = (k, n + 1, 1) if ok(k) else (0, k, 1)
+        if lo:  # passing: up until one fails
+            while lo < n and hi == n + 1:
+                nxt = min(lo + step, n)
+                lo, hi, step = (nxt, hi, 2 * step) if ok(nxt) else (lo, nxt, step)
+        else:  # failing: down until one passes
+            while hi > 1 and lo == 0:
+                nxt = max(hi - step, 1)
+                lo, hi, step = (nxt, hi, step) if ok(nxt) else (lo, nxt, 2 * step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def depth_stage(

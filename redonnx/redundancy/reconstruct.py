@@ -39,6 +39,7 @@ def relaxed_removals(
     cands = [i for i in cands if any(t in sinks for t, _ in i.members)]
     target = len(cands) if budget else round(alpha * len(cands))
     if target < 1 or not sinks:
+        res.same_for = (0.0, float("inf")) if budget else None  # nothing to choose from: any budget
         return
     axes = {t: cg.spaces[t].axis for t in sorted(sinks)}  # a set's order varies between processes
     cache = ctx.memo  # the planner's trials start from the same graph: statistics computed once
@@ -73,8 +74,8 @@ def relaxed_removals(
     key_of = {i.root: k for k, members in groups.items() for i in members}
     exact_done = Counter(key_of[r] for r in plan.exact)
     sizes = {key: min(cg.spaces[t].size for t, _c in members[0].members) for key, members in groups.items()}
-    chosen = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), saving, multiple,
-                          exact_done, budget, sizes)  # fmt: skip
+    chosen, res.same_for = _lazy_greedy(cands, target, prec, energy, total, _group_caps(groups, cands), saving,
+                                        multiple, exact_done, budget, sizes)  # fmt: skip
     chosen = align(plan, groups, chosen, multiple, ctx.cost_model)
     _record_groups(res, cg, all_cands, chosen, saving, multiple, ctx.cost_model is not None)
     if not chosen:
@@ -175,7 +176,7 @@ def _lazy_greedy(
     done: dict[tuple, int] | None = None,
     budget: float | None = None,
     sizes: dict[tuple, int] | None = None,
-) -> list[ClassInfo]:
+) -> tuple[list[ClassInfo], tuple[float, float] | None]:
     """Pick about ``target`` channels by increasing relative reconstruction error per unit saved
     (MACs or milliseconds: the layers that lose least per unit of cost give most).
 
@@ -185,7 +186,11 @@ def _lazy_greedy(
     rounded away. A step costs the sum of its channels' current costs; costs only grow as channels
     go, so stale heap entries are refreshed lazily. With a ``budget`` on the summed error, a step
     that would exceed it is skipped (and its group closed) while cheaper steps elsewhere still go:
-    the most efficient step may be too big to fit (half of a 16-channel layer), smaller ones are not."""
+    the most efficient step may be too big to fit (half of a 16-channel layer), smaller ones are not.
+
+    Also returns, with a ``budget``, the budgets [low, high) that make these same choices: the budget
+    only decides whether a step fits, so every budget at least what was spent and below the smallest
+    error at which a skipped step would have fitted takes the same steps (the search reuses the trial)."""
     floor = min((v for v in saving.values() if v > 0), default=1.0) * 1e-3
     by_key: dict[tuple, list[ClassInfo]] = defaultdict(list)
     for info in cands:
@@ -211,6 +216,7 @@ def _lazy_greedy(
     heapq.heapify(heap)
     chosen: list[ClassInfo] = []
     spent = 0.0
+    flips = np.inf  # the smallest budget at which a skipped step would have fitted
     while heap and len(chosen) < target:
         _c, n, key = heapq.heappop(heap)
         fresh, step_error = step_of(key)
@@ -221,6 +227,7 @@ def _lazy_greedy(
             continue
         if budget is not None:
             if spent + step_error > budget:
+                flips = min(flips, spent + step_error)
                 continue  # too big for what is left of the budget: this group is done
             spent += step_error
         g = groups[key]
@@ -235,4 +242,4 @@ def _lazy_greedy(
         nxt = step_of(key)[0]
         if np.isfinite(nxt):
             heapq.heappush(heap, (nxt, n, key))
-    return chosen
+    return chosen, ((spent, float(flips)) if budget is not None else None)
