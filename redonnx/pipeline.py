@@ -24,7 +24,7 @@ from redonnx.inputs import sizes as sizes_mod
 from redonnx.io import weights
 from redonnx.io.files import LoadedModel, load_model
 from redonnx.measure.cost import ModelCost, cost_and_shapes, model_cost
-from redonnx.measure.latency import CostModel
+from redonnx.measure.latency import CostModel, time_pair
 from redonnx.measure.verify import (
     BUDGET_MIN_COSINE,
     CAUTIOUS_MIN_COSINE,
@@ -157,7 +157,7 @@ def prune(
     ctx = PassContext.of(settled, target=target, calibration=calibration)
     before, counted = cost_and_shapes(source.model, settled.hints)
     if target == "ort-cpu":
-        ctx.cost_model = CostModel(shape_source=lambda: counted)
+        ctx.cost_model = CostModel(shape_source=lambda: counted, pair_timer=time_pair)
     statistics = searching or quantizing or any(p.uses_statistics for p in chosen)  # INT8 ranges use corrections
     evidence = _evidence(source.model, settled, calibration is not None, lossy or searching, statistics)
     ctx.corrections = evidence.corrections

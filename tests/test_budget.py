@@ -160,6 +160,7 @@ def test_alignment_note_only_where_counts_are_not_timed(target: str, monkeypatch
     ort-cpu, whose counts come from the cost model (here a block of 1: any count is as fast)."""
     monkeypatch.setattr(CostModel, "block", lambda cm: 1)
     monkeypatch.setattr(CostModel, "ms", work_ms)
+    monkeypatch.setattr(CostModel, "saved", lambda cm, a, b: work_ms(cm, a) - work_ms(cm, b))
     res = prune(RESNET, passes=["fold-batchnorm", MergeChannels(alpha=0.3), "cleanup"], target=target)
     assert res.verification is not None
     assert any(lay.op == "Conv" and lay.weight_shape[0] % 8 for lay in res.after.layers)

@@ -111,6 +111,33 @@ def test_cost_model_caches_on_disk(tmp_path) -> None:
     assert list(tmp_path.glob("latency-*.json"))
 
 
+def test_a_saving_is_timed_as_one_comparison_and_cached(tmp_path) -> None:
+    """With a pair timer, a layer and its smaller form are timed together (one call, both models)
+    and the saving is read back from disk; without one, each alone."""
+    pairs = []
+
+    def pair_timer(a, b) -> tuple[float, float, float]:
+        pairs.append((a, b))
+        return 2.0, 1.5, 0.4  # the paired difference, not 2.0 - 1.5
+
+    shape = LayerShape("Conv", 16, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (8, 8), "Relu")
+    smaller = shape.with_channels(cout=12)
+    first = CostModel(Cache(tmp_path), timer=lambda s: s.cout / 8, pair_timer=pair_timer)
+    assert first.saved(shape, smaller) == 0.4 and first.saved(shape, smaller) == 0.4 and len(pairs) == 1
+    (a, _), (b, _) = pairs[0]
+    assert [numpy_helper.to_array(t).shape[0] for m in (a, b) for t in m.graph.initializer if t.name == "w"] == [16, 12]
+    first.save()
+    assert CostModel(Cache(tmp_path), pair_timer=pair_timer).saved(shape, smaller) == 0.4 and len(pairs) == 1
+    assert CostModel(Cache("off"), timer=lambda s: s.cout / 8).saved(shape, smaller) == 0.5  # each alone
+
+
+def test_time_pair_measures_what_the_smaller_layer_saves() -> None:
+    """A 256 -> 1024 MatMul against its half: both timed in one comparison, the half saves time."""
+    full = LayerShape("MatMul", 256, 1024, spatial=(1, 16))
+    a, b, diff = latency.time_pair(latency.layer_model(full), latency.layer_model(full.with_channels(cout=512)))
+    assert 0 < b < a and 0 < diff < a
+
+
 def test_identical_models_compare_as_equal() -> None:
     model = onnx.load(MODELS / "digits_resnet.onnx")
     feeds = {"input": np.zeros((1, 1, 8, 8), np.float32)}

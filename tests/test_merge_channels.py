@@ -267,6 +267,62 @@ def test_constant_channel_absorbed_only_where_exact() -> None:
     assert_equivalent(m_pad, out)
 
 
+@pytest.mark.parametrize(
+    "rel,passes",
+    [
+        ("imagenet/mobilenetv2_features_bn.onnx", ["fold-constants"]),
+        ("paddle/ppocr_mobile_v2_cls.onnx", ["fold-constants", "fold-batchnorm"]),
+    ],
+)
+def test_classes_summarized_together_as_one_by_one(rel: str, passes: list[str]) -> None:
+    """Classes over the same tensors are summarized from one matrix per layer: the same hashes,
+    norms, sizes and constants as each class alone (BatchNorm, depthwise and Add parameters here),
+    and the per-channel parameter checks the same as channel by channel."""
+    from redonnx.channels.coupling import analyze
+    from redonnx.inputs.shapes import annotate_graph
+    from redonnx.io.graph import to_graph
+    from redonnx.redundancy import classes as C
+
+    graph = to_graph(run_passes(load_model(shared_model(rel)).model, passes, False)[0])
+    annotate_graph(graph)
+    cg = analyze(graph)
+    pinned = cg.pinned_roots()
+    classes = [m for r, m in cg.classes().items() if r not in pinned and len({t for t, _ in m}) == len(m)]
+    together = C._summaries(cg, classes, C._Rows())
+    for members in classes:
+        has_rows = any(it.kind == "row" for t, _ in members for it in cg.items.get(t, []))
+        assert together[tuple(sorted(members))] == C._summarize_sources(cg, members, C._Rows(), has_rows)
+    params = [(it, t) for t, items in cg.items.items() for it in items if it.kind == "param"]
+    assert params
+    for it, t in params:
+        whole = C._keeps_zero(it, cg.spaces[t].size)
+        for c in range(cg.spaces[t].size):
+            assert whole[c] == C._param_keeps_zero(it, cg, t, c)
+
+
+def test_constant_channel_summarized_with_its_group() -> None:
+    """A zero-weight row among others of its layer: the summary made with the group finds its constant."""
+    from redonnx.channels.coupling import analyze
+    from redonnx.inputs.shapes import annotate_graph
+    from redonnx.io.graph import to_graph
+    from redonnx.redundancy import classes as C
+
+    b = Builder()
+    w, bias = dup_rows(np.random.default_rng(6), 4, 3, dups=())
+    w[2], bias[2] = 0, 0.7
+    m = b.model([("x", [1, 3, 6, 6])], [b.conv(b.op("Relu", [conv_rows(b, 3, w, bias, "x")]), 4, 3, k=3, pad=0)])
+    graph = to_graph(m)
+    annotate_graph(graph)
+    cg = analyze(graph)
+    classes = list(cg.classes().values())
+    together = C._summaries(cg, classes, C._Rows())
+    consts = [v[5] for v in together.values() if v[5]]
+    assert len(consts) == 1 and sorted(consts[0].values()) == pytest.approx([0.7, 0.7])
+    for members in classes:
+        has_rows = any(it.kind == "row" for t, _ in members for it in cg.items.get(t, []))
+        assert together[tuple(sorted(members))] == C._summarize_sources(cg, members, C._Rows(), has_rows)
+
+
 def test_relaxed_merging_is_lossy_and_bounded() -> None:
     src = load_model(shared_model(RESNET)).model
     res = prune(src, passes=["fold-batchnorm", MergeChannels(alpha=0.1), "cleanup"], target="macs")

@@ -143,6 +143,9 @@ class _Costs:
     def timed(self, key, build) -> float:
         return self.last if key.endswith(self.last_name) else self.int8
 
+    def pair(self, key, a, b) -> None:
+        return None  # no pair timer: float and INT8 each alone, as above
+
 
 class _Verdicts(dict):
     def put(self, key, value) -> None:

@@ -291,7 +291,32 @@ def time_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], budget_s: f
     return statistics.median(ts) * 1e3
 
 
+Built = tuple[onnx.ModelProto, dict[str, np.ndarray]]
+
+
+def time_pair(a: Built, b: Built, budget_s: float = 0.04, min_rounds: int = 15,
+              max_rounds: int = 300) -> tuple[float, float, float]:  # fmt: skip
+    """Two small models timed in one comparison: rounds of one run of each, the order alternating.
+    Medians (ms) of ``a``, of ``b`` and of the per-round difference a - b: a loaded moment slows
+    both runs of its round, so the difference keeps what ``b`` saves where two timings taken apart
+    (each its own median) would carry the load of their own moments (time-boxed)."""
+    runs = [(timing_session(m), feeds) for m, feeds in (a, b)]
+    for sess, feeds in runs * 3:
+        sess.run(None, feeds)
+    ts: list[list[float]] = [[], []]
+    t0 = time.perf_counter()
+    while len(ts[0]) < max_rounds and (len(ts[0]) < min_rounds or time.perf_counter() - t0 < budget_s):
+        for k in (0, 1) if len(ts[0]) % 2 == 0 else (1, 0):
+            sess, feeds = runs[k]
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            ts[k].append(time.perf_counter() - start)
+    diff = statistics.median(x - y for x, y in zip(*ts, strict=True))
+    return statistics.median(ts[0]) * 1e3, statistics.median(ts[1]) * 1e3, diff * 1e3
+
+
 Timer = Callable[[LayerShape], float]
+PairTimer = Callable[[Built, Built], tuple[float, float, float]]
 
 
 def measure_layer(shape: LayerShape) -> float:
@@ -310,6 +335,9 @@ class CostModel:
     #: activation shapes at the chosen input sizes, computed on first need (dynamic models: the
     #: graph's own shapes are symbolic, e.g. [batch, seq, 384])
     shape_source: Callable[[], dict[str, list]] | None = None
+    #: two models timed in one comparison (:func:`time_pair`, what the pipeline uses); None: each
+    #: timed alone by ``timer`` and ``model_timer`` (stand-in timers in tests)
+    pair_timer: PairTimer | None = None
     _shapes: dict[str, list] | None = None
 
     def layer(self, node: gs.Node) -> LayerShape | None:
@@ -340,6 +368,24 @@ class CostModel:
             self.measured += 1
         return float(hit)
 
+    def pair(self, key: str, a: Callable[[], Built], b: Callable[[], Built]) -> tuple[float, float, float] | None:
+        """(ms of ``a``, ms of ``b``, median per-round a - b), both timed in one comparison and cached
+        under ``key``; None without a pair timer."""
+        if self.pair_timer is None:
+            return None
+        hit = self.cache.get("pair " + key)
+        if hit is None:
+            hit = [float(v) for v in self.pair_timer(a(), b())]
+            self.cache.put("pair " + key, hit)
+            self.measured += 1
+        return float(hit[0]), float(hit[1]), float(hit[2])
+
+    def saved(self, shape: LayerShape, smaller: LayerShape) -> float:
+        """Milliseconds ``smaller`` (the layer with fewer channels) runs faster than ``shape``: both
+        timed in one comparison where there is a pair timer, else each alone."""
+        got = self.pair(f"{shape.key()} -> {smaller.key()}", lambda: layer_model(shape), lambda: layer_model(smaller))
+        return got[2] if got is not None else self.ms(shape) - self.ms(smaller)
+
     def block(self) -> int:
         """Channel block of onnxruntime's convolutions here: the smallest step below 64 channels
         that runs clearly faster (a 3x3 conv at 32x32), counts in between being no faster."""
@@ -349,7 +395,7 @@ class CostModel:
             full = self.ms(probe)
             hit = 16
             for step in (1, 2, 4, 8, 16):
-                if self.ms(probe.with_channels(cin=64 - step, cout=64 - step)) < 0.97 * full:
+                if self.saved(probe, probe.with_channels(cin=64 - step, cout=64 - step)) > 0.03 * full:
                     hit = step
                     break
             self.cache.put("block", hit)

@@ -54,7 +54,7 @@ def searched(passes: list[Pass], exact: bool) -> bool:
 class Planned:
     """The planner's choice: the model, what each pass did, and the search's record."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None until the speed gate chooses, where the search chose exact merges alone
     results: list[PassResult]
     search: SearchResult
     speed: speed_mod.SpeedCheck | None = None
@@ -80,8 +80,9 @@ class Planner:
     def plan(self, source: onnx.ModelProto, passes: list[Pass], feeds: dict[str, np.ndarray] | None = None) -> Planned:
         """Size ``passes`` (which hold one searched merge-channels) for ``source``; with ``feeds``
         and a cost model, the speed gate decides between the choice, less pruning and lossless."""
-        best, finish = self._search(source, passes)
-        if feeds is not None and self.ctx.cost_model is not None and self.target_macs is None:
+        gated = feeds is not None and self.ctx.cost_model is not None and self.target_macs is None
+        best, finish = self._search(source, passes, gated)
+        if gated:
             best.model, best.results, best.speed, best.cost = self._speed_gate(source, best, finish, feeds)
         return best
 
@@ -125,7 +126,9 @@ class Planner:
             base, results = depth.model, results + depth.results
         return base, results, heads, depth, kept_before
 
-    def _search(self, source: onnx.ModelProto, passes: list[Pass]) -> tuple[Planned, Callable]:
+    def _search(self, source: onnx.ModelProto, passes: list[Pass], gated: bool = False) -> tuple[Planned, Callable]:
+        """The search's choice and how to finish a trial's model; ``gated``: the speed gate follows, and
+        writes its lossless result where only exact merges fit (the planned model is then None)."""
         cut = next(i for i, p in enumerate(passes) if isinstance(p, MergeChannels))
         merge, rest = passes[cut], passes[cut + 1 :]
         # exact passes after merging cannot change fidelity: they run once, after the search
@@ -144,7 +147,7 @@ class Planner:
                 self._before = (*made, memo if base is made[1] else None)
             out, tail, search = search_merging(base, merge, in_trials, self.ctx, self.reference, self.tol,
                                                self._trial(source, kept_before), self.target_macs,
-                                               self.progress, memo)  # fmt: skip
+                                               self.progress, memo, build_exact=not gated)  # fmt: skip
             search.depth = depth.to_dict() if depth is not None and depth.ranking else None
             search.heads = heads.to_dict() if heads is not None and heads.ranking else None
             if search.met or i == len(attempts) - 1:
@@ -156,9 +159,10 @@ class Planner:
                         res = res + after
                     return m, results + res
 
-                model, all_results = finish(out, tail)
+                model, all_results = finish(out, tail) if out is not None else (None, results)
                 return Planned(model, all_results, search), finish
-            weights.discard(out)
+            if out is not None:
+                weights.discard(out)
             weights.discard(base)
             search.discard_fallbacks()
             if self.progress:

@@ -87,9 +87,12 @@ def search_merging(
     target_macs: float | None = None,
     progress: Callable[[str], None] | None = None,
     memo: dict | None = None,
-) -> tuple[onnx.ModelProto, list[PassResult], SearchResult]:
+    build_exact: bool = True,
+) -> tuple[onnx.ModelProto | None, list[PassResult], SearchResult]:
     """Run ``merge`` then ``after`` on ``base`` for the value of merging's tunable the budget allows;
-    ``memo`` (a fresh one when None) keeps what depends on ``base`` only, for every pass started there."""
+    ``memo`` (a fresh one when None) keeps what depends on ``base`` only, for every pass started there.
+    ``build_exact`` False: where exact merges alone are chosen (0), no model is built (None is
+    returned): the caller writes its lossless result there (the speed gate)."""
     ctx = replace(ctx, memo={} if memo is None else memo)  # every trial starts from ``base``: once
     knob = merge.knob
     shapes = ctx.shapes
@@ -120,6 +123,11 @@ def search_merging(
         goal = f"{target_macs:g} % MACs"
     else:
         index, goal = _bisect(lambda i: bool(trial(i)[2]), top, want_max=True), "fidelity budget"
+    if index == 0 and not build_exact and target_macs is None:
+        for t in trials.values():
+            weights.discard(t[0])  # lean candidates: free their scratch data files
+        record = SearchResult(goal, knob, 0.0, [_trial(a, t) for a, t in sorted(trials.items())])
+        return None, [], record
     model, results, v, removed = trial(index)
     value = next(a for a, t in trials.items() if t[0] is model)  # the value built (others made the same)
     record = SearchResult(goal, knob, value, met=bool(v) if target_macs is None else (removed or 0) >= target_macs)
@@ -130,10 +138,13 @@ def search_merging(
             record.fallbacks.append((a, t[0], t[1]))
         else:
             weights.discard(t[0])  # lean candidates: free their scratch data files
-    record.trials = [
-        Trial(a, t[3], t[2].worst_cosine, t[2].min_top1, bool(t[2])) for a, t in sorted(trials.items())
-    ]  # fmt: skip
+    record.trials = [_trial(a, t) for a, t in sorted(trials.items())]
     return model, results, record
+
+
+def _trial(value: float, t: tuple) -> Trial:
+    model, _results, v, removed = t
+    return Trial(value, removed, v.worst_cosine, v.min_top1, bool(v))
 
 
 def _makes_same(results: list[PassResult], value: float) -> bool:

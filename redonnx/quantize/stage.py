@@ -265,7 +265,7 @@ class Stage:
         return tries
 
     def _timed(self, prepared: onnx.ModelProto, found: list[Layer], choices: dict[str, LayerChoice]) -> set[str]:
-        from redonnx.quantize.timing import int8_ms
+        from redonnx.quantize.timing import int8_vs_float
 
         cost = self.inputs.cost_model
         shapes = self.inputs.layer_shapes(prepared) if self.inputs.layer_shapes is not None else {}
@@ -275,7 +275,7 @@ class Stage:
             if shape is None or cost is None:
                 continue
             c = choices[lay.name]
-            c.float_ms, c.int8_ms = cost.ms(shape), int8_ms(cost, shape, self.scheme)
+            c.float_ms, c.int8_ms = int8_vs_float(cost, shape, self.scheme)  # one comparison
             if c.int8_ms is None or c.int8_ms > (1 - MIN_LAYER_GAIN) * c.float_ms:
                 slow.add(lay.name)
                 c.precision = "float"

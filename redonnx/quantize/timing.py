@@ -59,19 +59,24 @@ def int8_core(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.nda
     return core, {inp: x}
 
 
-def int8_ms(cost: CostModel, shape: LayerShape, scheme: Scheme) -> float | None:
-    """Milliseconds of the layer in INT8 under ``scheme`` (None where the library leaves it float)."""
+def _int8_layer(shape: LayerShape, scheme: Scheme) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The layer as the library quantizes it under ``scheme``, as timed (static: between int8 tensors)."""
+    model, feeds = layer_model(shape)
+    with tempfile.TemporaryDirectory(prefix="redonnx-int8-") as tmp:
+        q = _calibrated(model, feeds, scheme, Path(tmp))
+    if scheme.mode == "dynamic":
+        return q, feeds
+    return int8_core(q)
+
+
+def int8_vs_float(cost: CostModel, shape: LayerShape, scheme: Scheme) -> tuple[float, float | None]:
+    """Milliseconds of the layer in float and in INT8 under ``scheme`` (None where the library leaves
+    it float): both timed in one comparison where the cost model pairs timings, else each alone."""
     key = f"int8 {scheme.mode} rr{int(scheme.reduce_range)} {shape.key()}"
-
-    def build() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        model, feeds = layer_model(shape)
-        with tempfile.TemporaryDirectory(prefix="redonnx-int8-") as tmp:
-            q = _calibrated(model, feeds, scheme, Path(tmp))
-        if scheme.mode == "dynamic":
-            return q, feeds
-        return int8_core(q)
-
     try:
-        return cost.timed(key, build)
+        got = cost.pair(key, lambda: layer_model(shape), lambda: _int8_layer(shape, scheme))
+        if got is None:
+            return cost.ms(shape), cost.timed(key, lambda: _int8_layer(shape, scheme))
     except (StopIteration, ValueError, RuntimeError, KeyError):
-        return None
+        return cost.ms(shape), None
+    return got[0], got[1]

@@ -91,7 +91,7 @@ def _stays(start: int, end: int, multiple: int) -> bool:
 
 def _measured_faster(cg: ChannelGraph, counts: dict[str, int], k: int, cost_model: Any) -> bool:
     """Do the layers the group's tensors touch run faster, by the cost model, with ``k`` channels fewer?"""
-    before = after = 0.0
+    saved = 0.0
     for node, role, per, t in _touched(cg, list(counts)):
         shape = cost_model.layer(node)
         if shape is None:
@@ -100,9 +100,8 @@ def _measured_faster(cg: ChannelGraph, counts: dict[str, int], k: int, cost_mode
         now, then = _fewer(shape, role, gone * per), _fewer(shape, role, (gone + k) * per)
         if now is None or then is None:
             continue
-        before += cost_model.ms(now)
-        after += cost_model.ms(then)
-    return after < before
+        saved += cost_model.saved(now, then)
+    return saved > 0
 
 
 def _fewer(shape: Any, role: str, n: int) -> Any:
@@ -165,7 +164,7 @@ def _group_ms_saved(cg: ChannelGraph, info: ClassInfo, cost_model: Any, step: in
             continue
         smaller = _fewer(shape, role, step * per)
         if smaller is not None:
-            saved += cost_model.ms(shape) - cost_model.ms(smaller)
+            saved += cost_model.saved(shape, smaller)
     return saved / step
 
 

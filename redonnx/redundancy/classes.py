@@ -141,8 +141,8 @@ def param_axis(values: np.ndarray, size: int) -> int:
 def class_infos(cg: ChannelGraph, memo: dict | None = None) -> tuple[dict[int, ClassInfo], dict[int, str]]:
     """Every unpinned class, summarized; ``memo`` keeps the row summaries between budget trials."""
     pinned = cg.pinned_roots()
-    infos: dict[int, ClassInfo] = {}
     rows = _Rows()
+    todo: dict[int, list[tuple[str, int]]] = {}
     for root, members in cg.classes().items():
         if root in pinned:
             continue
@@ -150,7 +150,11 @@ def class_infos(cg: ChannelGraph, memo: dict | None = None) -> tuple[dict[int, C
         if len(set(tensors)) != len(tensors):
             pinned[root] = f"{tensors[0]}: a class holds two channels of one tensor"
             continue
-        infos[root] = class_info(cg, root, members, rows, memo)
+        todo[root] = members
+    new = [m for m in todo.values() if memo is None or tuple(sorted(m)) not in memo]
+    summaries = _summaries(cg, new, rows)
+    keeps: dict[tuple, np.ndarray] = {}
+    infos = {root: class_info(cg, root, members, rows, memo, summaries, keeps) for root, members in todo.items()}
     return infos, pinned
 
 
@@ -179,10 +183,12 @@ def _digest(*parts: np.ndarray) -> bytes:
 
 
 def class_info(
-    cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows, memo: dict | None = None
-) -> ClassInfo:
+    cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows, memo: dict | None = None,
+    summaries: dict[tuple, tuple] | None = None, keeps: dict[tuple, np.ndarray] | None = None,
+) -> ClassInfo:  # fmt: skip
     """A class summarized; ``memo`` (the budget search: every trial starts from the same graph)
-    keeps everything but the node references between trials."""
+    keeps everything but the node references between trials. ``summaries``: its sources' summary
+    made with other classes' (:func:`_summaries`); ``keeps``: per-channel parameter checks, per layer."""
     mkey = tuple(sorted(members))
     nodes = [p for t, _c in mkey if (p := cg.producer(t)) is not None]
     hit = memo.get(mkey) if memo is not None else None
@@ -196,12 +202,13 @@ def class_info(
                     key.append(("row", it.node.name))
                 elif it.kind == "param":
                     key.append(("param", it.node.name, it.index))
-                    zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c)
+                    zero_ok = zero_ok and _param_keeps_zero(it, cg, t, c, keeps)
                 elif it.kind == "zero" and it.lo <= c < it.hi:
                     key.append(("zero", it.node.name))
                     zero_item = True
         has_rows = any(k[0] == "row" for k in key)
-        summary = _summarize_sources(cg, members, rows, has_rows)
+        summary = summaries.get(mkey) if summaries else None
+        summary = summary if summary is not None else _summarize_sources(cg, members, rows, has_rows)
         zero_ok = zero_ok and not summary[4] and all(_op_keeps_zero(n) for n in nodes)
         hit = (tuple(key), zero_item, zero_ok, has_rows, summary)
         if memo is not None:
@@ -231,6 +238,79 @@ def _summarize_sources(cg: ChannelGraph, members: list[tuple[str, int]], rows: _
     direction = _digest(np.round(scaled / norm, 6), fixed) if norm > 0 else None
     constants = _constants(cg, members, rows) if has_rows else {}
     return _digest(scaled, fixed), direction, norm, scaled.size, bool(np.any(scaled)), constants
+
+
+def _summaries(cg: ChannelGraph, classes: list[list[tuple[str, int]]], rows: _Rows) -> dict[tuple, tuple]:
+    """:func:`_summarize_sources` of many classes at once, by member order (sorted members): classes
+    over the same tensors read the same layers, so each layer's rows are taken for all of them as
+    one matrix, and the hashes, norms and constant checks come from its rows (the same bytes)."""
+    by_tensors: dict[tuple, list[tuple]] = defaultdict(list)
+    for members in classes:
+        mkey = tuple(sorted(members))
+        by_tensors[tuple(t for t, _ in mkey)].append(mkey)
+    out: dict[tuple, tuple] = {}
+    for tensors, mkeys in by_tensors.items():
+        idx = np.array([[c for _t, c in m] for m in mkeys]).reshape(len(mkeys), len(tensors))
+        scaled, fixed = _source_matrices(cg, tensors, idx, rows)
+        has_rows = scaled is not None
+        scaled = scaled if scaled is not None else np.zeros((len(mkeys), 0))
+        fixed = fixed if fixed is not None else np.zeros((len(mkeys), 0))
+        norms = [float(np.linalg.norm(r)) for r in scaled]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unit = np.round(scaled / np.array(norms).reshape(-1, 1), 6)
+        nonzero = np.any(scaled, axis=1)
+        may = _may_be_constant_rows(cg, tensors, idx, rows) if has_rows else np.zeros(len(mkeys), bool)
+        for i, mkey in enumerate(mkeys):
+            direction = _digest(unit[i], fixed[i]) if norms[i] > 0 else None
+            constants = _constants(cg, list(mkey), rows) if may[i] else {}
+            sig = _digest(scaled[i], fixed[i])
+            out[mkey] = (sig, direction, norms[i], scaled.shape[1], bool(nonzero[i]), constants)
+    return out
+
+
+def _source_matrices(
+    cg: ChannelGraph, tensors: tuple[str, ...], idx: np.ndarray, rows: _Rows
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`_source_vectors` of classes over ``tensors`` (``idx[i, j]``: class i's channel in tensor j),
+    one row per class (None where there is no part of that kind)."""
+    scaled: list[np.ndarray] = []
+    fixed: list[np.ndarray] = []
+    n = len(idx)
+    for j, t in enumerate(tensors):
+        at = idx[:, j]
+        for it in cg.items.get(t, []):
+            if it.kind == "row":
+                node = it.node
+                part = [rows.get(node)[at].astype(np.float64)]
+                bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+                if bias is not None:
+                    b = bias.reshape(-1).astype(np.float64)
+                    part.append(b[at].reshape(n, 1) if b.size > 1 else np.broadcast_to(b, (n, 1)))
+                scaled.append(np.concatenate(part, axis=1))
+            elif it.kind == "param":
+                v = np.asarray(const_value(it.node.inputs[it.index]))
+                axis = param_axis(v, cg.spaces[t].size)
+                fixed.append(np.moveaxis(np.take(v, at, axis=axis), axis, 0).reshape(n, -1).astype(np.float64))
+    return (np.concatenate(scaled, axis=1) if scaled else None), (np.concatenate(fixed, axis=1) if fixed else None)
+
+
+def _may_be_constant_rows(cg: ChannelGraph, tensors: tuple[str, ...], idx: np.ndarray, rows: _Rows) -> np.ndarray:
+    """:func:`_may_be_constant` of classes over ``tensors`` (channels ``idx``), one bool per class."""
+    may = np.zeros(len(idx), bool)
+    members = set(tensors)
+    for j, t in enumerate(tensors):
+        at = idx[:, j]
+        for it in cg.items.get(t, []):
+            if it.kind == "zero":
+                may |= (it.lo <= at) & (at < it.hi)
+        n = cg.producer(t)
+        if n is None:
+            continue
+        if _plain_layer(n):
+            may |= rows.zero(n)[at]
+        elif not any(x.name in members for x in n.inputs if x.name):
+            may[:] = True
+    return may
 
 
 def _constants(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows | None = None) -> dict[str, float | None]:
@@ -362,24 +442,37 @@ def _eval(n: gs.Node, ins: list[float | None], c: int) -> float | None:
     return None
 
 
-def _param_keeps_zero(it: Item, cg: ChannelGraph, t: str, c: int) -> bool:
-    """Does this per-channel parameter map a zero channel c to zero?"""
+def _param_keeps_zero(it: Item, cg: ChannelGraph, t: str, c: int, keeps: dict[tuple, np.ndarray] | None = None) -> bool:
+    """Does this per-channel parameter map a zero channel c to zero? (``keeps``: the answer for
+    every channel of the parameter, worked out once.)"""
+    key = (id(it.node), it.index, t)
+    per = keeps.get(key) if keeps is not None else None
+    if per is None:
+        per = _keeps_zero(it, cg.spaces[t].size)
+        if keeps is not None:
+            keeps[key] = per
+    return bool(per[c])
+
+
+def _keeps_zero(it: Item, size: int) -> np.ndarray:
+    """Per channel of a tensor of ``size`` channels: does this parameter map a zero channel to zero?"""
     node = it.node
     v = np.asarray(const_value(node.inputs[it.index]), np.float64)
-    at = _channel_slice(v, param_axis(v, cg.spaces[t].size), c)
+    axis = param_axis(v, size)
+    at = np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)  # row c: the parameter's values at channel c
     if node.op in ("Mul", "PRelu"):
-        return True
+        return np.ones(len(at), bool)
     if node.op == "Div":
-        return it.index == 1 and bool(np.all(at != 0))
+        return np.all(at != 0, axis=1) & (it.index == 1)
     if node.op in ("Add", "Sub"):
-        return not np.any(at)
+        return ~np.any(at, axis=1)
     if node.op == "Conv":  # depthwise: the kernel is fine, the bias must be zero
-        return it.index == 1 or not np.any(at)
+        return np.ones(len(at), bool) if it.index == 1 else ~np.any(at, axis=1)
     if node.op == "BatchNormalization":
-        p = [np.asarray(const_value(node.inputs[i]), np.float64).reshape(-1)[c] for i in range(1, 5)]
+        p = [np.asarray(const_value(node.inputs[i]), np.float64).reshape(-1) for i in range(1, 5)]
         eps = float(node.attrs.get("epsilon", 1e-5))
-        return bool(p[1] - p[2] * p[0] / np.sqrt(p[3] + eps) == 0)
-    return False
+        return p[1] - p[2] * p[0] / np.sqrt(p[3] + eps) == 0
+    return np.zeros(len(at), bool)
 
 
 def _op_keeps_zero(n: gs.Node) -> bool:
