@@ -274,10 +274,11 @@ def test_constant_channel_absorbed_only_where_exact() -> None:
         ("paddle/ppocr_mobile_v2_cls.onnx", ["fold-constants", "fold-batchnorm"]),
     ],
 )
-def test_classes_summarized_together_as_one_by_one(rel: str, passes: list[str]) -> None:
+def test_classes_summarized_together_as_one_by_one(rel: str, passes: list[str], monkeypatch) -> None:
     """Classes over the same tensors are summarized from one matrix per layer: the same hashes,
     norms, sizes and constants as each class alone (BatchNorm, depthwise and Add parameters here),
-    and the per-channel parameter checks the same as channel by channel."""
+    in chunks where the matrix would be large, and the per-channel parameter checks the same as
+    channel by channel."""
     from redonnx.channels.coupling import analyze
     from redonnx.inputs.shapes import annotate_graph
     from redonnx.io.graph import to_graph
@@ -292,6 +293,8 @@ def test_classes_summarized_together_as_one_by_one(rel: str, passes: list[str]) 
     for members in classes:
         has_rows = any(it.kind == "row" for t, _ in members for it in cg.items.get(t, []))
         assert together[tuple(sorted(members))] == C._summarize_sources(cg, members, C._Rows(), has_rows)
+    monkeypatch.setattr(C, "SUMMARY_BYTES", 20_000)  # a few classes per chunk
+    assert C._summaries(cg, classes, C._Rows()) == together
     params = [(it, t) for t, items in cg.items.items() for it in items if it.kind == "param"]
     assert params
     for it, t in params:

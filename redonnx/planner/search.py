@@ -143,7 +143,7 @@ def search_merging(
 
 
 def _trial(value: float, t: tuple) -> Trial:
-    model, _results, v, removed = t
+    _model, _results, v, removed = t
     return Trial(value, removed, v.worst_cosine, v.min_top1, bool(v))
 
 

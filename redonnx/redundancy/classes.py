@@ -24,6 +24,8 @@ ZERO_SAFE = {
 }  # fmt: skip
 
 
+SUMMARY_BYTES = 64 * 2**20  # classes summarized together: their float64 rows at most this large
+
 HOMOGENEOUS = {
     "Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
     "GlobalMaxPool", "Concat", "Split", "Slice", "Pad", "Transpose", "ReduceMean", "ReduceMax", "ReduceSum",
@@ -249,22 +251,44 @@ def _summaries(cg: ChannelGraph, classes: list[list[tuple[str, int]]], rows: _Ro
         mkey = tuple(sorted(members))
         by_tensors[tuple(t for t, _ in mkey)].append(mkey)
     out: dict[tuple, tuple] = {}
-    for tensors, mkeys in by_tensors.items():
-        idx = np.array([[c for _t, c in m] for m in mkeys]).reshape(len(mkeys), len(tensors))
-        scaled, fixed = _source_matrices(cg, tensors, idx, rows)
-        has_rows = scaled is not None
-        scaled = scaled if scaled is not None else np.zeros((len(mkeys), 0))
-        fixed = fixed if fixed is not None else np.zeros((len(mkeys), 0))
-        norms = [float(np.linalg.norm(r)) for r in scaled]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            unit = np.round(scaled / np.array(norms).reshape(-1, 1), 6)
-        nonzero = np.any(scaled, axis=1)
-        may = _may_be_constant_rows(cg, tensors, idx, rows) if has_rows else np.zeros(len(mkeys), bool)
-        for i, mkey in enumerate(mkeys):
-            direction = _digest(unit[i], fixed[i]) if norms[i] > 0 else None
-            constants = _constants(cg, list(mkey), rows) if may[i] else {}
-            sig = _digest(scaled[i], fixed[i])
-            out[mkey] = (sig, direction, norms[i], scaled.shape[1], bool(nonzero[i]), constants)
+    for tensors, group in by_tensors.items():
+        width = max(_row_width(cg, tensors), 1)
+        step = max(1, SUMMARY_BYTES // (8 * width))  # float64 rows of a chunk of classes at a time
+        for start in range(0, len(group), step):
+            out.update(_summarize_chunk(cg, tensors, group[start : start + step], rows))
+    return out
+
+
+def _row_width(cg: ChannelGraph, tensors: tuple[str, ...]) -> int:
+    """Length of a class's concatenated layer rows and parameters (classes over ``tensors``)."""
+    width = 0
+    for t in tensors:
+        for it in cg.items.get(t, []):
+            if it.kind in ("row", "param"):
+                v = it.node.inputs[1 if it.kind == "row" else it.index]
+                shape = getattr(v, "shape", None) or ()
+                width += int(np.prod(shape)) // max(cg.spaces[t].size, 1) + 1
+    return width
+
+
+def _summarize_chunk(cg: ChannelGraph, tensors: tuple[str, ...], mkeys: list[tuple], rows: _Rows) -> dict:
+    """:func:`_summarize_sources` of classes over ``tensors`` (sorted members ``mkeys``)."""
+    n = len(mkeys)
+    idx = np.array([[c for _t, c in m] for m in mkeys]).reshape(n, len(tensors))
+    scaled, fixed = _source_matrices(cg, tensors, idx, rows)
+    has_rows = scaled is not None
+    scaled = scaled if scaled is not None else np.zeros((n, 0))
+    fixed = fixed if fixed is not None else np.zeros((n, 0))
+    norms = [float(np.linalg.norm(r)) for r in scaled]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = np.round(scaled / np.array(norms).reshape(-1, 1), 6)
+    nonzero = np.any(scaled, axis=1)
+    may = _may_be_constant_rows(cg, tensors, idx, rows) if has_rows else np.zeros(n, bool)
+    out: dict[tuple, tuple] = {}
+    for i, mkey in enumerate(mkeys):
+        direction = _digest(unit[i], fixed[i]) if norms[i] > 0 else None
+        constants = _constants(cg, list(mkey), rows) if may[i] else {}
+        out[mkey] = (_digest(scaled[i], fixed[i]), direction, norms[i], scaled.shape[1], bool(nonzero[i]), constants)
     return out
 
 
