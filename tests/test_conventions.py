@@ -146,3 +146,17 @@ def test_every_budget_trial_holds_in_each_plausible_convention(monkeypatch) -> N
     x = np.random.default_rng(0).random((4, 3, 32, 32), np.float32)
     given = prune(model, passes=[ClampNegatives()], inputs={"input": x})
     assert given.verification.passed and not given.evidence.conventions_checked  # 0..1 data: exact
+
+
+def test_probe_noise_drawn_once_gives_each_conventions_draws() -> None:
+    """The convention probes draw each variant's noise once and scale it per convention: the same
+    values as drawing in that convention (so the scores, and the choice, are the same)."""
+    model = load_model(shared_model("cifar10/resnet20_bn.onnx")).model
+    specs = IM.infer(model).specs
+    spec = next(s for s in specs.values() if s.kind == "image")
+    for seed, e in [(7, None), (8, NATURAL_SPECTRUM[0])]:
+        z = IM._probe_feeds(model, specs, spec, None, IM.UNIT, seed, e, dtype="float64")[spec.name]
+        for conv in IM.CONVENTIONS:
+            drawn = IM._probe_feeds(model, specs, spec, None, conv, seed, e)[spec.name]
+            scaled = IM._as_convention(z, conv, spec.dtype)
+            assert scaled.dtype == drawn.dtype and np.array_equal(scaled, drawn), conv.name

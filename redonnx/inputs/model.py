@@ -71,6 +71,7 @@ class Convention:
 
 
 NORMALIZED = Convention("normalized (mean 0, std 1)", 0.0, 1.0)
+UNIT = Convention("unit noise", 0.0, 1.0)  # the probes' noise, before a convention scales it
 RAW_PIXELS = Convention("raw pixels 0..255", 115.0, 64.0, 0.0, 255.0)
 CONVENTIONS = (
     NORMALIZED,
@@ -123,15 +124,24 @@ def _first_points(model: onnx.ModelProto, points: list[RL.BNPoint]) -> list[RL.B
     return bn_inputs_clean
 
 
-def _probe_feeds(model, specs, spec, shapes, conv: Convention, seed: int = 7,
-                 spectrum: float | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def _probe_feeds(model, specs, spec, shapes, conv: Convention, seed: int = 7, spectrum: float | None = None,
+                 dtype: str | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Draws for the convention probes, input ``spec`` in ``conv`` (``dtype``: drawn as that type)."""
     trial = {k: (InputSpec(**{**v.__dict__}) if k != spec.name else
                  InputSpec(**{**v.__dict__, "mean": conv.mean, "std": conv.std, "low": conv.low, "high": conv.high,
-                              "spectrum": spectrum}))
+                              "spectrum": spectrum, "dtype": dtype or v.dtype}))
              for k, v in specs.items()}  # fmt: skip
     per_sample = max(int(np.prod([d for d in resolve_input_shapes(model, shapes)[spec.name][1:]])), 1)
     batch = int(np.clip(2**19 // per_sample, 2, SCALE_PROBES if spec.kind == "image" else 64))
     return InputModel(trial, "").draw(model, shapes, batch=batch, seed=seed)
+
+
+def _as_convention(z: np.ndarray, conv: Convention, dtype: str) -> np.ndarray:
+    """Unit noise ``z`` (float64) as the input drawn in ``conv`` from the same noise (the same values)."""
+    x = conv.mean + conv.std * z
+    if conv.low is not None or conv.high is not None:
+        x = np.clip(x, conv.low, conv.high)
+    return x.astype(dtype)
 
 
 @dataclass
@@ -162,11 +172,13 @@ def convention_scores(model, specs, spec: InputSpec, first: list[RL.BNPoint], sh
     variants = [(7, None), *others]
 
     def realism(job: tuple) -> float:
-        conv, seed, e = job
-        feeds = _probe_feeds(model, specs, spec, shapes, conv, seed, e)
+        conv, feeds = job
+        feeds = {**feeds, spec.name: _as_convention(feeds[spec.name], conv, spec.dtype)}
         return RL.assess(model, feeds, first, correct=False, prefix=True).overall or 0.0
 
-    jobs = [(conv, seed, e) for conv in CONVENTIONS for seed, e in variants]
+    # each variant's noise drawn once, then scaled to each convention: what drawing in it would give
+    noise = list(in_order(lambda v: _probe_feeds(model, specs, spec, shapes, UNIT, *v, dtype="float64"), variants))
+    jobs = [(conv, feeds) for conv in CONVENTIONS for feeds in noise]
     got = list(in_order(realism, jobs))  # side by side, in order
     score, spread = {}, {}
     for k, conv in enumerate(CONVENTIONS):
