@@ -12,7 +12,7 @@ from redonnx.measure.latency import CostModel
 from redonnx.measure.runtime import run, session
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
-from redonnx.planner.search import ERROR_LADDER, _bisect
+from redonnx.planner.search import ERROR_LADDER, _bisect, _gallop
 from redonnx.planner.stages import largest_passing
 
 RESNET = MODELS / "digits_resnet.onnx"
@@ -30,28 +30,41 @@ def test_default_budget_is_met_and_searched() -> None:
 
 
 def test_search_stops_when_decided() -> None:
-    """Bisection finds the same index as a scan for every monotone threshold, and a search the most
-    pruning passes (or nothing passes) is decided without more trials."""
+    """The fidelity search (a gallop up from the least lossy step) and the MAC target's bisection
+    find the same index as a scan for every monotone threshold, with and without runs of ladder
+    values that make the same model; nothing passing is decided in one trial, and the first step
+    alone passing in two."""
     top = len(ERROR_LADDER) - 1
-    for want_max in (True, False):
-        for edge in range(-1, top + 2):
+    for block in (1, 4):
+        span = (lambda i, b=block: min((i // b + 1) * b - 1, top)) if block > 1 else (lambda i: i)
+        for edge in [-1, 0, *(e for e in range(1, top + 1) if span(e) == e)]:
             tried: list[int] = []
 
-            def ok(i: int, edge=edge, want_max=want_max, tried=tried) -> bool:
+            def ok(i: int, edge=edge, tried=tried) -> bool:
                 tried.append(i)
-                return i <= edge if want_max else i >= edge
+                return i <= edge
 
-            passing = [i for i in range(top + 1) if (i <= edge if want_max else i >= edge)]
-            # a MAC target is reached by merging something: 0 (exact merges only) is not tried
-            expected = max(passing, default=0) if want_max else min((i for i in passing if i), default=top)
-            assert _bisect(ok, top, want_max) == expected
-            assert len(tried) == len(set(tried)) <= 2 + top.bit_length()
-            if want_max and edge >= top:
-                assert tried == [1, top]
-            if want_max and edge < 1:  # not even the least lossy step: decided in one, nothing lossier built
+            assert _gallop(ok, top, span) == max(edge, 0)
+            assert len(tried) == len(set(tried)) <= 2 * (1 + top.bit_length())
+            if edge < 1:  # not even the least lossy step: decided in one, nothing lossier built
                 assert tried == [1]
+            if block == 1 and edge == 1:
+                assert tried == [1, 2]
+    for edge in range(-1, top + 2):
+        tried = []
+
+        def at_least(i: int, edge=edge, tried=tried) -> bool:
+            tried.append(i)
+            return i >= edge
+
+        passing = [i for i in range(top + 1) if i >= edge]
+        # a MAC target is reached by merging something: 0 (exact merges only) is not tried
+        assert _bisect(at_least, top) == min((i for i in passing if i), default=top)
+        assert len(tried) == len(set(tried)) <= 2 + top.bit_length()
     res = prune(RESNET, target="macs", rtol=1e9, min_cosine=-1.0)  # every amount passes
-    assert [t.value for t in res.search.trials] == [ERROR_LADDER[1], ERROR_LADDER[-1]] and res.search.met
+    assert res.search.met and all(t.passed for t in res.search.trials)
+    assert res.search.value == max(t.value for t in res.search.trials)
+    assert _gallop(lambda i: True, top) == top
 
 
 def test_a_budget_range_makes_the_same_choices() -> None:

@@ -10,7 +10,7 @@ every candidate against the fidelity budget on the verification inputs. For a de
 2. heads (``PruneHeads.drop``) and then residual branches (``DropBranches.drop``) go, best score
    per millisecond first, as many as the budget allows (:mod:`redonnx.planner.stages`);
 3. merging's tunable (``MergeChannels.knob``: the reconstruction budget, or the paper's alpha)
-   is bisected on a ladder (:mod:`redonnx.planner.search`), or sized to ``--target-macs``;
+   is searched on a ladder (:mod:`redonnx.planner.search`), or sized to ``--target-macs``;
 4. the exact passes after merging run once on the result;
 5. under ``--target ort-cpu`` the result is timed against the lossless one (:mod:`redonnx.planner.speed`)
    and kept only if measurably faster, else less pruning, else the lossless result.
