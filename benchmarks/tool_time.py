@@ -9,6 +9,9 @@ fold-batchnorm,hash-weights``; MobileNetV2 (BatchNorm kept) default. Each case r
 the latency cache (``$REDONNX_CACHE``, default a folder under /tmp shared by the runs), then
 ``--repeats`` times in fresh processes; the median of each phase is reported.
 
+Python's bytecode caches are kept (as an installed copy has them), so the first run of a case
+(the warm-up) compiles and the timed runs do not.
+
 Phases are measured from outside the package by wrapping its functions (self time: a phase nested
 in another is subtracted from it): imports (redonnx.cli, redonnx.io.files, redonnx.pipeline), load, sizes,
 evidence (input model, realism, corrections), reference (the original's verification outputs),
@@ -238,7 +241,9 @@ def main() -> int:
     if args.child:
         child(args.rest, args.profile)
         return 0
-    env = {**os.environ}
+    # bytecode caches as a user's Python keeps them (a sandbox's PYTHONDONTWRITEBYTECODE would make
+    # every run compile the package again: 0.4 s no installed copy pays)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.setdefault("REDONNX_CACHE", str(Path(tempfile.gettempdir()) / "redonnx-tool-time-cache"))
     roots = [args.root.resolve()] + ([args.against.resolve()] if args.against else [])
     rows: dict[Path, list[dict]] = {root: [] for root in roots}
