@@ -24,7 +24,9 @@ ZERO_SAFE = {
 }  # fmt: skip
 
 
-SUMMARY_BYTES = 64 * 2**20  # classes summarized together: their float64 rows at most this large
+#: classes summarized together: their float64 rows at most this large (memory stays near one copy
+#: of the weights; larger chunks are no faster)
+SUMMARY_BYTES = 2**20
 
 HOMOGENEOUS = {
     "Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
