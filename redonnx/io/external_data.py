@@ -128,6 +128,11 @@ def model_nbytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def external_chunks(t: onnx.TensorProto, base: Path) -> Iterator[bytes]:
+    """An external tensor's bytes, read in chunks from its file."""
+    yield from read_chunks(*external_range(t, base))
+
+
 def read_chunks(path: Path, offset: int, length: int) -> Iterator[bytes]:
     with open(path, "rb") as f:
         f.seek(offset)

@@ -44,6 +44,7 @@ from redonnx.io.external_data import (
     _pad,
     _set_location,
     external_base,
+    external_chunks,
     external_range,
     is_external,
     iter_tensors,
@@ -100,8 +101,7 @@ def _blocks(model: onnx.ModelProto) -> Iterator[bytes]:
         return
     for t in iter_tensors(model):
         if is_external(t):
-            path, offset, length = external_range(t, base)
-            for chunk in read_chunks(path, offset, length):
+            for chunk in external_chunks(t, base):
                 for k in range(0, len(chunk), _BLOCK):
                     yield chunk[k : k + _BLOCK]
 
@@ -121,9 +121,8 @@ def content_digest(model: onnx.ModelProto) -> str:
         copy.metadata_props.remove(prop)
     for t, c in zip(iter_tensors(model), iter_tensors(copy), strict=True):
         if is_external(t):
-            path, offset, length = external_range(t, base)
             h.update(t.name.encode() + b"=")
-            for chunk in read_chunks(path, offset, length):
+            for chunk in external_chunks(t, base):
                 h.update(chunk)
             del c.external_data[:]
     h.update(copy.SerializeToString())
