@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from builders import Builder
 from conftest import assert_equivalent
 
@@ -11,12 +12,18 @@ from redonnx.pipeline import run_passes
 from redonnx.redundancy import statistics as R
 
 
-def test_precision_downdate_matches_inverse_of_the_rest() -> None:
+@pytest.mark.parametrize("blas_from", [1, 10**9])  # scipy's BLAS update; numpy's, in blocks of a few columns
+def test_precision_downdate_matches_inverse_of_the_rest(blas_from: int, monkeypatch) -> None:
+    monkeypatch.setattr(R, "BLAS_FROM", blas_from)
+    monkeypatch.setattr(R, "UPDATE_BLOCK", 12)  # two columns at a time
     rng = np.random.default_rng(0)
     a = rng.standard_normal((500, 6))
     cov = np.cov(a, rowvar=False)
     p = R.remove_from_precision(R.precision(cov, ridge=0), 2)
     rest = [0, 1, 3, 4, 5]
+    assert np.allclose(p[np.ix_(rest, rest)], np.linalg.inv(cov[np.ix_(rest, rest)]), atol=1e-8)
+    p = R.remove_from_precision(p, 4)  # twice: what is left of the rest
+    rest = [0, 1, 3, 5]
     assert np.allclose(p[np.ix_(rest, rest)], np.linalg.inv(cov[np.ix_(rest, rest)]), atol=1e-8)
 
 
