@@ -267,6 +267,18 @@ def test_constant_channel_absorbed_only_where_exact() -> None:
     assert_equivalent(m_pad, out)
 
 
+def one_by_one(cg, members: list[tuple[str, int]]) -> tuple:
+    """A class's summary from its own source vectors (what :func:`classes._summaries` makes for many)."""
+    from redonnx.redundancy import classes as C
+
+    scaled, fixed = C._source_vectors(cg, members)
+    norm = float(np.linalg.norm(scaled))
+    direction = C._digest(np.round(scaled / norm, 6), fixed) if norm > 0 else None
+    has_rows = any(it.kind == "row" for t, _ in members for it in cg.items.get(t, []))
+    constants = C._constants(cg, members) if has_rows else {}
+    return C._digest(scaled, fixed), direction, norm, scaled.size, bool(np.any(scaled)), constants
+
+
 @pytest.mark.parametrize(
     "rel,passes",
     [
@@ -291,8 +303,7 @@ def test_classes_summarized_together_as_one_by_one(rel: str, passes: list[str], 
     classes = [m for r, m in cg.classes().items() if r not in pinned and len({t for t, _ in m}) == len(m)]
     together = C._summaries(cg, classes, C._Rows())
     for members in classes:
-        has_rows = any(it.kind == "row" for t, _ in members for it in cg.items.get(t, []))
-        assert together[tuple(sorted(members))] == C._summarize_sources(cg, members, C._Rows(), has_rows)
+        assert together[tuple(sorted(members))] == one_by_one(cg, members)
     monkeypatch.setattr(C, "SUMMARY_BYTES", 20_000)  # a few classes per chunk
     assert C._summaries(cg, classes, C._Rows()) == together
     params = [(it, t) for t, items in cg.items.items() for it in items if it.kind == "param"]
@@ -322,8 +333,7 @@ def test_constant_channel_summarized_with_its_group() -> None:
     consts = [v[5] for v in together.values() if v[5]]
     assert len(consts) == 1 and sorted(consts[0].values()) == pytest.approx([0.7, 0.7])
     for members in classes:
-        has_rows = any(it.kind == "row" for t, _ in members for it in cg.items.get(t, []))
-        assert together[tuple(sorted(members))] == C._summarize_sources(cg, members, C._Rows(), has_rows)
+        assert together[tuple(sorted(members))] == one_by_one(cg, members)
 
 
 def test_relaxed_merging_is_lossy_and_bounded() -> None:

@@ -212,7 +212,7 @@ def class_info(
                     zero_item = True
         has_rows = any(k[0] == "row" for k in key)
         summary = summaries.get(mkey) if summaries else None
-        summary = summary if summary is not None else _summarize_sources(cg, members, rows, has_rows)
+        summary = summary if summary is not None else _summaries(cg, [members], rows)[mkey]
         zero_ok = zero_ok and not summary[4] and all(_op_keeps_zero(n) for n in nodes)
         hit = (tuple(key), zero_item, zero_ok, has_rows, summary)
         if memo is not None:
@@ -235,19 +235,11 @@ def class_info(
     )
 
 
-def _summarize_sources(cg: ChannelGraph, members: list[tuple[str, int]], rows: _Rows, has_rows: bool) -> tuple:
-    """Hashes, norm, size and non-zeroness of a class's rows, and its constant values."""
-    scaled, fixed = _source_vectors(cg, members, rows)
-    norm = float(np.linalg.norm(scaled))
-    direction = _digest(np.round(scaled / norm, 6), fixed) if norm > 0 else None
-    constants = _constants(cg, members, rows) if has_rows else {}
-    return _digest(scaled, fixed), direction, norm, scaled.size, bool(np.any(scaled)), constants
-
-
 def _summaries(cg: ChannelGraph, classes: list[list[tuple[str, int]]], rows: _Rows) -> dict[tuple, tuple]:
-    """:func:`_summarize_sources` of many classes at once, by member order (sorted members): classes
-    over the same tensors read the same layers, so each layer's rows are taken for all of them as
-    one matrix, and the hashes, norms and constant checks come from its rows (the same bytes)."""
+    """Per class (by its sorted members): hashes of its sources (:func:`_source_vectors`: the layer
+    rows, and the unit-norm rows rounded), their norm, size and non-zeroness, and its constant
+    values. Classes over the same tensors read the same layers, so each layer's rows are taken
+    for all of them as one matrix (a chunk of classes at a time)."""
     by_tensors: dict[tuple, list[tuple]] = defaultdict(list)
     for members in classes:
         mkey = tuple(sorted(members))
@@ -274,7 +266,7 @@ def _row_width(cg: ChannelGraph, tensors: tuple[str, ...]) -> int:
 
 
 def _summarize_chunk(cg: ChannelGraph, tensors: tuple[str, ...], mkeys: list[tuple], rows: _Rows) -> dict:
-    """:func:`_summarize_sources` of classes over ``tensors`` (sorted members ``mkeys``)."""
+    """:func:`_summaries` of classes over ``tensors`` (sorted members ``mkeys``)."""
     n = len(mkeys)
     idx = np.array([[c for _t, c in m] for m in mkeys]).reshape(n, len(tensors))
     scaled, fixed = _source_matrices(cg, tensors, idx, rows)
