@@ -39,6 +39,7 @@ import onnx
 
 from redonnx.errors import RedonnxError
 from redonnx.io import weights
+from redonnx.measure.runtime import in_order
 from redonnx.quantize import calibration as C
 from redonnx.quantize.cpu import Int8Cpu, detect
 from redonnx.quantize.quantizer import (
@@ -290,14 +291,15 @@ class Stage:
             if method != "MinMax":  # histograms cost a pass each and numpy time per tensor: 64 samples
                 runs = C.first_samples(runs, C.HISTOGRAM_SAMPLES)
             with _quiet():
-                plain = C.tensor_ranges(q.prepared, runs, method, self.work)
-                corrected = None
+                models = [q.prepared]
                 if self.inputs.corrections and self.inputs.calibration is None:
                     from redonnx.inputs.realism import intervene
                     from redonnx.io.external_data import inline_copy
 
-                    original = inline_copy(intervene(self.inputs.source, self.inputs.corrections))
-                    corrected = C.tensor_ranges(original, runs, method, self.work)
+                    models.append(inline_copy(intervene(self.inputs.source, self.inputs.corrections)))
+                # the two calibrations are independent: side by side (each on one thread)
+                got = list(in_order(lambda m: C.tensor_ranges(m, runs, method, self.work), models))
+                plain, corrected = got[0], (got[1] if len(got) > 1 else None)
             data, shared = C.merged(plain, corrected)
             if shared and not any("BatchNorm" in n for n in res.notes):
                 res.notes.append(f"ranges of {shared} tensors read from the BatchNorm-corrected original")
