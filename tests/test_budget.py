@@ -12,8 +12,7 @@ from redonnx.measure.latency import CostModel
 from redonnx.measure.runtime import run, session
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
-from redonnx.planner.search import ERROR_LADDER, _bisect, _gallop
-from redonnx.planner.stages import largest_passing
+from redonnx.planner.search import ERROR_LADDER, _bisect, largest_passing
 
 RESNET = MODELS / "digits_resnet.onnx"
 
@@ -44,7 +43,7 @@ def test_search_stops_when_decided() -> None:
                 tried.append(i)
                 return i <= edge
 
-            assert _gallop(ok, top, span) == max(edge, 0)
+            assert largest_passing(ok, top, 1, span) == max(edge, 0)
             assert len(tried) == len(set(tried)) <= 2 * (1 + top.bit_length())
             if edge < 1:  # not even the least lossy step: decided in one, nothing lossier built
                 assert tried == [1]
@@ -64,7 +63,7 @@ def test_search_stops_when_decided() -> None:
     res = prune(RESNET, target="macs", rtol=1e9, min_cosine=-1.0)  # every amount passes
     assert res.search.met and all(t.passed for t in res.search.trials)
     assert res.search.value == max(t.value for t in res.search.trials)
-    assert _gallop(lambda i: True, top) == top
+    assert largest_passing(lambda i: True, top, 1) == top
 
 
 def test_a_budget_range_makes_the_same_choices() -> None:

@@ -130,7 +130,7 @@ def search_merging(
         index = _bisect(lambda i: (trial(i)[3] or 0.0) >= target_macs, top)
         goal = f"{target_macs:g} % MACs"
     else:
-        index, goal = _gallop(lambda i: bool(trial(i)[2]), top, span), "fidelity budget"
+        index, goal = largest_passing(lambda i: bool(trial(i)[2]), top, 1, span), "fidelity budget"
     if index == 0 and not build_exact and target_macs is None:
         for t in trials.values():
             weights.discard(t[0])  # lean candidates: free their scratch data files
@@ -162,19 +162,35 @@ def _makes_same(results: list[PassResult], value: float) -> bool:
     return same is not None and same[0] <= value < same[1]
 
 
-def _gallop(ok: Callable[[int], bool], top: int, span: Callable[[int], int] = lambda i: i) -> int:
-    """Largest index in [0, top] with ok, for an ok that holds up to a point (0 holds). 1, the
-    least lossy step, is tried first: on well-trained models even that is over the budget, and
-    that decides it in one trial. Then steps up from the last passing index (past what makes the
-    same model: ``span``), doubling while they pass, then bisection: a budget that holds little
-    more than the first step decides in two or three trials, where bisection from the top of
-    the ladder took five to eight, each a model built and verified."""
-    if top < 1 or not ok(1):
+def largest_passing(
+    ok: Callable[[int], bool], n: int, guess: int | None = None, span: Callable[[int], int] = lambda k: k
+) -> int:
+    """The largest k in [1, n] with ok(k), 0 if none, for an ok that holds up to a point. From a
+    ``guess`` (clamped to [1, n]): that, then steps doubling away from it until the verdict turns,
+    then bisection (a good guess decides in two trials). Without one: 1, n, then bisection.
+    ``span(k)``: the last count making the model k made (a passing k passes up to there).
+
+    The merge search guesses 1, the least lossy step: on well-trained models even that is over
+    the budget, and that decides it in one trial; a budget that holds little more than the first
+    step decides in two or three, where bisection from the top of the ladder took five to eight,
+    each a model built and verified. The depth and head stages guess from their scores."""
+    if n < 1:
         return 0
-    lo, hi, step = span(1), top + 1, 1
-    while lo < top and hi > top:
-        probe = min(lo + step, top)
-        lo, hi, step = (span(probe), hi, 2 * step) if ok(probe) else (lo, probe, step)
+    if guess is None:
+        if not ok(1):
+            return 0
+        lo, hi = (n, n + 1) if n == 1 or ok(n) else (span(1), n)
+    else:
+        k = min(max(guess, 1), n)
+        lo, hi, step = (span(k), n + 1, 1) if ok(k) else (0, k, 1)
+        if lo:  # passing: up until one fails
+            while lo < n and hi == n + 1:
+                nxt = min(lo + step, n)
+                lo, hi, step = (span(nxt), hi, 2 * step) if ok(nxt) else (lo, nxt, step)
+        else:  # failing: down until one passes
+            while hi > 1 and lo == 0:
+                nxt = max(hi - step, 1)
+                lo, hi, step = (span(nxt), hi, step) if ok(nxt) else (lo, nxt, 2 * step)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (min(span(mid), hi - 1), hi) if ok(mid) else (lo, mid)

@@ -11,8 +11,8 @@ once per branch with that branch's output replaced by its mean; the score is the
 (1 - cosine) to the unchanged run, per millisecond the branch's layers cost (cost model) or per
 MAC (other targets). Branches are removed in that order, as many as the fidelity budget allows
 (each candidate verified like the channel trials; the search on the count starts where the summed
-scores reach the cosine budget and steps away from there until the verdict turns, then bisects). Channel merging then
-searches what budget is left on the shallower model.
+scores reach the cosine budget and steps away from there until the verdict turns, then bisects).
+Channel merging then searches what budget is left on the shallower model.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from redonnx.measure.verify import Checker, Tolerance
 from redonnx.passes import drop_branches as D
 from redonnx.passes import prune_heads as H
 from redonnx.passes.base import PassContext, PassResult
-from redonnx.planner.search import Runner, Trial
+from redonnx.planner.search import Runner, Trial, largest_passing
 from redonnx.redundancy import statistics as R
 
 DEPTH_SEED = 2  # the scores' synthetic inputs: neither the statistics' nor verification's samples
@@ -148,33 +148,6 @@ def _removal_stage(
         result.model, result.results, _ = trials[lo]
         result.removed = lo
     return result
-
-
-def largest_passing(ok: Callable[[int], bool], n: int, guess: int | None = None) -> int:
-    """The largest k in [1, n] with ok(k), 0 if none, for an ok that holds up to a point. From a
-    ``guess`` (clamped to [1, n]): that, then steps doubling away from it until the verdict turns,
-    then bisection (a good guess decides in two trials). Without one: 1, n, then bisection."""
-    if n < 1:
-        return 0
-    if guess is None:
-        if not ok(1):
-            return 0
-        lo, hi = (n, n + 1) if n == 1 or ok(n) else (1, n)
-    else:
-        k = min(max(guess, 1), n)
-        lo, hi, step = (k, n + 1, 1) if ok(k) else (0, k, 1)
-        if lo:  # passing: up until one fails
-            while lo < n and hi == n + 1:
-                nxt = min(lo + step, n)
-                lo, hi, step = (nxt, hi, 2 * step) if ok(nxt) else (lo, nxt, step)
-        else:  # failing: down until one passes
-            while hi > 1 and lo == 0:
-                nxt = max(hi - step, 1)
-                lo, hi, step = (nxt, hi, step) if ok(nxt) else (lo, nxt, 2 * step)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
 
 
 def depth_stage(
