@@ -158,7 +158,7 @@ def class_infos(cg: ChannelGraph, memo: dict | None = None) -> tuple[dict[int, C
     new = [m for m in todo.values() if memo is None or tuple(sorted(m)) not in memo]
     summaries = _summaries(cg, new, rows)
     keeps: dict[tuple, np.ndarray] = {}
-    infos = {root: class_info(cg, root, members, rows, memo, summaries, keeps) for root, members in todo.items()}
+    infos = {root: class_info(cg, root, members, memo, summaries, keeps) for root, members in todo.items()}
     return infos, pinned
 
 
@@ -187,12 +187,13 @@ def _digest(*parts: np.ndarray) -> bytes:
 
 
 def class_info(
-    cg: ChannelGraph, root: int, members: list[tuple[str, int]], rows: _Rows, memo: dict | None = None,
-    summaries: dict[tuple, tuple] | None = None, keeps: dict[tuple, np.ndarray] | None = None,
+    cg: ChannelGraph, root: int, members: list[tuple[str, int]], memo: dict | None,
+    summaries: dict[tuple, tuple], keeps: dict[tuple, np.ndarray],
 ) -> ClassInfo:  # fmt: skip
     """A class summarized; ``memo`` (the budget search: every trial starts from the same graph)
     keeps everything but the node references between trials. ``summaries``: its sources' summary
-    made with other classes' (:func:`_summaries`); ``keeps``: per-channel parameter checks, per layer."""
+    (:func:`_summaries`, for every class the memo does not hold); ``keeps``: per-channel parameter
+    checks, per layer."""
     mkey = tuple(sorted(members))
     nodes = [p for t, _c in mkey if (p := cg.producer(t)) is not None]
     hit = memo.get(mkey) if memo is not None else None
@@ -211,8 +212,7 @@ def class_info(
                     key.append(("zero", it.node.name))
                     zero_item = True
         has_rows = any(k[0] == "row" for k in key)
-        summary = summaries.get(mkey) if summaries else None
-        summary = summary if summary is not None else _summaries(cg, [members], rows)[mkey]
+        summary = summaries[mkey]
         zero_ok = zero_ok and not summary[4] and all(_op_keeps_zero(n) for n in nodes)
         hit = (tuple(key), zero_item, zero_ok, has_rows, summary)
         if memo is not None:
@@ -313,7 +313,9 @@ def _source_matrices(
 
 
 def _may_be_constant_rows(cg: ChannelGraph, tensors: tuple[str, ...], idx: np.ndarray, rows: _Rows) -> np.ndarray:
-    """:func:`_may_be_constant` of classes over ``tensors`` (channels ``idx``), one bool per class."""
+    """Per class over ``tensors`` (channels ``idx``): False when no member can hold a constant. A
+    constant starts at zero padding, a layer row of zero weights, or a node computing from constants
+    alone; every other member derives from members."""
     may = np.zeros(len(idx), bool)
     members = set(tensors)
     for j, t in enumerate(tensors):
@@ -362,20 +364,8 @@ def _zero_row(n: gs.Node, c: int, rows: _Rows | None) -> bool:
 
 
 def _may_be_constant(cg: ChannelGraph, at: dict[str, int], rows: _Rows | None) -> bool:
-    """False when no member can hold a constant: a constant starts at zero padding, a layer row of
-    zero weights, or a node computing from constants alone; every other member derives from members."""
-    for t, c in at.items():
-        if _padded(cg, t, c):
-            return True
-        n = cg.producer(t)
-        if n is None:
-            continue
-        if _plain_layer(n):
-            if _zero_row(n, c, rows):
-                return True
-        elif not any(x.name in at for x in n.inputs if x.name):
-            return True
-    return False
+    """:func:`_may_be_constant_rows` of one class (members ``at``)."""
+    return bool(_may_be_constant_rows(cg, tuple(at), np.array([list(at.values())]), rows or _Rows())[0])
 
 
 def _const_of(
