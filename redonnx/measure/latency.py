@@ -120,20 +120,28 @@ def compare(
     times: list[list[float]] = [[] for _ in sessions]
     t0 = time.perf_counter()
     chunk = min_rounds
-    n = len(sessions)
     while True:
-        for _ in range(chunk):
-            start = len(times[0]) % n  # each round starts with another model: no model always runs after the same one
-            for i in [(start + k) % n for k in range(n)]:
-                a = time.perf_counter()
-                sessions[i].run(None, feeds)
-                times[i].append(time.perf_counter() - a)
+        _rounds([(s, feeds) for s in sessions], times, chunk)
         result = Comparison(times, time.perf_counter() - t0)
         spans = [result.against(i, 0) for i in range(1, len(models))]
         tight = all(t.ratio_high - t.ratio_low <= 2 * precision * t.ratio for t in spans)
         if tight or result.rounds >= max_rounds or result.seconds > max_seconds:
             return result
         chunk = min(result.rounds, max_rounds - result.rounds)
+
+
+def _rounds(runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]], times: list[list[float]],
+            count: int) -> None:  # fmt: skip
+    """``count`` more interleaved rounds, one run of each model, its seconds appended to ``times``;
+    each round starts with another model: no model always runs after the same one."""
+    n = len(runs)
+    for _ in range(count):
+        start = len(times[0]) % n
+        for i in [(start + k) % n for k in range(n)]:
+            sess, feeds = runs[i]
+            a = time.perf_counter()
+            sess.run(None, feeds)
+            times[i].append(time.perf_counter() - a)
 
 
 # ------------------------------------------------------------------ the disk cache
@@ -306,11 +314,7 @@ def time_pair(a: Built, b: Built, budget_s: float = 0.04, min_rounds: int = 15,
     ts: list[list[float]] = [[], []]
     t0 = time.perf_counter()
     while len(ts[0]) < max_rounds and (len(ts[0]) < min_rounds or time.perf_counter() - t0 < budget_s):
-        for k in (0, 1) if len(ts[0]) % 2 == 0 else (1, 0):
-            sess, feeds = runs[k]
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            ts[k].append(time.perf_counter() - start)
+        _rounds(runs, ts, 1)
     diff = statistics.median(x - y for x, y in zip(*ts, strict=True))
     return statistics.median(ts[0]) * 1e3, statistics.median(ts[1]) * 1e3, diff * 1e3
 
