@@ -21,7 +21,8 @@ under a bound: fewer distinct values for a stated loss.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -110,11 +111,18 @@ def density(b: Binned, h: float) -> np.ndarray:
     spec = b.spectra.get(n)
     if spec is None:
         spec = b.spectra[n] = np.fft.rfft(b.count, n)
-    f = np.arange(n // 2 + 1) / n
-    d = np.fft.irfft(spec * np.exp(-2.0 * (np.pi * f * h / b.dx) ** 2), n)[:g]
+    d = np.fft.irfft(spec * np.exp(-2.0 * (_pi_f(n) * h / b.dx) ** 2), n)[:g]
     # FFT round-off leaves ~1e-16 ripples where the density is empty: they are not modes
     d[d < d.max() * 1e-9] = 0.0
     return d
+
+
+@functools.cache
+def _pi_f(n: int) -> np.ndarray:
+    """pi times the rfft frequencies of an n-point transform (read-only, shared)."""
+    out = np.pi * (np.arange(n // 2 + 1) / n)
+    out.flags.writeable = False
+    return out
 
 
 def find_modes(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,12 +187,11 @@ def hash_binned(
     kept = suppress(maxima, d, b.grid, tau / 100.0 * (b.hi - b.lo))
     starts = _boundaries(d, kept, minima if len(kept) == len(maxima) else None)
     if centroids:
-        starts, values, steps = _lloyd(b, starts, lloyd_steps)
+        starts, values, steps, stats = _lloyd(b, starts, lloyd_steps)
     else:
         values, steps = b.grid[kept].copy(), 0
-        values = _clip_modes(values, b)
-    sse = _sse(b, starts, values)
-    return Hashing(h, d, maxima, kept, starts, values, sse, steps)
+        values, stats = _clip_modes(values, b), _basins_stats(b, starts)
+    return Hashing(h, d, maxima, kept, starts, values, _sse(stats, values), steps)
 
 
 def _boundaries(d: np.ndarray, kept: np.ndarray, minima: np.ndarray | None) -> np.ndarray:
@@ -204,10 +211,15 @@ def _clip_modes(values: np.ndarray, b: Binned) -> np.ndarray:
     return np.clip(values, b.lo, b.hi)
 
 
-def _lloyd(b: Binned, starts: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Basin means, then boundaries moved to midpoints of neighbouring means, ``steps`` times."""
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray]  # count, sum and sum of squares per basin
+
+
+def _lloyd(b: Binned, starts: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray, int, Stats]:
+    """Basin means, then boundaries moved to midpoints of neighbouring means, ``steps`` times;
+    also the final basins' statistics (the squared error reads them)."""
     done = 0
-    values = _means(b, starts)
+    stats = _basins_stats(b, starts)
+    values = _means(b, starts, stats)
     for _ in range(steps):
         mids = (values[:-1] + values[1:]) / 2.0
         new = np.searchsorted(b.grid, mids, side="right").astype(np.int64)
@@ -216,21 +228,22 @@ def _lloyd(b: Binned, starts: np.ndarray, steps: int) -> tuple[np.ndarray, np.nd
         if np.array_equal(new, starts):
             break
         starts = new
-        values = _means(b, starts)
+        stats = _basins_stats(b, starts)
+        values = _means(b, starts, stats)
         done += 1
-    return starts, values, done
+    return starts, values, done, stats
 
 
-def _means(b: Binned, starts: np.ndarray) -> np.ndarray:
-    c, s, _ = _basins_stats(b, starts)
+def _means(b: Binned, starts: np.ndarray, stats: Stats) -> np.ndarray:
+    c, s, _ = stats
     edges = np.concatenate([[0], starts, [len(b.count)]])
     fallback = (b.grid[edges[:-1]] + b.grid[np.minimum(edges[1:], len(b.grid)) - 1]) / 2.0
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(c > 0, s / np.maximum(c, 1e-300), fallback)
 
 
-def _sse(b: Binned, starts: np.ndarray, values: np.ndarray) -> float:
-    c, s, q = _basins_stats(b, starts)
+def _sse(stats: Stats, values: np.ndarray) -> float:
+    c, s, q = stats
     # sum (x - v)^2 = sum x^2 - 2 v sum x + n v^2
     return float(max(np.sum(q - 2.0 * values * s + c * values * values), 0.0))
 
@@ -272,5 +285,12 @@ def choose_bandwidth(
         else:
             hi = mid
     if centroids and lloyd_steps:  # Lloyd steps only lower the error: the bound still holds
-        best = hash_binned(b, best.bandwidth, tau, centroids, lloyd_steps)
+        best = _refined(b, best, lloyd_steps)
     return best
+
+
+def _refined(b: Binned, hashing: Hashing, steps: int) -> Hashing:
+    """``hashing`` (centroids, no Lloyd steps yet) after up to ``steps`` Lloyd steps: what
+    :func:`hash_binned` with those steps returns at the same bandwidth, without the density again."""
+    starts, values, done, stats = _lloyd(b, hashing.boundaries, steps)
+    return replace(hashing, boundaries=starts, values=values, sse=_sse(stats, values), lloyd_steps=done)
