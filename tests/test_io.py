@@ -12,12 +12,13 @@ import onnx
 import pytest
 from builders import Builder
 from conftest import MODELS, assert_equivalent, shared_model
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
 from redonnx.io import files as rio
 from redonnx.io.files import load_model, save_model
+from redonnx.pipeline import prune
 
 GOOD = MODELS / "digits_mlp.onnx"
 
@@ -221,3 +222,17 @@ def test_opsets_8_to_23(opset: int) -> None:
     res = prune(m, exact=True)
     assert res.verification and res.model.opset_import[0].version == opset
     assert "BatchNormalization" not in [n.op_type for n in res.model.graph.node]
+
+
+def test_prune_leaves_the_callers_model_as_it_was() -> None:
+    """gs keeps tensor-valued attributes as the model's own protos and its exporter writes names
+    into them: a ConstantOfShape's value gained an empty name (two bytes) at every export."""
+    b = Builder()
+    x = b.op("Relu", ["x"])
+    filled = b.op("ConstantOfShape", [b.const(np.array([1, 4], np.int64))],
+                  value=numpy_helper.from_array(np.array([0.5], np.float32)))  # fmt: skip
+    model = b.model([("x", [1, 4])], [b.op("Add", [x, filled])])
+    before = model.SerializeToString()
+    result = prune(model, exact=True)
+    assert result.verification
+    assert model.SerializeToString() == before

@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from redonnx.errors import RedonnxError
+from redonnx.io.graph import tensor_map
 
 Shape = list[int | str | None]
 
@@ -127,20 +128,24 @@ def graph_shapes(graph: gs.Graph) -> dict[str, Shape]:
         s = declared_shape(vi)
         if s is not None:
             shapes[vi.name] = s
-    for t in graph.tensors().values():
+    for t in tensor_map(graph).values():
         if isinstance(t, gs.Constant):
             shapes[t.name] = list(t.shape)
     return shapes
 
 
 def annotate_graph(graph: gs.Graph) -> int:
-    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference."""
+    """Fill in missing shapes and dtypes of ``graph``'s variables from onnx shape inference (none
+    missing: nothing to infer, and inference, the costly part, is not run)."""
+    variables = [t for t in tensor_map(graph).values() if isinstance(t, gs.Variable)]
+    if all(t.shape is not None and t.dtype is not None for t in variables):
+        return 0
     g = _infer_skeleton(graph)
     if g is None:
         return 0
     infos = {vi.name: vi for vi in [*g.value_info, *g.output]}
     filled = 0
-    for name, tensor in graph.tensors().items():
+    for name, tensor in tensor_map(graph).items():
         vi = infos.get(name)
         if vi is None or not isinstance(tensor, gs.Variable):
             continue

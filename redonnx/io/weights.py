@@ -158,9 +158,11 @@ def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
 
 
 def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    from redonnx.io.graph import tensor_map  # io.graph imports this module
+
     seen: set[int] = set()
     for g in all_graphs(graph):
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             if isinstance(t, gs.Constant) and id(t) not in seen:
                 seen.add(id(t))
                 yield t

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from redonnx.errors import RedonnxError
 from redonnx.inputs.shapes import graph_shapes, infer_shapes, resolve_input_shapes
-from redonnx.io.graph import to_graph
+from redonnx.io.graph import tensor_map, to_graph
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
 _AS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # dynamic quantization: same shapes and MACs
@@ -103,7 +103,7 @@ def folded_graph(model: onnx.ModelProto, concrete: dict[str, list[int]]) -> tupl
 
 def _total_params(graph: gs.Graph) -> int:
     total = 0
-    for t in graph.tensors().values():
+    for t in tensor_map(graph).values():
         size = int(np.prod(t.shape)) if isinstance(t, gs.Constant) else 0
         if size > 1 and t.outputs and _is_weight_dtype(t.dtype):
             total += size

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.io import weights
-from redonnx.io.graph import const_value, is_graph_output, replace_uses
+from redonnx.io.graph import const_value, is_graph_output, replace_uses, tensor_map
 from redonnx.passes.base import Pass, PassContext, PassResult
 
 
@@ -48,7 +48,7 @@ class Cleanup(Pass):
 
 
 def _n_constants(graph: gs.Graph) -> int:
-    return sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+    return sum(isinstance(t, gs.Constant) for t in tensor_map(graph).values())
 
 
 def _bypass_reason(graph: gs.Graph, node: gs.Node) -> str | None:
@@ -95,7 +95,7 @@ def _share_duplicates(graph: gs.Graph) -> int:
     first: dict[tuple, gs.Constant] = {}
     main = {id(n) for n in graph.nodes}
     shared = 0
-    for tensor in list(graph.tensors().values()):
+    for tensor in list(tensor_map(graph).values()):
         if not isinstance(tensor, gs.Constant) or not tensor.outputs:
             continue
         if any(id(n) not in main for n in tensor.outputs):

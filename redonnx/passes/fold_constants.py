@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 import redonnx.measure.runtime  # noqa: F401  (quiets onnxruntime's logger)
 from redonnx.inputs.shapes import annotate_graph, restore_constants, swap_constants
-from redonnx.io.graph import lift_constant_nodes
+from redonnx.io.graph import lift_constant_nodes, tensor_map
 from redonnx.io.weights import ExternalValues
 from redonnx.passes.base import Decline, Pass, PassContext, PassResult
 
@@ -93,7 +93,7 @@ def _may_fold(graph: gs.Graph) -> bool:
 def _load_folded_weights(graph: gs.Graph) -> None:
     """Read weights that folding will consume (e.g. DequantizeLinear of int8 weights) into memory:
     onnxruntime, which evaluates the folded nodes, cannot see weights still on disk."""
-    const = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    const = {name for name, t in tensor_map(graph).items() if isinstance(t, gs.Constant)}
     for node in graph.nodes:
         if node.inputs and all(not t.name or t.name in const for t in node.inputs):
             for t in node.inputs:

@@ -25,6 +25,7 @@ from redonnx.channels.coupling import analyze
 from redonnx.channels.cutting import apply_plan
 from redonnx.errors import RedonnxError
 from redonnx.inputs.shapes import annotate_graph
+from redonnx.io.graph import tensor_map
 from redonnx.passes.base import Decline, Pass, PassContext, PassResult
 from redonnx.redundancy.blocks import align, channel_multiple
 from redonnx.redundancy.classes import Plan, class_infos, parallel_groups
@@ -109,7 +110,7 @@ def _annotate(graph: gs.Graph, memo: dict | None) -> None:
         annotate_graph(graph)
         return
     known = memo.get("annotated")
-    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable)]
+    variables = [t for t in tensor_map(graph).values() if isinstance(t, gs.Variable)]
     if known is None:
         annotate_graph(graph)
         memo["annotated"] = {t.name: (t.shape, t.dtype) for t in variables}

@@ -38,6 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from redonnx.errors import RedonnxError
+from redonnx.io.graph import tensor_map
 from redonnx.passes.base import Pass, PassContext, PassResult
 
 RANK_TOL = 1e-5
@@ -234,7 +235,7 @@ def _reason(node: gs.Node) -> str | None:
 
 def _used_tags(graph: gs.Graph) -> set[str]:
     """Every ``..._sepK`` prefix of a tensor or node name already in the graph."""
-    names = [*graph.tensors(), *(n.name for n in graph.nodes)]
+    names = [*tensor_map(graph), *(n.name for n in graph.nodes)]
     return {name[: m.end()] for name in names for m in re.finditer(r"_sep\d+(?=_)", name)}
 
 
