@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from redonnx.io import weights
 from redonnx.io.files import LoadedModel, load_model
 from redonnx.measure.cost import ModelCost, cost_and_shapes, model_cost
 from redonnx.measure.latency import CostModel, time_pair
+from redonnx.measure.runtime import in_background
 from redonnx.measure.verify import (
     BUDGET_MIN_COSINE,
     CAUTIOUS_MIN_COSINE,
@@ -149,6 +151,7 @@ def prune(
     source = _loaded(source)
     # --exact --no-verify: the lossless passes need no concrete sizes
     settled = sizes_mod.settle_inputs(source.model, inputs, shapes, lenient=exact and not check)
+    deflating = _deflating(source.model)
     chosen = passes_mod.resolve(passes, exact=exact, configured=configured, target=target)
     searching = searched(chosen, exact) and (passes is None or target_macs is not None)
     prec = precision_mod.resolve(precision, target, exact)
@@ -176,10 +179,13 @@ def prune(
         second = planned.lossless
     else:
         model, results = run_passes(source.model, chosen, exact, ctx)
+    if not quantizing:  # the written model: its deflate runs beside what follows
+        deflating += _deflating(model)
     after = after if after is not None else model_cost(model, settled.hints)
     if quantizing and reference is not None:
         model, results, quant, checked = _precision(source.model, model, results, speed, prec, target, reference, tol,
                                            evidence, ctx, feeds, settled, second[:2] if second else None)  # fmt: skip
+        deflating += _deflating(model)
     if second is not None and quant is not None and quant.chosen is not None and quant.chosen.of:
         after = second[2]  # INT8 of the lossless result: its layers (counted by the speed gate)
     elif second is not None:
@@ -193,7 +199,16 @@ def prune(
     return PruneResult(model=model, source=source, passes=results, before=before, after=after,
                        verification=verification, seconds=time.perf_counter() - t0, search=search,
                        notes=[aligned] if aligned else [], evidence=evidence, speed=speed, target=target,
-                       precision=quant)  # fmt: skip
+                       precision=quant, deflating=deflating)  # fmt: skip
+
+
+def _deflating(model: onnx.ModelProto) -> list[tuple[onnx.ModelProto, Future[int]]]:
+    """The report's deflated size of ``model``, started now on a thread of its own (zlib frees the
+    GIL: it runs while the process is busy in Python); only for models of at most
+    ``weights.DEFLATE_EXACT_BYTES``, whose serialized copy is small beside the pruning's memory."""
+    if weights.model_nbytes(model) > weights.DEFLATE_EXACT_BYTES:
+        return []
+    return [(model, in_background(lambda: weights.deflated_size(model)))]
 
 
 def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[PassResult], speed, prec: str,

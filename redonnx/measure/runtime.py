@@ -120,6 +120,17 @@ def in_order(fn: Callable[[_T], _R], items: Iterable[_T], window: int | None = N
 
 
 _END = object()
+_BACKGROUND: ThreadPoolExecutor | None = None
+
+
+def in_background(fn: Callable[[], _R]) -> Future[_R]:
+    """``fn`` on a thread of its own, beside the workers: for work that releases the GIL (deflate)
+    and whose result is wanted later, so that it runs while the process is busy in Python."""
+    global _BACKGROUND
+    with _POOL_LOCK:
+        if _BACKGROUND is None:
+            _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="redonnx-background")
+    return _BACKGROUND.submit(fn)
 
 
 def try_session(model: onnx.ModelProto, what: str, optimize: bool = False) -> ort.InferenceSession:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class PruneResult:
     speed: speed_mod.SpeedCheck | None = None
     target: str = "ort-cpu"
     precision: Any = None  # redonnx.planner.precision.PrecisionResult when the INT8 stage ran
+    deflating: list[tuple[onnx.ModelProto, Future[int]]] = field(default_factory=list, repr=False)  # started early
     _sizes: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -48,7 +50,9 @@ class PruneResult:
     def report(self) -> dict[str, Any]:
         """The JSON report: sizes before/after, what each pass did and declined, verification."""
         if self._sizes is None:  # serializing and deflating both models is the costly part: once
-            pairs = [(self.source.model, self.before), (self.model, self.after)]
+            models = (self.source.model, self.model)
+            early = [next((f for m, f in self.deflating if m is x), None) for x in models]  # started while pruning
+            pairs = list(zip(models, (self.before, self.after), early, strict=True))
             before, after = in_order(lambda pair: _sizes(*pair), pairs)  # zlib lets both deflate at once
             self._sizes = (before, after)
         before, after = self._sizes
@@ -128,12 +132,12 @@ def _pct(before: int | None, after: int | None) -> float | None:
     return round(100.0 * (before - after) / before, 3)
 
 
-def _sizes(model: onnx.ModelProto, cost: ModelCost) -> dict[str, Any]:
+def _sizes(model: onnx.ModelProto, cost: ModelCost, deflated: Future[int] | None = None) -> dict[str, Any]:
     return {
         "params": cost.params,
         "macs": cost.macs,
         "bytes": weights.model_nbytes(model),
-        "deflated_bytes": weights.deflated_size(model),
+        "deflated_bytes": deflated.result() if deflated is not None else weights.deflated_size(model),
         "deflated_estimated": weights.deflate_estimated(model),
         "nodes": len(model.graph.node),
         "ops": cost.ops,
