@@ -187,6 +187,9 @@ def child(argv: list[str], profile: str | None) -> None:
     times["in process"] = time.perf_counter() - t_start
     times["exit"] = code
     print(json.dumps(times))
+    leave = getattr(redonnx.cli, "leave", None)  # checkouts before it end with the interpreter's teardown
+    if leave is not None:
+        leave(0)  # as the redonnx command ends
 
 
 # ------------------------------------------------------------------ the parent

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +114,22 @@ def test_output_cut_short_by_a_pipe_is_quiet() -> None:
     finally:
         os.close(write)
     assert proc.stderr == "" and proc.returncode == 141
+
+
+def test_the_command_ends_with_output_flushed_and_exit_handlers_run(tmp_path: Path) -> None:
+    """The console command skips the interpreter's teardown (os._exit): buffered output must still
+    arrive whole, exit handlers (scratch files) must still run, and the exit status must be kept."""
+    marker = tmp_path / "handler-ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from redonnx.cli import leave\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "print('x' * 100000)\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "leave(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "x" * 100000 + "\n"
+    assert proc.stderr == "to stderr\n"
+    assert marker.read_text() == "yes"
