@@ -151,7 +151,6 @@ def prune(
     source = _loaded(source)
     # --exact --no-verify: the lossless passes need no concrete sizes
     settled = sizes_mod.settle_inputs(source.model, inputs, shapes, lenient=exact and not check)
-    deflating = _deflating(source.model)
     chosen = passes_mod.resolve(passes, exact=exact, configured=configured, target=target)
     searching = searched(chosen, exact) and (passes is None or target_macs is not None)
     prec = precision_mod.resolve(precision, target, exact)
@@ -172,6 +171,7 @@ def prune(
     search = speed = after = quant = second = None
     gate = target == "ort-cpu" and target_macs is None
     feeds = settled.draw(batch=1, seed=0) if gate and (searching or quantizing) else None
+    deflating = _deflating(source.model)  # beside the passes' Python (onnxruntime's runs above use both cores)
     if searching:
         planned = Planner(reference, tol, ctx, target_macs, refit, progress).plan(source.model, chosen, feeds)
         model, results, search, speed, after = planned.model, planned.results, planned.search, planned.speed, \

@@ -113,3 +113,19 @@ def test_separated_layers_are_summed_into_their_origin(name: str) -> None:
     assert res.passes[1].counts, res.passes[1].declined
     first = layer_table(res.report())[0]
     assert 0 < first["params_after"] < first["params_before"]
+
+
+def test_deflated_sizes_are_those_of_the_models_as_given_and_written(tmp_path: Path) -> None:
+    """The report's deflated sizes start on a background thread while pruning runs: they must be
+    the input's as given (before any pass ran) and the written model's."""
+    from redonnx.io import weights
+    from redonnx.io.files import load_model
+
+    src = load_model(MODELS / "digits_resnet.onnx")
+    given = weights.deflated_size(src.model)
+    result = prune(src, passes=["fold-batchnorm", "hash-weights"])
+    report = result.report()
+    assert result.deflating, "no deflate was started early"
+    assert report["before"]["deflated_bytes"] == given
+    assert report["after"]["deflated_bytes"] == weights.deflated_size(result.model)
+    assert report["after"]["deflated_bytes"] < given
