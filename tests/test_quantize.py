@@ -404,3 +404,50 @@ def test_lossless_result_is_quantized_too_when_pruning_spent_the_budget_int8_nee
     why["value"] = "int8 not faster on this CPU (0.2 vs 0.1 ms alone)"  # speed kept it float: no second try
     model, results, out = stage.run(pruned, pruned_res, None, 0.999, (lossless, lossless_res))
     assert staged == ["pruned"] and out.kept == "float" and model is pruned and results == pruned_res
+
+
+def test_calibration_runs_fit_in_memory_and_minmax_ranges_do_not_depend_on_the_split(monkeypatch) -> None:
+    """onnxruntime's calibrators hold a run's every tensor (MinMax) or every run's (histograms):
+    MobileNetV2 at 224 held 4.5 GiB and 12 GiB. Runs are cut to a byte bound; MinMax ranges are the
+    same however the samples are split, and the histogram methods get runs of one size (stacked)."""
+    from redonnx.quantize import calibration as C
+    from redonnx.quantize.quantizer import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = prepare(onnx.load(str(DIGITS)), work)
+        x = _digits()[0][:32]
+        name = model.graph.input[0].name
+        runs = C.chunks({name: x}, True)
+        per = C.sample_bytes(model, runs[0], True)
+        assert per > 64 * 4  # a sample's activations: more than its input
+        assert C.within_memory(runs, per, False, True) is runs  # they fit: unchanged
+        monkeypatch.setattr(C, "RUN_BYTES", 3 * per)
+        small = C.within_memory(runs, per, False, True)
+        assert [C.sample_count(r) for r in small] == [3] * 10 + [2]
+        whole = C.tensor_ranges(model, runs, "MinMax", work).data
+        split = C.tensor_ranges(model, small, "MinMax", work).data
+        assert whole.keys() == split.keys()
+        assert all(np.array_equal(whole[k].range_value, split[k].range_value) for k in whole)
+        monkeypatch.setattr(C, "HISTOGRAM_BYTES", 10 * per)
+        held = C.within_memory(runs, per, True, True)
+        assert [C.sample_count(r) for r in held] == [3, 3, 3]  # 10 fit; runs of one size
+        np.testing.assert_array_equal(np.concatenate([r[name] for r in held]), x[:9])  # the first samples
+        assert C.tensor_ranges(model, held, "Percentile", work).data.keys() == whole.keys()
+
+
+def test_pre_processing_infers_symbolically_only_where_onnx_leaves_a_gap(tmp_path: Path, monkeypatch) -> None:
+    """Symbolic shape inference (sympy) runs only where onnx's own leaves a node output without a
+    type or rank: the digits CNN is pre-processed once, without it."""
+    import onnxruntime.quantization.shape_inference as si
+
+    from redonnx.quantize import quantizer as Q
+
+    calls = []
+    real = si.quant_pre_process
+    spy = lambda *a, **k: calls.append(k["skip_symbolic_shape"]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(si, "quant_pre_process", spy)
+    prepared = Q.prepare(onnx.load(str(DIGITS)), tmp_path)
+    assert calls == [True] and Q._typed(prepared)
+    del prepared.graph.value_info[0]
+    assert not Q._typed(prepared)

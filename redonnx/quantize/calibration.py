@@ -29,6 +29,15 @@ VECTORS = 256  # of other inputs
 CHUNK = 16  # samples per calibration run
 METHODS = ("MinMax", "Percentile", "Entropy")  # in order of cost
 HISTOGRAM_SAMPLES = 64  # the histogram methods calibrate on at most this many samples
+#: activations a calibration may hold. onnxruntime's calibration sessions keep every tensor of a run
+#: to its end (the Reduce nodes MinMax adds come last), and its histogram calibrators keep every
+#: tensor of every run, then copy each: MobileNetV2 at 224 takes about 50 MiB a sample (120 MiB
+#: with the BatchNorm corrections), and 64 samples in runs of 16 held 4.5 GiB (MinMax) and 12 GiB
+#: (histograms; the process was killed). Runs are cut to :data:`RUN_BYTES`; the histogram methods
+#: take as many samples as fit in :data:`HISTOGRAM_BYTES`. Exact for MinMax: a range is the same
+#: minimum and maximum over the same samples, however they are split.
+RUN_BYTES = 256 * 2**20
+HISTOGRAM_BYTES = 512 * 2**20
 
 
 def sample_count(feeds: dict[str, np.ndarray]) -> int:
@@ -52,6 +61,46 @@ def first_samples(runs: list[dict[str, np.ndarray]], n: int) -> list[dict[str, n
         out.append(r)
         total += sample_count(r)
     return out
+
+
+def sample_bytes(model: onnx.ModelProto, run: dict[str, np.ndarray], batched: bool) -> float:
+    """Bytes of every tensor ``model`` computes, per sample (one sample of ``run`` through
+    onnxruntime with every node output exposed)."""
+    from redonnx.measure.runtime import run as ort_run
+    from redonnx.measure.runtime import session
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    have = {o.name for o in exposed.graph.output}
+    for node in exposed.graph.node:
+        for o in node.output:
+            if o and o not in have:
+                exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
+                have.add(o)
+    names = {i.name for i in model.graph.input}
+    probe = {k: (v[:1] if batched else v) for k, v in run.items() if k in names}
+    outs = ort_run(session(exposed), probe)
+    return sum(v.nbytes for v in outs.values() if isinstance(v, np.ndarray)) / max(sample_count(probe), 1)
+
+
+def within_memory(runs: list[dict[str, np.ndarray]], per_sample: float, histogram: bool,
+                  batched: bool) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """``runs`` cut to what a calibration can hold (see :data:`RUN_BYTES`): batched runs of at most
+    RUN_BYTES of activations each; for the histogram methods the first samples that fit in
+    HISTOGRAM_BYTES, in runs of one size (onnxruntime stacks them). Unchanged where they fit."""
+    if histogram:
+        runs = first_samples(runs, HISTOGRAM_SAMPLES)
+    total = sum(sample_count(r) for r in runs)
+    keep = min(total, max(1, int(HISTOGRAM_BYTES // max(per_sample, 1.0)))) if histogram else total
+    if not batched:
+        return first_samples(runs, keep)  # whole runs
+    size = min(CHUNK, max(1, int(RUN_BYTES // max(per_sample, 1.0))), keep)
+    if histogram:
+        keep -= keep % size
+    if keep == total and all(sample_count(r) == size for r in runs):
+        return runs
+    feeds = {k: np.concatenate([r[k] for r in runs])[:keep] for k in runs[0]}
+    return [{k: v[i : i + size] for k, v in feeds.items()} for i in range(0, keep, size)]
 
 
 class _Reader:

@@ -166,6 +166,7 @@ class Stage:
     speed: bool  # keep layers float where INT8 is not faster alone
     work: Path
     _ranges: dict[str, Path] = field(default_factory=dict)
+    _calibrated: list[tuple[onnx.ModelProto, float]] | None = None  # the models calibrated, bytes a sample
     trials: int = 0
     _by_speed: bool = False  # declined for speed (a verdict worth keeping), not for fidelity
 
@@ -288,23 +289,34 @@ class Stage:
         if method not in self._ranges:
             from redonnx.quantize.quantizer import _quiet
 
-            if method != "MinMax":  # histograms cost a pass each and numpy time per tensor: 64 samples
-                runs = C.first_samples(runs, C.HISTOGRAM_SAMPLES)
-            with _quiet():
-                models = [q.prepared]
-                if self.inputs.corrections and self.inputs.calibration is None:
-                    from redonnx.inputs.realism import intervene
-                    from redonnx.io.external_data import inline_copy
-
-                    models.append(inline_copy(intervene(self.inputs.source, self.inputs.corrections)))
-                # the two calibrations are independent: side by side (each on one thread)
-                got = list(in_order(lambda m: C.tensor_ranges(m, runs, method, self.work), models))
-                plain, corrected = got[0], (got[1] if len(got) > 1 else None)
-            data, shared = C.merged(plain, corrected)
+            histogram = method != "MinMax"  # a pass each and numpy time per tensor: 64 samples at most
+            jobs = [(m, C.within_memory(runs, per, histogram, self.inputs.batched)) for m, per in self._models(q, runs)]
+            with _quiet():  # the two calibrations are independent: side by side (each on one thread)
+                got = list(in_order(lambda job: C.tensor_ranges(job[0], job[1], method, self.work), jobs))
+            data, shared = C.merged(got[0], got[1] if len(got) > 1 else None)
             if shared and not any("BatchNorm" in n for n in res.notes):
                 res.notes.append(f"ranges of {shared} tensors read from the BatchNorm-corrected original")
+            offered = sum(C.sample_count(r) for r in C.first_samples(runs, C.HISTOGRAM_SAMPLES))
+            used = min(sum(C.sample_count(r) for r in job[1]) for job in jobs)
+            if histogram and used < offered:
+                res.notes.append(f"{method} ranges from {used} of {offered} samples: onnxruntime's histogram "
+                                 f"calibrators hold every sample's activations, and more would exceed "
+                                 f"{C.HISTOGRAM_BYTES / 2**20:.0f} MiB")  # fmt: skip
             self._ranges[method] = C.write_cache(data, self.work / f"ranges_{method}.json")
         return self._ranges[method]
+
+    def _models(self, q: Quantizer, runs: list[dict[str, np.ndarray]]) -> list[tuple[onnx.ModelProto, float]]:
+        """The models whose ranges are read (the prepared one; the BatchNorm-corrected original where
+        the draws are synthetic) and the bytes one sample's activations take in each: once."""
+        if self._calibrated is None:
+            models = [q.prepared]
+            if self.inputs.corrections and self.inputs.calibration is None:
+                from redonnx.inputs.realism import intervene
+                from redonnx.io.external_data import inline_copy
+
+                models.append(inline_copy(intervene(self.inputs.source, self.inputs.corrections)))
+            self._calibrated = [(m, C.sample_bytes(m, runs[0], self.inputs.batched)) for m in models]
+        return self._calibrated
 
     def _try(self, q: Quantizer, exclude: frozenset[str], method: str | None, runs, res, only=None,
              layers_only: bool = True):  # fmt: skip
