@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import json
 import os
 import sys
@@ -399,10 +398,16 @@ def entry() -> None:
 def leave(code: int) -> None:
     """End the process with ``code`` once output is flushed and the exit handlers have run (scratch
     files removed), skipping the interpreter's teardown: freeing every module, session and array
-    costs a tenth of a second that a finished command has no use for."""
+    costs a tenth of a second that a finished command has no use for. Output that cannot be written
+    fails the command with 120, as Python's own exit does; a reader that has gone (a closed pipe)
+    does not."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+        try:
             stream.flush()
+        except BrokenPipeError:
+            pass
+        except (OSError, ValueError):  # a full disk, a closed stream: the output is not all there
+            code = code or 120
     atexit._run_exitfuncs()
     os._exit(code)
 

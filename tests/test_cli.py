@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,8 +129,15 @@ def test_the_command_ends_with_output_flushed_and_exit_handlers_run(tmp_path: Pa
         "print('to stderr', file=sys.stderr)\n"
         "leave(3)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output waits in the buffers
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 3
     assert proc.stdout == "x" * 100000 + "\n"
     assert proc.stderr == "to stderr\n"
     assert marker.read_text() == "yes"
+    if Path("/dev/full").exists():  # output that cannot be written fails the command, as Python's exit does
+        with open("/dev/full", "w") as full:
+            short = code.replace("'x' * 100000", "'x' * 100").replace("leave(3)", "leave(0)")  # left in the buffer
+            proc = subprocess.run([sys.executable, "-c", short], stdout=full, stderr=subprocess.PIPE, text=True,
+                                  timeout=120, env=env)  # fmt: skip
+        assert proc.returncode == 120
