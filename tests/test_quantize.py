@@ -434,6 +434,13 @@ def test_calibration_runs_fit_in_memory_and_minmax_ranges_do_not_depend_on_the_s
         assert [C.sample_count(r) for r in held] == [3, 3, 3]  # 10 fit; runs of one size
         np.testing.assert_array_equal(np.concatenate([r[name] for r in held]), x[:9])  # the first samples
         assert C.tensor_ranges(model, held, "Percentile", work).data.keys() == whole.keys()
+        unknown = helper.make_model(helper.make_graph(  # onnxruntime has no kernel: unmeasured, runs as given
+            [helper.make_node("Foo", [name], ["y"], domain="example.custom")], "g",
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))  # fmt: skip
+        assert C.sample_bytes(unknown, runs[0], True) == 0.0
+        monkeypatch.setattr(C, "RUN_BYTES", 256 * 2**20)
+        assert C.within_memory(runs, 0.0, False, True) is runs
 
 
 def test_pre_processing_infers_symbolically_only_where_onnx_leaves_a_gap(tmp_path: Path, monkeypatch) -> None:

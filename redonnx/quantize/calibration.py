@@ -65,7 +65,8 @@ def first_samples(runs: list[dict[str, np.ndarray]], n: int) -> list[dict[str, n
 
 def sample_bytes(model: onnx.ModelProto, run: dict[str, np.ndarray], batched: bool) -> float:
     """Bytes of every tensor ``model`` computes, per sample (one sample of ``run`` through
-    onnxruntime with every node output exposed)."""
+    onnxruntime with every node output exposed); 0 where onnxruntime cannot run it so (the runs are
+    then taken as they are)."""
     from redonnx.measure.runtime import run as ort_run
     from redonnx.measure.runtime import session
 
@@ -79,7 +80,10 @@ def sample_bytes(model: onnx.ModelProto, run: dict[str, np.ndarray], batched: bo
                 have.add(o)
     names = {i.name for i in model.graph.input}
     probe = {k: (v[:1] if batched else v) for k, v in run.items() if k in names}
-    outs = ort_run(session(exposed), probe)
+    try:
+        outs = ort_run(session(exposed), probe)
+    except Exception:  # onnxruntime's own exception types; the calibration itself reports real failures
+        return 0.0
     return sum(v.nbytes for v in outs.values() if isinstance(v, np.ndarray)) / max(sample_count(probe), 1)
 
 
