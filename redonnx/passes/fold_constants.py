@@ -35,12 +35,12 @@ class FoldConstants(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = self.result()
-        annotate_graph(graph)
         graph.toposort(recurse_subgraphs=False)
         if not _may_fold(graph):  # gs would copy the graph to find nothing: most CNNs, every trial
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
             res.count("nodes folded", 0)
             return res
+        annotate_graph(graph)  # folding reads static shapes (Shape of a known tensor); passes that need them annotate
         _load_folded_weights(graph)
         before = len(graph.nodes)
         _quiet_gs()
