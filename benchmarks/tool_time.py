@@ -22,7 +22,8 @@ the rest of ``prune`` (resolving the passes, the context), "other" the rest of t
 ``--root`` runs another checkout; ``--against DIR`` runs a second checkout alternately with it (before
 and after back to back, under the same load) and prints the ratios; ``--profile NAME`` writes a
 cProfile of that case to benchmarks/results/.
-Prints a Markdown table and writes benchmarks/results/tool_time.json.
+"cpu" is the child's user and system seconds: with every core busy a run cannot take less than cpu
+divided by the cores. Prints a Markdown table and writes benchmarks/results/tool_time.json.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def run_case(root: Path, model: Path, flags: list[str], out: Path, env: dict, pr
            *flags]  # fmt: skip
     if profile:
         cmd[3:3] = ["--profile", profile]
-    t0 = time.perf_counter()
+    t0, used = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, cwd=root, env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True,
                           timeout=1800)  # fmt: skip
     wall = time.perf_counter() - t0
@@ -208,24 +209,34 @@ def run_case(root: Path, model: Path, flags: list[str], out: Path, env: dict, pr
         raise SystemExit(f"{model.name} {' '.join(flags)}: child failed:\n{proc.stderr[-3000:]}")
     times = json.loads(proc.stdout.strip().splitlines()[-1])
     times["total"] = wall
+    times["cpu"] = _children_cpu() - used
     known = sum(times.get(p, 0.0) for p in PHASES if p != "other")
     times["other"] = wall - known
     return times
 
 
+def _children_cpu() -> float:
+    """User and system seconds of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _row(name: str, runs: list[dict], root: Path) -> dict:
     row = {"case": name, "root": str(root), **{k: statistics.median(r.get(k, 0.0) for r in runs)
-                                               for k in [*PHASES, "total"]}}  # fmt: skip
+                                               for k in [*PHASES, "total", "cpu"]}}  # fmt: skip
     row["runs"] = [round(r["total"], 3) for r in runs]
     row["goal"] = GOALS.get(name)
     return row
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ["case", *PHASES, "total", "goal"]
+    cols = ["case", *PHASES, "total", "cpu", "goal"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["case"]] + [f"{r[c]:.2f}" for c in [*PHASES, "total"]] + [f"<= {r['goal']:g}" if r["goal"] else ""]
+        cells = [r["case"]] + [f"{r[c]:.2f}" for c in [*PHASES, "total", "cpu"]] + [
+            f"<= {r['goal']:g}" if r["goal"] else ""]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
