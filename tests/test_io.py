@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import Builder
-from conftest import MODELS, assert_equivalent, shared_model
+from conftest import MODELS, SHARED, assert_equivalent, shared_model
 from onnx import helper, numpy_helper
 
 from redonnx.cli import main
@@ -236,3 +236,16 @@ def test_prune_leaves_the_callers_model_as_it_was() -> None:
     result = prune(model, exact=True)
     assert result.verification
     assert model.SerializeToString() == before
+
+
+def test_tensor_map_is_gs_tensor_map() -> None:
+    """io.graph.tensor_map stands in for gs's graph.tensors() (which checks every tensor): the same
+    names, in the same order, mapped to the same objects."""
+    from redonnx.io.graph import tensor_map, to_graph
+
+    shared = SHARED / "cifar10" / "resnet20_bn.onnx"  # when it is there
+    for path in [MODELS / "digits_resnet.onnx", *([shared] if shared.exists() else [])]:
+        g = to_graph(onnx.load(str(path)))
+        ours, theirs = tensor_map(g), g.tensors()
+        assert list(ours) == list(theirs)
+        assert all(ours[k] is theirs[k] for k in ours)
