@@ -171,3 +171,23 @@ def test_plots_written(tmp_path: Path) -> None:
     prune(MODELS / "digits_mlp.onnx", passes=[HashWeights(plot_dir=str(tmp_path))])
     pngs = sorted(tmp_path.glob("hash_*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_lloyd_steps_from_the_chosen_trial_equal_a_fresh_hashing() -> None:
+    """choose_bandwidth refines its chosen trial with Lloyd steps instead of hashing again at that
+    bandwidth: the same boundaries, values and error as hash_binned with the steps."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(3)
+    stepped = 0
+    for w in (rng.standard_normal(5000), np.concatenate([rng.normal(-1, 0.1, 800), rng.normal(0.5, 0.3, 1500)])):
+        b = H.bin_values(w)
+        for h in (b.dx, 10 * b.dx, 200 * b.dx):
+            trial = H.hash_binned(b, h)
+            fresh = H.hash_binned(b, h, lloyd_steps=8)
+            refined = H._refined(b, replace(trial), 8)
+            assert np.array_equal(refined.boundaries, fresh.boundaries)
+            assert np.array_equal(refined.values, fresh.values)
+            assert refined.sse == fresh.sse and refined.lloyd_steps == fresh.lloyd_steps
+            stepped += fresh.lloyd_steps > 0
+    assert stepped  # some boundaries moved: the steps were exercised
