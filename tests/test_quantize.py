@@ -458,3 +458,40 @@ def test_pre_processing_infers_symbolically_only_where_onnx_leaves_a_gap(tmp_pat
     assert calls == [True] and Q._typed(prepared)
     del prepared.graph.value_info[0]
     assert not Q._typed(prepared)
+
+
+def test_a_proposed_int8_plan_is_remembered_and_rebuilt_with_one_trial(tmp_path: Path) -> None:
+    """Where this CPU's speed decides (auto), the plan of the model the search proposed (method,
+    float layers) is kept by the float model's bytes: the next run builds and verifies that one
+    model, the same bytes, instead of searching; a plan that no longer holds is searched again."""
+    from redonnx.measure.verify import Reference, Tolerance
+
+    reference = Reference(_outlier_mlp(), samples=8)
+    tol = Tolerance(1e-6, 0.5, 0.998)
+    checks: list[onnx.ModelProto] = []
+
+    def check(m: onnx.ModelProto):
+        checks.append(m)
+        return reference.check(m, tol)
+
+    verdicts, probed = _Verdicts(), []
+    first = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, probed, check=check)
+    assert first.model is not None and first.trials > 2 and len(verdicts) == 1
+    float_layers = [c.name for c in first.layers if c.precision == "float"]
+    assert float_layers and all("kept float" in c.why for c in first.layers if c.precision == "float")
+    checks.clear()
+    again = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, probed, check=check)
+    assert again.trials == 1 and len(checks) == 1 and "recalled" in again.notes[-1]
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert [c.to_dict() for c in again.layers] == [c.to_dict() for c in first.layers]
+    assert again.verification.worst_cosine == first.verification.worst_cosine
+    # a plan that no longer holds (here: every check over the budget once) is searched again
+    failing = iter([_Over()])
+
+    def once_over(m: onnx.ModelProto):
+        over = next(failing, None)
+        return over if over is not None else check(m)
+
+    stale = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, probed, check=once_over)
+    assert stale.trials == first.trials + 1 and not any("recalled" in n for n in stale.notes)
+    assert stale.model.SerializeToString() == first.model.SerializeToString()

@@ -54,6 +54,7 @@ from redonnx.quantize.quantizer import (
 )
 
 MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % faster alone
+PLAN_VERSION = 1  # kept plans of another version of the search are not recalled
 
 Check = Callable[[onnx.ModelProto], Any]  # a model -> VerificationResult (truthy when within budget)
 
@@ -169,14 +170,23 @@ class Stage:
     _calibrated: list[tuple[onnx.ModelProto, float]] | None = None  # the models calibrated, bytes a sample
     trials: int = 0
     _by_speed: bool = False  # declined for speed (a verdict worth keeping), not for fidelity
+    _plan: dict[str, Any] | None = None  # how the proposed model was built: kept with the verdicts
 
     def run(self, float_model: onnx.ModelProto) -> QuantResult:
+        """The stage's proposal. Kept by the float model's bytes (with the scheme and the budget)
+        where this CPU's speed decides: a decline for speed, or the plan of the model proposed (its
+        method and float layers), which the next run builds and verifies once instead of searching."""
         t0 = time.perf_counter()
         res = QuantResult(self.scheme, detect())
         key = self._verdict_key(float_model)
         hit = self.inputs.verdicts.get(key) if key else None
         try:
-            if hit is not None:  # a speed verdict depends on the model and this CPU alone: it is not re-timed
+            if hit is not None and "plan" in hit:
+                if not self._replay(float_model, res, hit["plan"]):
+                    res, hit = QuantResult(self.scheme, detect()), None  # no longer holds: search again
+                    self._ranges = {}  # (computed again: their notes go to this result)
+                    self._run(float_model, res)
+            elif hit is not None:  # a speed verdict depends on the model and this CPU alone: it is not re-timed
                 res.declined, res.layers = hit["declined"], [LayerChoice(**d) for d in hit["layers"]]
                 res.notes.append("speed verdict recalled from the latency cache")
             else:
@@ -185,14 +195,34 @@ class Stage:
             res.trials, res.seconds = self.trials, time.perf_counter() - t0
         if key and hit is None and self._by_speed:
             self.inputs.verdicts.put(key, {"declined": res.declined, "layers": [c.to_dict() for c in res.layers]})
+        elif key and hit is None and res.model is not None and self._plan is not None:
+            plan = {**self._plan, "layers": [c.to_dict() for c in res.layers], "notes": list(res.notes),
+                    "calibration": res.calibration}  # fmt: skip
+            self.inputs.verdicts.put(key, {"plan": plan})
         return res
 
     def _verdict_key(self, float_model: onnx.ModelProto) -> str | None:
         if not self.speed or self.inputs.verdicts is None:
             return None
         h = hashlib.sha1(weights.content_digest(float_model).encode())  # lean models: by their weights
-        h.update(f"|{self.scheme.describe()}|{self.inputs.budget}".encode())
+        h.update(f"|{self.scheme.describe()}|{self.inputs.budget}|plan {PLAN_VERSION}".encode())
         return "int8 verdict " + h.hexdigest()
+
+    def _replay(self, float_model: onnx.ModelProto, res: QuantResult, plan: dict[str, Any]) -> bool:
+        """Build the model a plan describes (the same bytes the search built) and verify it: whether it holds."""
+        try:
+            prepared = prepare(float_model, self.work)
+        except RedonnxError:
+            return False
+        q = Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
+        runs, _ = _calibration_runs(self.inputs) if self.scheme.mode == "static" else ([], "")
+        model, v = self._try(q, frozenset(plan["exclude"]), plan["method"], runs, res, layers_only=plan["layers_only"])
+        if not v:
+            return False
+        res.model, res.method, res.verification, res.calibration = model, plan["method"], v, plan["calibration"]
+        res.layers = [LayerChoice(**d) for d in plan["layers"]]
+        res.notes = [*plan["notes"], "plan recalled from the latency cache: its model built and verified again"]
+        return True
 
     def _run(self, float_model: onnx.ModelProto, res: QuantResult) -> None:
         try:
@@ -338,6 +368,7 @@ class Stage:
                 best = (method, model, v)
             if v:
                 res.model, res.method, res.verification = model, method, v
+                self._plan = {"exclude": sorted(slow), "method": method, "layers_only": layers_only}
                 if layers_only and tries[0] != (method, True):
                     res.notes.append("other ops (Add, pooling...) kept float: in INT8 they were over the budget")
                 return
@@ -364,6 +395,7 @@ class Stage:
             lo, hi = (lo, mid) if passes(mid) else (mid, hi)
         found = (hi, *trials[hi])
         k, res.model, res.verification = found
+        self._plan = {"exclude": sorted(slow | frozenset(order[:k])), "method": method, "layers_only": True}
         for name in order[:k]:
             choices[name].precision = "float"
             choices[name].why = BUDGET_NEEDS_IT
