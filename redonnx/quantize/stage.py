@@ -211,17 +211,20 @@ class Stage:
     def _replay(self, float_model: onnx.ModelProto, res: QuantResult, plan: dict[str, Any]) -> bool:
         """Build the model a plan describes (the same bytes the search built) and verify it: whether it holds."""
         try:
+            exclude, method, layers_only = frozenset(plan["exclude"]), plan["method"], bool(plan["layers_only"])
+            choices = [LayerChoice(**d) for d in plan["layers"]]
+            notes, calibration = list(plan["notes"]), str(plan["calibration"])
             prepared = prepare(float_model, self.work)
-        except RedonnxError:
+        except (RedonnxError, KeyError, TypeError):  # a cache entry not of this form: search
             return False
         q = Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
         runs, _ = _calibration_runs(self.inputs) if self.scheme.mode == "static" else ([], "")
-        model, v = self._try(q, frozenset(plan["exclude"]), plan["method"], runs, res, layers_only=plan["layers_only"])
+        model, v = self._try(q, exclude, method, runs, res, layers_only=layers_only)
         if not v:
             return False
-        res.model, res.method, res.verification, res.calibration = model, plan["method"], v, plan["calibration"]
-        res.layers = [LayerChoice(**d) for d in plan["layers"]]
-        res.notes = [*plan["notes"], "plan recalled from the latency cache: its model built and verified again"]
+        res.model, res.method, res.verification, res.calibration = model, method, v, calibration
+        res.layers = choices
+        res.notes = [*notes, "plan recalled from the latency cache: its model built and verified again"]
         return True
 
     def _run(self, float_model: onnx.ModelProto, res: QuantResult) -> None:
