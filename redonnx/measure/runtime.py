@@ -195,6 +195,16 @@ def load_npz_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.nd
     return {n: arrays[n] for n in names}
 
 
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (stale value infos dropped)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in known)
+    del m.graph.value_info[:]
+    return m
+
+
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds), strict=True))

@@ -68,16 +68,9 @@ def sample_bytes(model: onnx.ModelProto, run: dict[str, np.ndarray], batched: bo
     onnxruntime with every node output exposed); 0 where onnxruntime cannot run it so (the runs are
     then taken as they are)."""
     from redonnx.measure.runtime import run as ort_run
-    from redonnx.measure.runtime import session
+    from redonnx.measure.runtime import session, with_outputs
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    for node in exposed.graph.node:
-        for o in node.output:
-            if o and o not in have:
-                exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
-                have.add(o)
+    exposed = with_outputs(model, (o for node in model.graph.node for o in node.output if o))
     names = {i.name for i in model.graph.input}
     probe = {k: (v[:1] if batched else v) for k, v in run.items() if k in names}
     try:

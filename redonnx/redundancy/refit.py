@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from redonnx.io.graph import const_value, export, set_input_values, to_graph, to_model
-from redonnx.measure.runtime import run, session
+from redonnx.measure.runtime import run, session, with_outputs
 from redonnx.measure.segments import Stepper
 from redonnx.redundancy.classes import out_axis
 
@@ -38,17 +38,8 @@ class RefitResult:
     layers: list[dict] = field(default_factory=list)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    known = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    del m.graph.value_info[:]
-    return m
-
-
 def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-    return {k: v for k, v in run(session(_with_outputs(model, names)), feeds).items() if k in names}
+    return {k: v for k, v in run(session(with_outputs(model, names)), feeds).items() if k in names}
 
 
 def _patches(x: np.ndarray, node: gs.Node, kshape: list[int], pick: tuple[np.ndarray, ...]) -> np.ndarray:
