@@ -145,7 +145,10 @@ class StageInputs:
     min_gain: float = 0.03  # the speed gate's margin (set by the planner)
 
 
-def _calibration_runs(inp: StageInputs) -> tuple[list[dict[str, np.ndarray]], str]:
+def _calibration_runs(inp: StageInputs, scheme: Scheme) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The calibration runs and what they are (none for dynamic quantization)."""
+    if scheme.mode != "static":
+        return [], ""
     if inp.calibration is not None:
         n = C.sample_count(inp.calibration)
         return C.chunks(inp.calibration, inp.batched), f"the given calibration inputs ({n} samples)"
@@ -217,8 +220,8 @@ class Stage:
             prepared = prepare(float_model, self.work)
         except (RedonnxError, KeyError, TypeError):  # a cache entry not of this form: search
             return False
-        q = Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
-        runs, _ = _calibration_runs(self.inputs) if self.scheme.mode == "static" else ([], "")
+        q = self._quantizer(prepared)
+        runs, _ = _calibration_runs(self.inputs, self.scheme)
         model, v = self._try(q, exclude, method, runs, res, layers_only=layers_only)
         if not v:
             return False
@@ -237,7 +240,7 @@ class Stage:
         if not found:
             res.declined = "no weighted layer (Conv, Gemm, MatMul with a constant weight) to quantize"
             return
-        q = Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
+        q = self._quantizer(prepared)
         choices = {lay.name: LayerChoice(lay.name, lay.op) for lay in found}
         res.layers = list(choices.values())
         slow = self._timed(prepared, found, choices) if self.speed else set()
@@ -247,7 +250,7 @@ class Stage:
         if self.speed and (why := self._too_little(choices, slow)):
             res.declined, self._by_speed = why, True
             return
-        runs, res.calibration = _calibration_runs(self.inputs) if self.scheme.mode == "static" else ([], "")
+        runs, res.calibration = _calibration_runs(self.inputs, self.scheme)
         if self.speed and (why := self._probe(q, frozenset(slow), runs, res)):
             res.declined, self._by_speed = why, True
             return
@@ -351,11 +354,19 @@ class Stage:
             self._calibrated = [(m, C.sample_bytes(m, runs[0], self.inputs.batched)) for m in models]
         return self._calibrated
 
+    def _quantizer(self, prepared: onnx.ModelProto) -> Quantizer:
+        return Quantizer(prepared, self.scheme, self.work, frozenset(activation_matmuls(prepared)))
+
+    def _build(self, q: Quantizer, exclude: frozenset[str], method: str | None, runs, res, only=None,
+               layers_only: bool = True) -> onnx.ModelProto:  # fmt: skip
+        """One trial's model (with ``method``'s ranges)."""
+        cache = self._ranges_for(q, runs, method, res) if method else None
+        self.trials += 1
+        return q.build(exclude, only, cache, method or "MinMax", layers_only)
+
     def _try(self, q: Quantizer, exclude: frozenset[str], method: str | None, runs, res, only=None,
              layers_only: bool = True):  # fmt: skip
-        cache = self._ranges_for(q, runs, method, res) if method else None
-        model = q.build(exclude, only, cache, method or "MinMax", layers_only)
-        self.trials += 1
+        model = self._build(q, exclude, method, runs, res, only, layers_only)
         return model, self.inputs.check(model)
 
     def _search(self, q: Quantizer, cands: list[Layer], slow: frozenset[str], runs, choices, res: QuantResult) -> None:
@@ -407,14 +418,9 @@ class Stage:
         """Layer names, worst first: output deviation alone in INT8 per ms saved. The trials are
         independent: each model is checked on a worker while this thread builds the next (the
         library's quantizer runs in Python, the checks in onnxruntime; same verdicts, in order)."""
-        cache = self._ranges_for(q, runs, method, res) if method else None
-
-        def built(lay: Layer) -> onnx.ModelProto:
-            self.trials += 1
-            return q.build(slow, frozenset({lay.name}), cache, method or "MinMax", True)
-
+        models = (self._build(q, slow, method, runs, res, only=frozenset({lay.name})) for lay in cands)
         scored = []
-        for lay, v in zip(cands, in_order(self.inputs.check, (built(lay) for lay in cands)), strict=True):
+        for lay, v in zip(cands, in_order(self.inputs.check, models), strict=True):
             c = choices[lay.name]
             c.deviation = max(0.0, 1.0 - v.worst_cosine)
             saved = (c.float_ms - c.int8_ms) if c.float_ms is not None and c.int8_ms is not None else 1.0
