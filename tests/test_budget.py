@@ -12,7 +12,7 @@ from redonnx.measure.latency import CostModel
 from redonnx.measure.runtime import run, session
 from redonnx.passes import MergeChannels
 from redonnx.pipeline import prune, run_passes
-from redonnx.planner.search import ERROR_LADDER, _bisect, largest_passing
+from redonnx.planner.search import ERROR_LADDER, largest_passing, smallest_passing
 
 RESNET = MODELS / "digits_resnet.onnx"
 
@@ -58,7 +58,7 @@ def test_search_stops_when_decided() -> None:
 
         passing = [i for i in range(top + 1) if i >= edge]
         # a MAC target is reached by merging something: 0 (exact merges only) is not tried
-        assert _bisect(at_least, top) == min((i for i in passing if i), default=top)
+        assert smallest_passing(at_least, top) == min((i for i in passing if i), default=top)
         assert len(tried) == len(set(tried)) <= 2 + top.bit_length()
     res = prune(RESNET, target="macs", rtol=1e9, min_cosine=-1.0)  # every amount passes
     assert res.search.met and all(t.passed for t in res.search.trials)

@@ -127,7 +127,7 @@ def search_merging(
         return j
 
     if target_macs is not None:
-        index = _bisect(lambda i: (trial(i)[3] or 0.0) >= target_macs, top)
+        index = smallest_passing(lambda i: (trial(i)[3] or 0.0) >= target_macs, top)
         goal = f"{target_macs:g} % MACs"
     else:
         index, goal = largest_passing(lambda i: bool(trial(i)[2]), top, 1, span), "fidelity budget"
@@ -197,9 +197,10 @@ def largest_passing(
     return lo
 
 
-def _bisect(ok: Callable[[int], bool], top: int) -> int:
-    """Smallest index in [1, top] with ok (``top`` if none), for an ok that holds from a point on
-    (the MAC target: merging something, so 0 is not tried); bisection, stopped once decided."""
+def smallest_passing(ok: Callable[[int], bool], top: int) -> int:
+    """Smallest index in [1, top] with ok (``top`` if none), for an ok that holds from a point on;
+    bisection, stopped once decided. The MAC target (merging something, so 0 is not tried) and the
+    INT8 stage (how many of the most sensitive layers stay float; none was tried first)."""
     lo, hi = 0, top
     if not ok(hi):
         return hi

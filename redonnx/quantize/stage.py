@@ -40,6 +40,7 @@ import onnx
 from redonnx.errors import RedonnxError
 from redonnx.io import weights
 from redonnx.measure.runtime import in_order
+from redonnx.planner.search import smallest_passing
 from redonnx.quantize import calibration as C
 from redonnx.quantize.cpu import Int8Cpu, detect
 from redonnx.quantize.quantizer import (
@@ -398,17 +399,14 @@ class Stage:
                 trials[k] = self._try(q, slow | frozenset(order[:k]), method, runs, res)
             return bool(trials[k][1])
 
-        lo, hi = 0, len(order) - 1  # k = 0 failed above; k = len(order) would leave no layer in INT8
-        if hi <= lo or not passes(hi):
+        top = len(order) - 1  # k = 0 failed above; k = len(order) would leave no layer in INT8
+        if top < 1 or not passes(top):
             res.declined = NO_LAYER_FITS
             for name in order:
                 choices[name].precision, choices[name].why = "float", OVER_BUDGET
             return
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if passes(mid) else (mid, hi)
-        found = (hi, *trials[hi])
-        k, res.model, res.verification = found
+        k = smallest_passing(passes, top)  # the pruning search's count search
+        res.model, res.verification = trials[k]
         self._plan = {"exclude": sorted(slow | frozenset(order[:k])), "method": method, "layers_only": True}
         for name in order[:k]:
             choices[name].precision = "float"
