@@ -109,6 +109,22 @@ def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
     assert _cosine_on_fresh_draws(model, res.model, 123) >= 0.998
 
 
+def test_the_count_of_float_layers_is_guessed_from_their_deviations() -> None:
+    """The fewest most-sensitive layers whose removal brings the rest's summed deviation within the
+    budget (the search then checks that guess and the one below it)."""
+    from redonnx.quantize import Scheme, StageInputs
+    from redonnx.quantize.stage import LayerChoice, Stage
+
+    devs = {"a": 0.003, "b": 0.001, "c": 0.0005, "d": 0.0001}
+    choices = {k: LayerChoice(k, "Conv", deviation=d) for k, d in devs.items()}
+    inputs = StageInputs(source=onnx.ModelProto(), check=lambda m: None, draw=lambda b, s: {}, batched=True)
+    stage = Stage(inputs, Scheme("static"), False, Path("."))
+    assert stage._guess(list(devs), choices) is None  # no cosine bound: bisection
+    for bound, k in ((0.998, 1), (0.999, 2), (0.99995, 4), (0.99, 0)):
+        stage.inputs.min_cosine = bound
+        assert stage._guess(list(devs), choices) == k, bound
+
+
 def _uneven_columns() -> onnx.ModelProto:
     """x -> MatMul -> Mul: four of the weight's 32 columns are 100x the others, and the Mul scales
     their outputs back (a trained encoder's columns differ like this, then LayerNorm evens them).
@@ -441,6 +457,44 @@ def test_calibration_runs_fit_in_memory_and_minmax_ranges_do_not_depend_on_the_s
         assert C.sample_bytes(unknown, runs[0], True) == 0.0
         monkeypatch.setattr(C, "RUN_BYTES", 256 * 2**20)
         assert C.within_memory(runs, 0.0, False, True) is runs
+
+
+def test_each_histogram_is_collected_once_and_entropy_would_repeat_minmax(monkeypatch) -> None:
+    """Ranges of the tensors the BatchNorm-corrected original shares are its own: each histogram is
+    collected in one of the two calibrations only, and the ranges are those of both calibrated whole
+    and merged. onnxruntime's Entropy with its defaults gives MinMax's ranges bit for bit: why it is
+    not one of the methods tried."""
+    from redonnx.quantize import calibration as C
+    from redonnx.quantize.quantizer import prepare
+
+    def values(data) -> dict[str, tuple[float, float]]:
+        return {k: tuple(float(np.asarray(v).ravel()[0]) for v in t.range_value) for k, t in data.data.items()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = prepare(onnx.load(str(DIGITS)), work)
+        other = onnx.ModelProto()  # the "corrected" original: its own output tensor, other values
+        other.CopyFrom(model)
+        last = other.graph.output[0].name
+        other.graph.node[-1].output[0] = other.graph.output[0].name = "own"
+        name, x = model.graph.input[0].name, _digits()[0][:32]
+        plain, corrected = C.chunks({name: x}, True), C.chunks({name: 2 * x}, True)
+        assert values(C.tensor_ranges(model, plain, "Entropy", work)) == values(
+            C.tensor_ranges(model, plain, "MinMax", work))  # fmt: skip
+        collected = []
+        real = C._collected
+        monkeypatch.setattr(
+            C, "_collected", lambda c, *a: collected.append(set(getattr(c, "tensors_to_calibrate", ()))) or real(c, *a)
+        )
+        for method in C.METHODS:
+            a = values(C.tensor_ranges(model, plain, method, work))
+            b = values(C.tensor_ranges(other, corrected, method, work))
+            assert last in a and "own" in b and last not in b
+            collected.clear()
+            got, shared = C.ranges([(model, plain), (other, corrected)], method, work)
+            assert values(got) == {k: b.get(k, v) for k, v in a.items()} and shared == len(a) - 1
+            if method != "MinMax":  # histograms: ours of the one tensor the original lacks, the rest its
+                assert collected == [{last}, set(a) - {last}]
 
 
 def test_pre_processing_infers_symbolically_only_where_onnx_leaves_a_gap(tmp_path: Path, monkeypatch) -> None:

@@ -13,8 +13,8 @@ both: the check is always against the *original* model on the verification input
    result once (``probe``); if it is not faster by that margin, no subset is tried (probed again
    with the other ops float once every op in INT8 is over the budget);
 2. **calibration method**: the remaining layers are quantized together with the ranges of each
-   method in :data:`redonnx.quantize.calibration.METHODS` in turn; the first whose model meets the
-   budget is chosen, else the one whose model came closest;
+   method in :data:`redonnx.quantize.calibration.METHODS` in turn (MinMax, Percentile); the first
+   whose model meets the budget is chosen, else the one whose model came closest;
 3. **sensitivity**: if no method meets it, each layer is quantized alone and scored by its output
    deviation (1 - cosine) per millisecond its INT8 form saves; the worst are kept in float, as few
    as the budget needs (bisection on how many, assuming more float layers never hurt).
@@ -144,6 +144,7 @@ class StageInputs:
     verdicts: Any = None  # latency.Cache: speed verdicts (INT8 cannot pay) kept by the float model's bytes
     budget: str = ""  # what else a verdict depends on: the tolerance, the calibration inputs
     min_gain: float = 0.03  # the speed gate's margin (set by the planner)
+    min_cosine: float | None = None  # the budget's cosine bound (guesses how many layers stay float)
 
 
 def _calibration_runs(inp: StageInputs, scheme: Scheme) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -328,9 +329,8 @@ class Stage:
 
             histogram = method != "MinMax"  # a pass each and numpy time per tensor: 64 samples at most
             jobs = [(m, C.within_memory(runs, per, histogram, self.inputs.batched)) for m, per in self._models(q, runs)]
-            with _quiet():  # the two calibrations are independent: side by side (each on one thread)
-                got = list(in_order(lambda job: C.tensor_ranges(job[0], job[1], method, self.work), jobs))
-            data, shared = C.merged(got[0], got[1] if len(got) > 1 else None)
+            with _quiet():
+                data, shared = C.ranges(jobs, method, self.work)
             if shared and not any("BatchNorm" in n for n in res.notes):
                 res.notes.append(f"ranges of {shared} tensors read from the BatchNorm-corrected original")
             offered = sum(C.sample_count(r) for r in C.first_samples(runs, C.HISTOGRAM_SAMPLES))
@@ -400,17 +400,27 @@ class Stage:
             return bool(trials[k][1])
 
         top = len(order) - 1  # k = 0 failed above; k = len(order) would leave no layer in INT8
-        if top < 1 or not passes(top):
+        k = smallest_passing(passes, top, self._guess(order, choices)) if top >= 1 else 0
+        if not k or not passes(k):
             res.declined = NO_LAYER_FITS
             for name in order:
                 choices[name].precision, choices[name].why = "float", OVER_BUDGET
             return
-        k = smallest_passing(passes, top)  # the pruning search's count search
         res.model, res.verification = trials[k]
         self._plan = {"exclude": sorted(slow | frozenset(order[:k])), "method": method, "layers_only": True}
         for name in order[:k]:
             choices[name].precision = "float"
             choices[name].why = BUDGET_NEEDS_IT
+
+    def _guess(self, order: list[str], choices: dict[str, LayerChoice]) -> int | None:
+        """How many of the most sensitive layers stay float, by their deviations alone: the fewest
+        whose removal brings the rest's summed deviation within the budget."""
+        if self.inputs.min_cosine is None:
+            return None
+        dev = np.array([choices[name].deviation or 0.0 for name in order])
+        rest = float(dev.sum()) - np.concatenate([[0.0], np.cumsum(dev)])  # with k float: rest[k]
+        fits = np.flatnonzero(rest <= 1.0 - self.inputs.min_cosine)
+        return int(fits[0]) if len(fits) else None
 
     def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
         """Layer names, worst first: output deviation alone in INT8 per ms saved. The trials are
