@@ -223,6 +223,38 @@ def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remember
     assert layers.trials == 1 and len(probed) == 2 and len(verdicts) == 1
 
 
+def test_memoized_weight_quantization_writes_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    """Builds with onnxruntime's per-channel weight quantization memoized (the stage's trials) are
+    the library's own, bit for bit; the library's functions are back once the last build leaves."""
+    import contextlib
+
+    from onnxruntime.quantization import qdq_quantizer as qq
+
+    from redonnx.quantize import calibration as C
+    from redonnx.quantize import memo
+    from redonnx.quantize.quantizer import Quantizer, Scheme, layers, prepare
+
+    original = (qq.compute_data_quant_params, qq.quantize_onnx_initializer)
+    prepared = prepare(onnx.load(str(DIGITS)), tmp_path)
+    runs = C.chunks({prepared.graph.input[0].name: _digits()[0][:32]}, True)
+    cache = C.write_cache(C.tensor_ranges(prepared, runs, "MinMax", tmp_path), tmp_path / "ranges.json")
+    names = [lay.name for lay in layers(prepared)]
+
+    def builds(folder: str) -> list[bytes]:
+        q = Quantizer(prepared, Scheme(), tmp_path / folder)
+        q.work.mkdir()
+        return [q.build(frozenset(names[k : k + 1]), cache=cache).SerializeToString() for k in range(3)]
+
+    with memo.memoized():  # nested: the builds' own entries leave it installed
+        assert qq.compute_data_quant_params is not original[0]
+        memo._results.clear()
+        memoized = builds("memoized")  # every weight computed by the first, then served from the memo
+        assert len(memo._results) > len(names)
+    assert (qq.compute_data_quant_params, qq.quantize_onnx_initializer) == original
+    monkeypatch.setattr(memo, "memoized", contextlib.nullcontext)
+    assert builds("library") == memoized
+
+
 def test_dynamic_int8_scales_weights_per_column() -> None:
     model = _uneven_columns()
     res = prune(model, passes=["cleanup"], precision="int8", target="macs")

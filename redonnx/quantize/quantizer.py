@@ -216,7 +216,9 @@ class Quantizer:
         s = self.scheme
         ops = list(LAYER_OPS) if layers_only else list(s.op_types) if s.op_types is not None else None
         include = sorted(only - exclude) if only is not None else None
-        with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet():
+        from redonnx.quantize.memo import memoized
+
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet(), memoized():
             out = Path(tmp) / "int8.onnx"
             if s.mode == "dynamic":
                 quantize_dynamic(self._source(), out, op_types_to_quantize=ops or ["MatMul"], per_channel=True,

@@ -1,0 +1,99 @@
+"""onnxruntime's weight quantization, memoized across the INT8 stage's builds.
+
+The library's static quantizer computes every weight's per-channel scale and zero point, then its
+quantized values, in Python, one channel at a time (``compute_data_quant_params`` and
+``quantize_onnx_initializer``, which ``qdq_quantizer`` calls by name). A whole MobileNetV2 takes
+about 4 s, nearly all of it that, and the stage builds the same weights again in every trial: only
+which layers stay float changes. Both functions are pure: the same arguments give the same
+arrays. While :func:`memoized` is active, ``qdq_quantizer`` calls wrappers that return a copy of the
+result computed the first time for equal arguments (the array's bytes, the tensor's serialized
+bytes, the other arguments as given): the same model, bit for bit, in about a quarter of the time.
+
+Nothing is changed where the library names these functions otherwise (another version): the
+wrappers are installed only over functions of those names, and calls with arguments that cannot be
+keyed go through to the library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+
+LIMIT = 1 << 17  # results kept (a MobileNetV2 has about 17,000 channels); all dropped beyond
+_results: dict[tuple, Any] = {}
+_lock = threading.Lock()
+_active = 0
+_saved: dict[str, Callable] = {}
+
+
+def _key(args: tuple, kwargs: dict[str, Any]) -> tuple:
+    def one(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return v.dtype.str, v.shape, v.tobytes()
+        if isinstance(v, onnx.TensorProto):
+            return "tensor", hashlib.blake2b(v.SerializeToString(), digest_size=20).digest()
+        if isinstance(v, np.generic):
+            return v.dtype.str, v.tobytes()
+        hash(v)  # anything else keys as itself (TypeError: not keyable)
+        return type(v).__name__, v
+
+    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, onnx.TensorProto):
+        out = onnx.TensorProto()
+        out.CopyFrom(value)
+        return out
+    return value
+
+
+def _memoizing(name: str, fn: Callable) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            key = (name, _key(args, kwargs))
+        except TypeError:
+            return fn(*args, **kwargs)
+        if key not in _results:
+            value = fn(*args, **kwargs)
+            if len(_results) >= LIMIT:
+                _results.clear()
+            _results[key] = value
+        return _copy(_results[key])
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def memoized() -> Iterator[None]:
+    """``qdq_quantizer``'s weight quantization memoized while inside (nested and threads: installed
+    by the first to enter, removed by the last to leave)."""
+    global _active
+    from onnxruntime.quantization import qdq_quantizer as qq
+
+    with _lock:
+        if _active == 0:
+            for name in ("compute_data_quant_params", "quantize_onnx_initializer"):
+                if callable(getattr(qq, name, None)):
+                    _saved[name] = getattr(qq, name)
+                    setattr(qq, name, _memoizing(name, _saved[name]))
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                for name, fn in _saved.items():
+                    setattr(qq, name, fn)
+                _saved.clear()
