@@ -105,6 +105,7 @@ def cases(tmp: Path) -> list[tuple[str, Path, list[str]]]:
     out = []
     if resnet20.exists():
         out.append(("resnet20 default", resnet20, []))
+        out.append(("resnet20 int8", resnet20, ["--precision", "int8"]))  # the INT8 stage's search, any CPU
         resnet56 = deepen_resnet(resnet20, tmp / "resnet56_bn.onnx")
         out.append(("resnet56 default", resnet56, []))
         out.append(("resnet56 hashing", resnet56, ["--passes", "fold-batchnorm,hash-weights"]))
