@@ -94,9 +94,19 @@ def _cosine_on_fresh_draws(model: onnx.ModelProto, cand: onnx.ModelProto, seed: 
     return float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got))
 
 
-def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
+def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8(monkeypatch) -> None:
+    """The layers are scored alone on SCORE_SAMPLES of the verification samples (a ranking); every
+    verdict is on all of them."""
+    from redonnx.measure.verify import Reference
+    from redonnx.quantize.stage import SCORE_SAMPLES
+
+    checked: list[int] = []
+    real = Reference.check
+    monkeypatch.setattr(Reference, "check", lambda self, *a, **k: checked.append(self.samples) or real(self, *a, **k))
     model = _outlier_mlp()
     res = prune(model, passes=["cleanup"], precision="int8", target="macs")
+    layers = len(res.precision.proposals[0].layers)
+    assert sorted(set(checked)) == [SCORE_SAMPLES, 8] and checked.count(SCORE_SAMPLES) == 2 * layers  # both schemes
     assert res.verification.passed
     chosen = res.precision.chosen
     assert chosen is not None and chosen.scheme.mode == "static"

@@ -55,6 +55,7 @@ from redonnx.quantize.quantizer import (
 )
 
 MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % faster alone
+SCORE_SAMPLES = 2  # verification samples (one smooth, one white) a layer's sensitivity is scored on
 PLAN_VERSION = 1  # kept plans of another version of the search are not recalled
 
 Check = Callable[[onnx.ModelProto], Any]  # a model -> VerificationResult (truthy when within budget)
@@ -74,7 +75,7 @@ class LayerChoice:
     op: str
     precision: str = "int8"
     why: str = "within the budget"
-    deviation: float | None = None  # 1 - output cosine with this layer alone in INT8
+    deviation: float | None = None  # 1 - output cosine with this layer alone in INT8 (SCORE_SAMPLES samples)
     float_ms: float | None = None
     int8_ms: float | None = None
 
@@ -145,6 +146,7 @@ class StageInputs:
     budget: str = ""  # what else a verdict depends on: the tolerance, the calibration inputs
     min_gain: float = 0.03  # the speed gate's margin (set by the planner)
     min_cosine: float | None = None  # the budget's cosine bound (guesses how many layers stay float)
+    scorer: Callable[[], Check] | None = None  # makes the check on SCORE_SAMPLES samples (sensitivity)
 
 
 def _calibration_runs(inp: StageInputs, scheme: Scheme) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -426,9 +428,10 @@ class Stage:
         """Layer names, worst first: output deviation alone in INT8 per ms saved. The trials are
         independent: each model is checked on a worker while this thread builds the next (the
         library's quantizer runs in Python, the checks in onnxruntime; same verdicts, in order)."""
+        check = self.inputs.scorer() if self.inputs.scorer is not None else self.inputs.check
         models = (self._build(q, slow, method, runs, res, only=frozenset({lay.name})) for lay in cands)
         scored = []
-        for lay, v in zip(cands, in_order(self.inputs.check, models), strict=True):
+        for lay, v in zip(cands, in_order(check, models), strict=True):
             c = choices[lay.name]
             c.deviation = max(0.0, 1.0 - v.worst_cosine)
             saved = (c.float_ms - c.int8_ms) if c.float_ms is not None and c.int8_ms is not None else 1.0
