@@ -261,6 +261,9 @@ def test_memoized_weight_quantization_writes_the_same_bytes(tmp_path: Path, monk
         memoized = builds("memoized")  # every weight computed by the first, then served from the memo
         assert len(memo._results) > len(names)
     assert (qq.compute_data_quant_params, qq.quantize_onnx_initializer) == original
+    memo.clear()
+    monkeypatch.setattr(memo, "LIMIT_BYTES", 512)  # results dropped as they come: the same bytes
+    assert builds("tight") == memoized and memo._held <= 512
     monkeypatch.setattr(memo, "memoized", contextlib.nullcontext)
     assert builds("library") == memoized
 

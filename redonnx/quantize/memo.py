@@ -6,8 +6,9 @@ quantized values, in Python, one channel at a time (``compute_data_quant_params`
 about 4 s, nearly all of it that, and the stage builds the same weights again in every trial: only
 which layers stay float changes. Both functions are pure: the same arguments give the same
 arrays. While :func:`memoized` is active, ``qdq_quantizer`` calls wrappers that return a copy of the
-result computed the first time for equal arguments (the array's bytes, the tensor's serialized
-bytes, the other arguments as given): the same model, bit for bit, in about a quarter of the time.
+result computed the first time for equal arguments (a digest of the array's bytes or of the
+tensor's serialized bytes, the other arguments as given): the same model, bit for bit, in about a
+quarter of the time. At most :data:`LIMIT_BYTES` of results are kept, and none past the stage.
 
 Nothing is changed where the library names these functions otherwise (another version): the
 wrappers are installed only over functions of those names, and calls with arguments that cannot be
@@ -26,18 +27,25 @@ import numpy as np
 import onnx
 
 LIMIT = 1 << 17  # results kept (a MobileNetV2 has about 17,000 channels); all dropped beyond
+LIMIT_BYTES = 256 * 2**20  # or beyond this many bytes of results (quantized weights)
 _results: dict[tuple, Any] = {}
+_held = 0  # bytes of the results
 _lock = threading.Lock()
 _active = 0
 _saved: dict[str, Callable] = {}
 
 
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=20).digest()
+
+
 def _key(args: tuple, kwargs: dict[str, Any]) -> tuple:
     def one(v: Any) -> Any:
         if isinstance(v, np.ndarray):
-            return v.dtype.str, v.shape, v.tobytes()
+            data = v.tobytes()
+            return v.dtype.str, v.shape, data if len(data) <= 64 else _digest(data)
         if isinstance(v, onnx.TensorProto):
-            return "tensor", hashlib.blake2b(v.SerializeToString(), digest_size=20).digest()
+            return "tensor", _digest(v.SerializeToString())
         if isinstance(v, np.generic):
             return v.dtype.str, v.tobytes()
         hash(v)  # anything else keys as itself (TypeError: not keyable)
@@ -58,17 +66,37 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def _nbytes(value: Any) -> int:
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    return value.ByteSize() if isinstance(value, onnx.TensorProto) else 0
+
+
+def clear() -> None:
+    """Drop every result (the stage's end: another model's weights come next)."""
+    global _held
+    _results.clear()
+    _held = 0
+
+
 def _memoizing(name: str, fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _held
         try:
             key = (name, _key(args, kwargs))
         except TypeError:
             return fn(*args, **kwargs)
         if key not in _results:
             value = fn(*args, **kwargs)
-            if len(_results) >= LIMIT:
-                _results.clear()
+            size = _nbytes(value)
+            if size > LIMIT_BYTES:
+                return value
+            if len(_results) >= LIMIT or _held + size > LIMIT_BYTES:
+                clear()
             _results[key] = value
+            _held += size
         return _copy(_results[key])
 
     return wrapper

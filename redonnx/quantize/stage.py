@@ -441,11 +441,17 @@ class Stage:
 
 def run_stage(float_model: onnx.ModelProto, inputs: StageInputs, schemes: list[Scheme],
               speed: bool) -> list[QuantResult]:  # fmt: skip
-    """The stage for each scheme, on a scratch folder removed afterwards."""
+    """The stage for each scheme, on a scratch folder removed afterwards (and the memoized weight
+    quantization dropped)."""
+    from redonnx.quantize import memo
+
     out = []
-    with tempfile.TemporaryDirectory(prefix="redonnx-int8-") as tmp:
-        for k, scheme in enumerate(schemes):
-            work = Path(tmp) / str(k)
-            work.mkdir()
-            out.append(Stage(inputs, scheme, speed, work).run(float_model))
+    try:
+        with tempfile.TemporaryDirectory(prefix="redonnx-int8-") as tmp:
+            for k, scheme in enumerate(schemes):
+                work = Path(tmp) / str(k)
+                work.mkdir()
+                out.append(Stage(inputs, scheme, speed, work).run(float_model))
+    finally:
+        memo.clear()  # the weights' quantization is not kept past the stage
     return out
