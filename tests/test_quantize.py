@@ -207,11 +207,18 @@ def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio, verdicts
     return Stage(inputs, Scheme("static"), True, work).run(model)
 
 
-def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remembered(tmp_path: Path) -> None:
+def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remembered(tmp_path: Path,
+                                                                                   monkeypatch) -> None:  # fmt: skip
     """Layers that save too little by the cost model end the stage without a model built; layers
     faster alone whose whole model is not faster (the probe: every such layer in INT8, timed once
-    against the float result) end it before any fidelity trial; either verdict is kept by the float
-    model's bytes, so the next run on this CPU neither prepares nor times anything."""
+    against the float result, its ranges from one sample) end it before any fidelity trial and
+    before the calibration proper; either verdict is kept by the float model's bytes, so the next
+    run on this CPU neither prepares nor times anything."""
+    from redonnx.quantize import calibration as C
+
+    calibrated = []
+    real = C.ranges
+    monkeypatch.setattr(C, "ranges", lambda jobs, *a: calibrated.append(jobs) or real(jobs, *a))
     verdicts, probed = _Verdicts(), []
     little = _speed_stage(tmp_path, 1.0, 0.94, 0.5, verdicts, probed)  # fc3 6 % faster: 2 % of 3 ms in all
     assert little.model is None and "would save 2.0% of the layers' float time" in little.declined
@@ -220,6 +227,7 @@ def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remember
     slow = _speed_stage(tmp_path, 0.5, 0.5, 1.2, verdicts, probed)
     assert slow.model is None and "ran at 1.200x" in slow.declined and slow.trials == 0
     assert len(probed) == 1 and {"QuantizeLinear", "DequantizeLinear"} <= _ops(probed[0])
+    assert [C.sample_count(r) for jobs in calibrated for r in jobs[0][1]] == [1]  # the probe's one sample
     assert len(verdicts) == 1 and all(c.int8_ms == 0.5 for c in slow.layers)
     again = _speed_stage(tmp_path, 0.5, 0.5, 1.2, verdicts, probed)
     assert again.declined == slow.declined and len(probed) == 1

@@ -10,8 +10,9 @@ both: the check is always against the *original* model on the verification input
    then, before any fidelity trial, whether INT8 can pay at all: the cost model's sum of what the
    faster layers save must reach the speed gate's margin of the layers' float time, and the model
    with every such layer in INT8 (the fastest the search could propose) is timed against the float
-   result once (``probe``); if it is not faster by that margin, no subset is tried (probed again
-   with the other ops float once every op in INT8 is over the budget);
+   result once (``probe``, its ranges from one sample: the speed does not depend on them); if it
+   is not faster by that margin, no subset is tried (probed again with the other ops float once
+   every op in INT8 is over the budget);
 2. **calibration method**: the remaining layers are quantized together with the ranges of each
    method in :data:`redonnx.quantize.calibration.METHODS` in turn (MinMax, Percentile); the first
    whose model meets the budget is chosen, else the one whose model came closest;
@@ -48,6 +49,7 @@ from redonnx.quantize.quantizer import (
     Layer,
     Quantizer,
     Scheme,
+    _quiet,
     activation_matmuls,
     int8_nodes,
     layers,
@@ -288,13 +290,25 @@ class Stage:
             return ""
         method, first = self._tries()[0]
         layers_only = first if layers_only is None else layers_only
-        cache = self._ranges_for(q, runs, method, res) if method else None
-        ratio = self.inputs.probe(q.build(slow, None, cache, method or "MinMax", layers_only))
+        cache = self._probe_ranges(q, runs) if method else None
+        ratio = self.inputs.probe(q.build(slow, None, cache, "MinMax", layers_only))
         if ratio < 1.0 - self.inputs.min_gain:
             return ""
         what = "the weighted layers" if layers_only and not first else "every layer"
         return (f"with {what} faster alone in INT8 the model ran at {ratio:.3f}x the float result's latency: "
                 f"not faster by the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
+
+    def _probe_ranges(self, q: Quantizer, runs: list[dict[str, np.ndarray]]) -> Path:
+        """Ranges for the probe, which is timed, not verified: the model's MinMax on one sample.
+        Where the tensors are quantized does not depend on the ranges' values, and the int8
+        kernels' speed does not either; the calibration proper (every sample, the corrected
+        original) is spent only once the probe says INT8 may pay."""
+        if "probe" not in self._ranges:
+            one = [{k: v[:1] for k, v in runs[0].items()}] if self.inputs.batched else runs[:1]
+            with _quiet():
+                data = C.tensor_ranges(q.prepared, one, "MinMax", self.work)
+            self._ranges["probe"] = C.write_cache(data, self.work / "ranges_probe.json")
+        return self._ranges["probe"]
 
     def _tries(self) -> list[tuple[str | None, bool]]:
         """The first trials' (calibration method, weighted layers only), in order: every op the library
@@ -327,8 +341,6 @@ class Stage:
 
     def _ranges_for(self, q: Quantizer, runs: list[dict[str, np.ndarray]], method: str, res: QuantResult) -> Path:
         if method not in self._ranges:
-            from redonnx.quantize.quantizer import _quiet
-
             histogram = method != "MinMax"  # a pass each and numpy time per tensor: 64 samples at most
             jobs = [(m, C.within_memory(runs, per, histogram, self.inputs.batched)) for m, per in self._models(q, runs)]
             with _quiet():
