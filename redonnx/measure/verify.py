@@ -289,7 +289,8 @@ class Reference:
             ) from None
 
     def with_samples(self, samples: int) -> Reference:
-        """This reference on its first ``samples`` draws (drawn again; given inputs: itself)."""
+        """This reference on ``samples`` draws of the same kinds and seed (drawn anew: smooth and
+        white alternate; given inputs, or no fewer samples: itself)."""
         if self.given or samples >= self.samples:
             return self
         shapes, seed, input_model = self._drawn

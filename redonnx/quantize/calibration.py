@@ -154,9 +154,7 @@ def _calibrator(model: onnx.ModelProto, method: str, folder: Path):
 
 
 def _collected(calibrator, runs: list[dict[str, np.ndarray]], names: set[str]):
-    """The calibrator's ranges on ``runs`` (None where a histogram calibrator was left no tensor)."""
-    if getattr(calibrator, "tensors_to_calibrate", True) == set():
-        return None
+    """The calibrator's ranges on ``runs`` (TensorsData)."""
     calibrator.collect_data(_Reader(runs, names))
     return calibrator.compute_data()
 
@@ -178,22 +176,24 @@ def ranges(jobs: list[tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]], meth
 
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         cals = [_calibrator(m, method, Path(tmp) / str(k)) for k, (m, _) in enumerate(jobs)]
-        histogram = len(cals) == 2 and all(hasattr(c, "tensors_to_calibrate") for c in cals)
-        if histogram:
+        restricted = len(cals) == 2 and all(hasattr(c, "tensors_to_calibrate") for c in cals)
+        if restricted:  # histograms: each tensor where its range is kept
             shared = cals[0].tensors_to_calibrate & cals[1].tensors_to_calibrate
             cals[0].tensors_to_calibrate -= shared
             cals[1].tensors_to_calibrate &= shared
-        work_items = [(c, runs, {i.name for i in m.graph.input}) for c, (m, runs) in zip(cals, jobs, strict=True)]
-        got = list(in_order(lambda item: _collected(*item), work_items))
-        del cals, work_items
+        items = [(c, runs, {i.name for i in m.graph.input}) for c, (m, runs) in zip(cals, jobs, strict=True)]
+        todo = [it for it in items if not restricted or it[0].tensors_to_calibrate]  # a set left empty: nothing
+        done = dict(zip([id(it[0]) for it in todo], in_order(lambda it: _collected(*it), todo), strict=True))
+        got = [done.get(id(c)) for c in cals]
+        del cals, items, todo
     if len(got) == 1:
         return got[0], 0
     plain, corrected = (dict(d.data) if d is not None else {} for d in got)
-    if not histogram:
+    if not restricted:
         shared = set(plain) & set(corrected)
     data = {**plain, **{k: corrected[k] for k in shared}}
-    return TensorsData(got[0].calibration_method if got[0] is not None else got[1].calibration_method,
-                       dict(sorted(data.items()))), len(shared)  # fmt: skip
+    kind = next(d for d in got if d is not None).calibration_method
+    return TensorsData(kind, dict(sorted(data.items()))), len(shared)
 
 
 def write_cache(data, path: Path) -> Path:

@@ -17,8 +17,10 @@ both: the check is always against the *original* model on the verification input
    method in :data:`redonnx.quantize.calibration.METHODS` in turn (MinMax, Percentile); the first
    whose model meets the budget is chosen, else the one whose model came closest;
 3. **sensitivity**: if no method meets it, each layer is quantized alone and scored by its output
-   deviation (1 - cosine) per millisecond its INT8 form saves; the worst are kept in float, as few
-   as the budget needs (bisection on how many, assuming more float layers never hurt).
+   deviation (1 - cosine, on :data:`SCORE_SAMPLES` of the verification samples: a ranking) per
+   millisecond its INT8 form saves; the worst are kept in float, as few as the budget needs: the
+   count is guessed where the rest's summed deviations fit the budget, then searched from there
+   (two trials when the guess is right), assuming more float layers never hurt.
 
 The stage proposes; the pipeline's speed gate times the INT8 model against the float result and
 keeps it only if measurably faster (``precision auto``). Dynamic quantization (MatMul weights,
@@ -437,9 +439,10 @@ class Stage:
         return int(fits[0]) if len(fits) else None
 
     def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
-        """Layer names, worst first: output deviation alone in INT8 per ms saved. The trials are
-        independent: each model is checked on a worker while this thread builds the next (the
-        library's quantizer runs in Python, the checks in onnxruntime; same verdicts, in order)."""
+        """Layer names, worst first: output deviation alone in INT8 (checked on SCORE_SAMPLES
+        samples where the pipeline gives a scorer) per ms saved. The trials are independent: each
+        model is checked on a worker while this thread builds the next (the library's quantizer runs
+        in Python, the checks in onnxruntime; same scores, in order)."""
         check = self.inputs.scorer() if self.inputs.scorer is not None else self.inputs.check
         models = (self._build(q, slow, method, runs, res, only=frozenset({lay.name})) for lay in cands)
         scored = []
