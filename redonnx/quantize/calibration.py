@@ -174,18 +174,25 @@ def ranges(jobs: list[tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]], meth
 
     from redonnx.measure.runtime import in_order
 
+    def names(m: onnx.ModelProto) -> set[str]:
+        return {i.name for i in m.graph.input}
+
+    restricted = len(jobs) == 2 and method != "MinMax"
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        cals = [_calibrator(m, method, Path(tmp) / str(k)) for k, (m, _) in enumerate(jobs)]
-        restricted = len(cals) == 2 and all(hasattr(c, "tensors_to_calibrate") for c in cals)
-        if restricted:  # histograms: each tensor where its range is kept
+        folders = [Path(tmp) / str(k) for k in range(len(jobs))]
+        if not restricted:  # each made and run on its own thread: one's Python beside the other's run
+            got = list(in_order(lambda k: _collected(_calibrator(jobs[k][0], method, folders[k]), jobs[k][1],
+                                                     names(jobs[k][0])), range(len(jobs))))  # fmt: skip
+        else:  # histograms: each tensor only where its range is kept
+            cals = [_calibrator(m, method, f) for (m, _), f in zip(jobs, folders, strict=True)]
             shared = cals[0].tensors_to_calibrate & cals[1].tensors_to_calibrate
             cals[0].tensors_to_calibrate -= shared
             cals[1].tensors_to_calibrate &= shared
-        items = [(c, runs, {i.name for i in m.graph.input}) for c, (m, runs) in zip(cals, jobs, strict=True)]
-        todo = [it for it in items if not restricted or it[0].tensors_to_calibrate]  # a set left empty: nothing
-        done = dict(zip([id(it[0]) for it in todo], in_order(lambda it: _collected(*it), todo), strict=True))
-        got = [done.get(id(c)) for c in cals]
-        del cals, items, todo
+            items = [(c, runs, names(m)) for c, (m, runs) in zip(cals, jobs, strict=True)]
+            todo = [it for it in items if it[0].tensors_to_calibrate]  # a set left empty: nothing to run
+            done = dict(zip([id(it[0]) for it in todo], in_order(lambda it: _collected(*it), todo), strict=True))
+            got = [done.get(id(c)) for c in cals]
+            del cals, items, todo
     if len(got) == 1:
         return got[0], 0
     plain, corrected = (dict(d.data) if d is not None else {} for d in got)
