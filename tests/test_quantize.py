@@ -242,33 +242,39 @@ def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remember
 
 
 def test_memoized_weight_quantization_writes_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
-    """Builds with onnxruntime's per-channel weight quantization memoized (the stage's trials) are
-    the library's own, bit for bit; the library's functions are back once the last build leaves."""
+    """Builds with onnxruntime's per-channel weight quantization memoized (the stage's trials), static
+    and dynamic, are the library's own, bit for bit; its functions are back once the last build leaves."""
     import contextlib
 
+    from onnxruntime.quantization import base_quantizer as bq
     from onnxruntime.quantization import qdq_quantizer as qq
 
     from redonnx.quantize import calibration as C
     from redonnx.quantize import memo
     from redonnx.quantize.quantizer import Quantizer, Scheme, layers, prepare
 
-    original = (qq.compute_data_quant_params, qq.quantize_onnx_initializer)
-    prepared = prepare(onnx.load(str(DIGITS)), tmp_path)
-    runs = C.chunks({prepared.graph.input[0].name: _digits()[0][:32]}, True)
-    cache = C.write_cache(C.tensor_ranges(prepared, runs, "MinMax", tmp_path), tmp_path / "ranges.json")
-    names = [lay.name for lay in layers(prepared)]
+    original = (qq.compute_data_quant_params, qq.quantize_onnx_initializer, bq.quantize_data)
+    static = prepare(onnx.load(str(DIGITS)), tmp_path)
+    runs = C.chunks({static.graph.input[0].name: _digits()[0][:32]}, True)
+    cache = C.write_cache(C.tensor_ranges(static, runs, "MinMax", tmp_path), tmp_path / "ranges.json")
+    dynamic = prepare(_outlier_mlp(), tmp_path)
 
     def builds(folder: str) -> list[bytes]:
-        q = Quantizer(prepared, Scheme(), tmp_path / folder)
-        q.work.mkdir()
-        return [q.build(frozenset(names[k : k + 1]), cache=cache).SerializeToString() for k in range(3)]
+        out = []
+        for k, (model, scheme) in enumerate(((static, Scheme()), (dynamic, Scheme("dynamic")))):
+            q = Quantizer(model, scheme, tmp_path / f"{folder}{k}")
+            q.work.mkdir()
+            names = [lay.name for lay in layers(model)]
+            out += [q.build(frozenset(names[i : i + 1]), cache=cache if k == 0 else None).SerializeToString()
+                    for i in range(3)]  # fmt: skip
+        return out
 
     with memo.memoized():  # nested: the builds' own entries leave it installed
-        assert qq.compute_data_quant_params is not original[0]
-        memo._results.clear()
+        assert qq.compute_data_quant_params is not original[0] and bq.quantize_data is not original[2]
+        memo.clear()
         memoized = builds("memoized")  # every weight computed by the first, then served from the memo
-        assert len(memo._results) > len(names)
-    assert (qq.compute_data_quant_params, qq.quantize_onnx_initializer) == original
+        assert {key[0] for key in memo._results} == {name for _, name in memo.TARGETS}
+    assert (qq.compute_data_quant_params, qq.quantize_onnx_initializer, bq.quantize_data) == original
     memo.clear()
     monkeypatch.setattr(memo, "LIMIT_BYTES", 512)  # results dropped as they come: the same bytes
     assert builds("tight") == memoized and memo._held <= 512

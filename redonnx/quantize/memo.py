@@ -1,11 +1,12 @@
 """onnxruntime's weight quantization, memoized across the INT8 stage's builds.
 
-The library's static quantizer computes every weight's per-channel scale and zero point, then its
-quantized values, in Python, one channel at a time (``compute_data_quant_params`` and
-``quantize_onnx_initializer``, which ``qdq_quantizer`` calls by name). A whole MobileNetV2 takes
+The library's quantizers compute every weight's per-channel scale and zero point, then its
+quantized values, in Python, one channel at a time (the static one: ``compute_data_quant_params``
+and ``quantize_onnx_initializer``, which ``qdq_quantizer`` calls by name; the dynamic one:
+``quantize_data``, which ``base_quantizer`` calls per column). A whole MobileNetV2 takes
 about 4 s, nearly all of it that, and the stage builds the same weights again in every trial: only
-which layers stay float changes. Both functions are pure: the same arguments give the same
-arrays. While :func:`memoized` is active, ``qdq_quantizer`` calls wrappers that return a copy of the
+which layers stay float changes. These functions are pure: the same arguments give the same
+arrays. While :func:`memoized` is active, those modules call wrappers that return a copy of the
 result computed the first time for equal arguments (a digest of the array's bytes or of the
 tensor's serialized bytes, the other arguments as given): the same model, bit for bit, in about a
 quarter of the time. At most :data:`LIMIT_BYTES` of results are kept, and none past the stage.
@@ -26,6 +27,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+#: (module of ``onnxruntime.quantization``, function it calls by that name): the static quantizer's
+#: per-channel parameters and quantized weights; the dynamic quantizer's per-column quantization
+TARGETS = (("qdq_quantizer", "compute_data_quant_params"), ("qdq_quantizer", "quantize_onnx_initializer"),
+           ("base_quantizer", "quantize_data"))  # fmt: skip
 LIMIT = 1 << 17  # results kept (a MobileNetV2 has about 17,000 channels); all dropped beyond
 LIMIT_BYTES = 256 * 2**20  # or beyond this many bytes of results (quantized weights)
 _results: dict[tuple, Any] = {}
@@ -104,17 +109,18 @@ def _memoizing(name: str, fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def memoized() -> Iterator[None]:
-    """``qdq_quantizer``'s weight quantization memoized while inside (nested and threads: installed
+    """The quantizers' weight quantization memoized while inside (nested and threads: installed
     by the first to enter, removed by the last to leave)."""
     global _active
-    from onnxruntime.quantization import qdq_quantizer as qq
+    import importlib
 
     with _lock:
         if _active == 0:
-            for name in ("compute_data_quant_params", "quantize_onnx_initializer"):
-                if callable(getattr(qq, name, None)):
-                    _saved[name] = getattr(qq, name)
-                    setattr(qq, name, _memoizing(name, _saved[name]))
+            for module, name in TARGETS:
+                owner = importlib.import_module(f"onnxruntime.quantization.{module}")
+                if callable(getattr(owner, name, None)):
+                    _saved[f"{module}.{name}"] = getattr(owner, name)
+                    setattr(owner, name, _memoizing(name, _saved[f"{module}.{name}"]))
         _active += 1
     try:
         yield
@@ -122,6 +128,7 @@ def memoized() -> Iterator[None]:
         with _lock:
             _active -= 1
             if _active == 0:
-                for name, fn in _saved.items():
-                    setattr(qq, name, fn)
+                for where, fn in _saved.items():
+                    module, name = where.split(".")
+                    setattr(importlib.import_module(f"onnxruntime.quantization.{module}"), name, fn)
                 _saved.clear()
