@@ -167,7 +167,7 @@ def prune(
                      evidence.cautious)  # fmt: skip
     if tol.min_cosine == CAUTIOUS_MIN_COSINE:
         evidence.tightened = tol.min_cosine
-    reference = _reference(source.model, settled, samples) if check or searching else None
+    reference = _reference(source.model, settled, samples, not target.startswith("trt")) if check or searching else None
     search = speed = after = quant = second = None
     gate = target == "ort-cpu" and target_macs is None
     feeds = settled.draw(batch=1, seed=0) if gate and (searching or quantizing) else None
@@ -259,18 +259,20 @@ def _budget_key(tol: Tolerance, calibration: dict[str, np.ndarray] | None) -> st
     return h.hexdigest()
 
 
-def _reference(model: onnx.ModelProto, inputs: sizes_mod.Settled, samples: int) -> Checker:
+def _reference(model: onnx.ModelProto, inputs: sizes_mod.Settled, samples: int, on_ort: bool) -> Checker:
     """The original's outputs on the verification inputs; where sizes were chosen for dynamic
     dimensions, at the second size too; where more than one input convention is plausible, in each
-    (synthetic inputs only): the planner's trials and the final check hold on all."""
+    (synthetic inputs only): the planner's trials and the final check hold on all. ``on_ort``: the
+    target runtime is onnxruntime, so INT8 candidates run as it deploys them (its int8 kernels)."""
 
     def at_sizes(im: input_model.InputModel) -> Reference | AtTwoSizes:
-        first = Reference(model, inputs=inputs.given, shapes=inputs.hints, samples=samples, input_model=im)
+        first = Reference(model, inputs=inputs.given, shapes=inputs.hints, samples=samples, input_model=im,
+                          int8_as_deployed=on_ort)  # fmt: skip
         sized = inputs.chosen
         if sized is None or not sized.second:
             return first
-        return AtTwoSizes(first, Reference(model, shapes=sized.second, samples=samples, input_model=im),
-                          sized.second_picks)  # fmt: skip
+        second = Reference(model, shapes=sized.second, samples=samples, input_model=im, int8_as_deployed=on_ort)
+        return AtTwoSizes(first, second, sized.second_picks)
 
     chosen = at_sizes(inputs.input_model)
     others = input_model.alternatives(inputs.input_model) if inputs.given is None else []

@@ -131,9 +131,9 @@ def test_every_budget_trial_holds_in_each_plausible_convention(monkeypatch) -> N
     calls: list[int] = []
     real = Reference.check
 
-    def spy(self, candidate, tol):
+    def spy(self, candidate, tol, session=None):
         calls.append(id(self))
-        return real(self, candidate, tol)
+        return real(self, candidate, tol, session)
 
     monkeypatch.setattr(Reference, "check", spy)
     res = prune(model, target="macs", min_cosine=0.998)

@@ -156,3 +156,32 @@ def test_a_reference_on_fewer_samples_draws_the_same_kinds() -> None:
     both = AcrossConventions(AtTwoSizes(full, full, {}), [("x", "pixels", full)]).with_samples(2)
     assert both.chosen.first.samples == both.chosen.second.samples == both.others[0][2].samples == 2
     assert not few.check(perturbed(MLP, 10.0), Tolerance(rtol=1e-4))
+
+
+def test_int8_candidates_run_as_deployed_unless_the_target_is_another_runtime(tmp_path: Path, monkeypatch) -> None:
+    """A quantized candidate runs with onnxruntime's graph optimizations (its int8 kernels: AVX2's
+    saturating pairs are what the user's CPU runs, and fake quantization would not show them); a
+    float one, and any candidate for another runtime (TensorRT: the QDQ graph as written), without."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import redonnx.measure.verify as V
+
+    model = onnx.load(MLP)
+    quantize_dynamic(MLP, tmp_path / "q.onnx", weight_type=QuantType.QInt8)
+    q = onnx.load(tmp_path / "q.onnx")
+    assert V.is_quantized(q) and not V.is_quantized(model)
+    opened = []
+    real = V.try_session
+    monkeypatch.setattr(
+        V, "try_session", lambda m, what, optimize=False: opened.append(optimize) or real(m, what, optimize)
+    )
+    tol = V.Tolerance(rtol=0.5, min_cosine=0.99)
+    ort, trt = V.Reference(model), V.Reference(model, int8_as_deployed=False)
+    both = V.AtTwoSizes(ort, ort.with_samples(2), {})
+    opened.clear()  # (the references' own sessions)
+    deployed = ort.check(q, tol)
+    assert deployed.passed and "run as deployed" in deployed.summary() and opened == [True]
+    assert not ort.check(model, tol).kernels and opened[-1] is False
+    assert not trt.check(q, tol).kernels and opened[-1] is False
+    opened.clear()
+    assert both.check(q, tol).passed and opened == [True]  # one session for both sizes

@@ -84,6 +84,7 @@ class VerificationResult:
     min_cosine: float | None = None
     min_agreement: float | None = None
     notes: list[str] = field(default_factory=list)
+    kernels: str = ""  # how the candidate ran, where not as the reference did (INT8: as deployed)
 
     @property
     def passed(self) -> bool:
@@ -114,7 +115,8 @@ class VerificationResult:
         head = "verification passed" if self.passed else "verification FAILED"
         cos = f", cosine >= {self.min_cosine:g}" if self.min_cosine is not None else ""
         agr = f", top-1 agreement >= {self.min_agreement:g}" if self.min_agreement is not None else ""
-        lines = [f"{head} (atol {self.atol:g}, rtol {self.rtol:g}{cos}{agr}, {self.inputs})"]
+        run = f"; {self.kernels}" if self.kernels else ""
+        lines = [f"{head} (atol {self.atol:g}, rtol {self.rtol:g}{cos}{agr}, {self.inputs}{run})"]
         lines += ["  " + o.line() for o in self.outputs]
         return "\n".join(lines)
 
@@ -255,6 +257,13 @@ class Tolerance:
     min_agreement: float | None = None  # top-1 agreement, 2-D score outputs only
 
 
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in integers anywhere: Q/DQ pairs, dynamic or integer ops."""
+    ops = {n.op_type for n in model.graph.node}
+    return bool(ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}) or any(
+        op.endswith("Integer") or op.startswith("QLinear") for op in ops)  # fmt: skip
+
+
 class Reference:
     """A reference model's outputs on fixed inputs, computed once, to check many candidates."""
 
@@ -267,11 +276,13 @@ class Reference:
         samples: int = DEFAULT_SAMPLES,
         seed: int = 0,
         input_model: InputModel | None = None,
+        int8_as_deployed: bool = True,
     ) -> None:
         if samples < 1:
             raise RedonnxError("--samples must be at least 1")
         self.model = _as_proto(model)
         self.samples = samples
+        self.int8_as_deployed = int8_as_deployed
         self.given = inputs is not None
         if inputs is None and input_model is None:
             input_model = infer_inputs(self.model, shapes)
@@ -294,20 +305,33 @@ class Reference:
         if self.given or samples >= self.samples:
             return self
         shapes, seed, input_model = self._drawn
-        return Reference(self.model, shapes=shapes, samples=samples, seed=seed, input_model=input_model)
+        return Reference(self.model, shapes=shapes, samples=samples, seed=seed, input_model=input_model,
+                         int8_as_deployed=self.int8_as_deployed)  # fmt: skip
 
-    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
-        """Run the candidate on the same inputs and compare every output."""
+    def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
+        """The candidate's session, and how it runs where not as the reference does: a quantized
+        candidate with onnxruntime's graph optimizations, as deployed on this CPU (its int8 kernels,
+        which fake quantization would not show: AVX2's saturating u8 x s8 pairs), unless the
+        target is another runtime (TensorRT computes in int32: the QDQ graph as written)."""
+        deployed = self.int8_as_deployed and is_quantized(cand)
+        how = "the INT8 model run as deployed (onnxruntime's graph optimizations on: its int8 kernels)"
+        return try_session(cand, "candidate", optimize=deployed), how if deployed else ""
+
+    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance,
+              session: tuple[Any, str] | None = None) -> VerificationResult:  # fmt: skip
+        """Run the candidate on the same inputs and compare every output (``session``: the
+        candidate's, from :meth:`candidate_session`, shared by the checkers that hold several)."""
         cand = _as_proto(candidate)
         _check_interfaces(self.model, cand)
-        outs = _run_all(try_session(cand, "candidate"), self.batches, "candidate")
+        sess, how = session if session is not None else self.candidate_session(cand)
+        outs = _run_all(sess, self.batches, "candidate")
         comps = [
             compare_arrays(name, ref, outs[name], tol.atol, tol.rtol, tol.min_cosine, tol.min_agreement)
             for name, ref in self.outputs.items()
         ]
         return VerificationResult(
             comps, atol=tol.atol, rtol=tol.rtol, samples=self.samples, inputs=self.description,
-            min_cosine=tol.min_cosine, min_agreement=tol.min_agreement,
+            min_cosine=tol.min_cosine, min_agreement=tol.min_agreement, kernels=how,
         )  # fmt: skip
 
 
@@ -361,9 +385,20 @@ class AtTwoSizes:
     def with_samples(self, samples: int) -> AtTwoSizes:
         return AtTwoSizes(self.first.with_samples(samples), self.second.with_samples(samples), self.picks)
 
-    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.first.model
+
+    def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
+        return self.first.candidate_session(cand)
+
+    def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance,
+              session: tuple[Any, str] | None = None) -> VerificationResult:  # fmt: skip
         cand = _as_proto(candidate)
-        return at_second_size(self.first.check(cand, tol), self.second.check(cand, tol), self.picks)
+        _check_interfaces(self.model, cand)
+        session = session if session is not None else self.candidate_session(cand)  # one for both sizes
+        return at_second_size(self.first.check(cand, tol, session), self.second.check(cand, tol, session),
+                              self.picks)  # fmt: skip
 
 
 class AcrossConventions:
@@ -383,11 +418,20 @@ class AcrossConventions:
         return AcrossConventions(self.chosen.with_samples(samples),
                                  [(n, c, ref.with_samples(samples)) for n, c, ref in self.others])  # fmt: skip
 
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.chosen.model
+
+    def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
+        return self.chosen.candidate_session(cand)
+
     def check(self, candidate: onnx.ModelProto | LoadedModel | str | Path, tol: Tolerance) -> VerificationResult:
         cand = _as_proto(candidate)
-        result = self.chosen.check(cand, tol)
+        _check_interfaces(self.model, cand)
+        session = self.candidate_session(cand)  # one for every convention
+        result = self.chosen.check(cand, tol, session)
         for name, conv, ref in self.others:
-            result = in_other_convention(result, ref.check(cand, tol), name, conv)
+            result = in_other_convention(result, ref.check(cand, tol, session), name, conv)
         return result
 
 
