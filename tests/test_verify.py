@@ -161,7 +161,8 @@ def test_a_reference_on_fewer_samples_draws_the_same_kinds() -> None:
 def test_int8_candidates_run_as_deployed_unless_the_target_is_another_runtime(tmp_path: Path, monkeypatch) -> None:
     """A quantized candidate runs with onnxruntime's graph optimizations (its int8 kernels: AVX2's
     saturating pairs are what the user's CPU runs, and fake quantization would not show them); a
-    float one, and any candidate for another runtime (TensorRT: the QDQ graph as written), without."""
+    float one, any candidate for another runtime (TensorRT: the QDQ graph as written) and any
+    rewrite of a quantized input, without."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import redonnx.measure.verify as V
@@ -185,3 +186,6 @@ def test_int8_candidates_run_as_deployed_unless_the_target_is_another_runtime(tm
     assert not trt.check(q, tol).kernels and opened[-1] is False
     opened.clear()
     assert both.check(q, tol).passed and opened == [True]  # one session for both sizes
+    itself = V.Reference(q)  # an INT8 input: its rewrites run as it does, so exact ones compare
+    opened.clear()
+    assert itself.check(q, V.Tolerance()).passed and opened == [False]

@@ -282,7 +282,7 @@ class Reference:
             raise RedonnxError("--samples must be at least 1")
         self.model = _as_proto(model)
         self.samples = samples
-        self.int8_as_deployed = int8_as_deployed
+        self.int8_as_deployed = int8_as_deployed and not is_quantized(self.model)  # INT8 made of float
         self.given = inputs is not None
         if inputs is None and input_model is None:
             input_model = infer_inputs(self.model, shapes)
@@ -312,7 +312,8 @@ class Reference:
         """The candidate's session, and how it runs where not as the reference does: a quantized
         candidate with onnxruntime's graph optimizations, as deployed on this CPU (its int8 kernels,
         which fake quantization would not show: AVX2's saturating u8 x s8 pairs), unless the
-        target is another runtime (TensorRT computes in int32: the QDQ graph as written)."""
+        target is another runtime (TensorRT computes in int32: the QDQ graph as written) or the
+        reference is quantized itself (both then run as written, so exact rewrites compare)."""
         deployed = self.int8_as_deployed and is_quantized(cand)
         how = "the INT8 model run as deployed (onnxruntime's graph optimizations on: its int8 kernels)"
         return try_session(cand, "candidate", optimize=deployed), how if deployed else ""
