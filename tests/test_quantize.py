@@ -282,6 +282,37 @@ def test_memoized_weight_quantization_writes_the_same_bytes(tmp_path: Path, monk
     assert builds("library") == memoized
 
 
+def test_an_old_opset_model_is_upgraded_for_per_channel_qdq_and_a_failure_keeps_float(monkeypatch) -> None:
+    """Per-channel Q/DQ (``axis``) needs opset 13: the library wrote it into CNTK's MNIST (opset 8)
+    and onnxruntime refused the model, which failed the whole prune. The stage now quantizes the
+    model upgraded by onnx's version converter; and where onnxruntime cannot load what the library
+    wrote anyway, the stage stops with the reason and the float result is written."""
+    from redonnx.quantize import quantizer as Q
+    from redonnx.quantize import stage as S
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((8, 1, 3, 3)) / 3, rng.standard_normal((8, 8, 3, 3)) / 8
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((w1, "w1"), (w2, "w2"))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]  # fmt: skip
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)  # fmt: skip
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    old.ir_version = 6
+    assert Q.upgraded(old).opset_import[0].version == Q.PER_CHANNEL_OPSET
+    res = prune(old, passes=["cleanup"], precision="int8", target="macs")
+    assert res.precision.chosen is not None and res.verification.passed
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(res.model)
+    session(res.model)  # onnxruntime loads it
+    monkeypatch.setattr(Q, "upgraded", lambda m: m)  # as before: the library's opset-11 model
+    kept = prune(old, passes=["cleanup"], precision="int8", target="macs")
+    assert kept.precision.chosen is None and kept.verification.passed
+    (proposal,) = kept.precision.proposals
+    assert proposal.declined.startswith("stopped: onnxruntime cannot load the candidate model")
+    assert all(c.precision == "float" for c in proposal.layers) and "QuantizeLinear" not in _ops(kept.model)
+    assert S.NO_LAYER_FITS not in proposal.declined
+
+
 def test_dynamic_int8_scales_weights_per_column() -> None:
     model = _uneven_columns()
     res = prune(model, passes=["cleanup"], precision="int8", target="macs")

@@ -102,9 +102,30 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+#: per-channel QuantizeLinear/DequantizeLinear (their ``axis``) exist from this opset on: the library
+#: writes them into older models anyway (it only renumbers opsets below 10 to 11), and onnxruntime
+#: refuses the result (CNTK's MNIST at opset 8, a PyTorch super-resolution net at 10, PP-OCR at 11)
+PER_CHANNEL_OPSET = 13
+
+
+def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` at :data:`PER_CHANNEL_OPSET` or later (onnx's version converter; the model as it is
+    where it cannot convert: the INT8 stage then declines what onnxruntime cannot load)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if version >= PER_CHANNEL_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, PER_CHANNEL_OPSET)
+    except Exception:  # the converter's own errors (an op without an adapter)
+        return model
+
+
 def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
-    """The library's pre-processing (shape inference, basic optimizations) of the named model; the
-    named model as it is when pre-processing fails (symbolic shape inference knows fewer ops).
+    """The library's pre-processing (shape inference, basic optimizations) of the named model (at
+    :data:`PER_CHANNEL_OPSET` where it was older); the named model as it is when pre-processing
+    fails (symbolic shape inference knows fewer ops).
     A failed attempt is the library's to log, not ours: it is silenced, and what it leaves on disk
     stays in ``work``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -116,7 +137,7 @@ def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
             raise RedonnxError(f"the model holds {model_nbytes(model) / 2**30:.1f} GiB: onnxruntime's quantizers "
                                f"need it in one proto (at most {MAX_BYTES / 2**30:.0f} GiB here)")  # fmt: skip
         model = inline_copy(model)
-    named = name_nodes(model)
+    named = name_nodes(upgraded(model))
     path = (work / "prepared.onnx").resolve()
     source = (work / "named.onnx").resolve()  # a file, not the proto: given a proto without sympy's
     onnx.save(named, str(source))  # symbolic inference, the library moves its weights out to "foo.bin"

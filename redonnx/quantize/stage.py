@@ -202,6 +202,9 @@ class Stage:
                 res.notes.append("speed verdict recalled from the latency cache")
             else:
                 self._run(float_model, res)
+        except Exception as exc:  # the library's, onnxruntime's or a load failure: the float result stays
+            self._stopped(res, exc)
+            hit = None
         finally:
             res.trials, res.seconds = self.trials, time.perf_counter() - t0
         if key and hit is None and self._by_speed:
@@ -211,6 +214,16 @@ class Stage:
                     "calibration": res.calibration}  # fmt: skip
             self.inputs.verdicts.put(key, {"plan": plan})
         return res
+
+    def _stopped(self, res: QuantResult, exc: Exception) -> None:
+        """The stage could not go on (a model the library wrote that onnxruntime cannot load, an
+        error of the library's): no INT8 model, every layer float, the reason said; nothing kept."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        res.model, res.verification, res.method = None, None, None
+        res.declined = f"stopped: {first}"
+        for c in res.layers:
+            c.precision, c.why = "float", "the stage stopped"
+        self._plan, self._by_speed = None, False
 
     def _verdict_key(self, float_model: onnx.ModelProto) -> str | None:
         if not self.speed or self.inputs.verdicts is None:
