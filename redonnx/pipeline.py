@@ -217,13 +217,10 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
                lossless: tuple[onnx.ModelProto, list[PassResult]] | None = None):  # fmt: skip
     """The INT8 stage on the float result, held to the same budget against the original; the
     written model's check (the float result's, or the one the stage made of the INT8 model it kept)."""
-    from functools import partial
-
     from redonnx.inputs.specs import batch_is_leading
     from redonnx.planner.precision import PrecisionStage
     from redonnx.quantize import StageInputs
     from redonnx.quantize.quantizer import LAYER_OPS
-    from redonnx.quantize.stage import SCORE_SAMPLES
 
     cost = ctx.cost_model
 
@@ -239,8 +236,7 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
         batched=batch_is_leading(source), calibration=ctx.calibration, corrections=evidence.corrections,
         cost_model=cost, layer_shapes=layer_shapes if cost is not None else None,
         image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input),
-        budget=_budget_key(tol, ctx.calibration), min_cosine=tol.min_cosine,
-        scorer=lambda: partial(reference.with_samples(SCORE_SAMPLES).check, tol=tol))  # fmt: skip
+        budget=_budget_key(tol, ctx.calibration))  # fmt: skip
     stage = PrecisionStage(prec, target, inputs, feeds, cost.cache if cost is not None else None)
     float_check = reference.check(model, tol)
     model, results, quant = stage.run(model, results, speed, float_check.worst_cosine, lossless)

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from redonnx.cli import main
 from redonnx.errors import RedonnxError
-from redonnx.measure.verify import Tolerance, compare_arrays, verify
+from redonnx.measure.verify import compare_arrays, verify
 
 MLP = MODELS / "digits_mlp.onnx"
 
@@ -139,25 +139,6 @@ def test_differences_at_the_absolute_floor_are_reported_as_such() -> None:
     assert not c.passed and not c.within_atol and "worst sample" in c.line()
 
 
-def test_a_reference_on_fewer_samples_draws_the_same_kinds() -> None:
-    """``with_samples`` (the INT8 stage's layer scores): fewer draws, one smooth and one white, the
-    white one as the full reference drew it; given inputs and a larger count leave it as it is."""
-    from redonnx.measure.verify import AcrossConventions, AtTwoSizes, Reference
-
-    model = onnx.load(MLP)
-    full = Reference(model, samples=8)
-    few = full.with_samples(2)
-    assert few.samples == 2 and "2 synthetic samples" in few.description
-    (ref_full,), (ref_few,) = full.outputs.values(), few.outputs.values()
-    assert len(ref_few) == 2 and np.array_equal(ref_few[1], ref_full[4])  # the first white draw
-    assert full.with_samples(8) is full
-    given = Reference(model, inputs={i.name: b[i.name] for b in full.batches[:1] for i in model.graph.input})
-    assert given.with_samples(2) is given
-    both = AcrossConventions(AtTwoSizes(full, full, {}), [("x", "pixels", full)]).with_samples(2)
-    assert both.chosen.first.samples == both.chosen.second.samples == both.others[0][2].samples == 2
-    assert not few.check(perturbed(MLP, 10.0), Tolerance(rtol=1e-4))
-
-
 def test_int8_candidates_run_as_deployed_unless_the_target_is_another_runtime(tmp_path: Path, monkeypatch) -> None:
     """A quantized candidate runs with onnxruntime's graph optimizations (its int8 kernels: AVX2's
     saturating pairs are what the user's CPU runs, and fake quantization would not show them); a
@@ -178,7 +159,7 @@ def test_int8_candidates_run_as_deployed_unless_the_target_is_another_runtime(tm
     )
     tol = V.Tolerance(rtol=0.5, min_cosine=0.99)
     ort, trt = V.Reference(model), V.Reference(model, int8_as_deployed=False)
-    both = V.AtTwoSizes(ort, ort.with_samples(2), {})
+    both = V.AtTwoSizes(ort, V.Reference(model, samples=2), {})
     opened.clear()  # (the references' own sessions)
     deployed = ort.check(q, tol)
     assert deployed.passed and "run as deployed" in deployed.summary() and opened == [True]

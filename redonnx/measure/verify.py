@@ -286,7 +286,6 @@ class Reference:
         self.given = inputs is not None
         if inputs is None and input_model is None:
             input_model = infer_inputs(self.model, shapes)
-        self._drawn = (shapes, seed, input_model)  # how the inputs were drawn (none given)
         self.input_model_text = input_model.describe() if input_model is not None else "given"
         self.batches, self.description = feeds_for(self.model, inputs, shapes, samples, seed, input_model)
         try:
@@ -298,15 +297,6 @@ class Reference:
                 f"{exc} (on synthetic inputs: {self.input_model_text}; if the model needs other values,"
                 " pass real inputs with --inputs file.npz)"
             ) from None
-
-    def with_samples(self, samples: int) -> Reference:
-        """This reference on ``samples`` draws of the same kinds and seed (drawn anew: smooth and
-        white alternate; given inputs, or no fewer samples: itself)."""
-        if self.given or samples >= self.samples:
-            return self
-        shapes, seed, input_model = self._drawn
-        return Reference(self.model, shapes=shapes, samples=samples, seed=seed, input_model=input_model,
-                         int8_as_deployed=self.int8_as_deployed)  # fmt: skip
 
     def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
         """The candidate's session, and how it runs where not as the reference does: a quantized
@@ -383,9 +373,6 @@ class AtTwoSizes:
     def __init__(self, first: Reference, second: Reference, picks: dict[str, int]) -> None:
         self.first, self.second, self.picks = first, second, picks
 
-    def with_samples(self, samples: int) -> AtTwoSizes:
-        return AtTwoSizes(self.first.with_samples(samples), self.second.with_samples(samples), self.picks)
-
     @property
     def model(self) -> onnx.ModelProto:
         return self.first.model
@@ -414,10 +401,6 @@ class AcrossConventions:
     @property
     def conventions(self) -> list[str]:
         return [f"{name} in {conv}" for name, conv, _ in self.others]
-
-    def with_samples(self, samples: int) -> AcrossConventions:
-        return AcrossConventions(self.chosen.with_samples(samples),
-                                 [(n, c, ref.with_samples(samples)) for n, c, ref in self.others])  # fmt: skip
 
     @property
     def model(self) -> onnx.ModelProto:

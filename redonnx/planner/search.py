@@ -197,15 +197,13 @@ def largest_passing(
     return lo
 
 
-def smallest_passing(ok: Callable[[int], bool], top: int, guess: int | None = None) -> int:
-    """Smallest index in [1, top] with ok (``top`` if none), for an ok that holds from a point on.
-    Without a guess: bisection, stopped once decided; with one: :func:`largest_passing` mirrored
-    (that, then steps doubling away from it, then bisection: a good guess decides in two trials).
-    The MAC target (merging something, so 0 is not tried) and the INT8 stage (how many of the most
-    sensitive layers stay float; none was tried first; it guesses from the layers' deviations)."""
-    if guess is not None:
-        j = largest_passing(lambda i: ok(top + 1 - i), top, top + 1 - guess)
-        return top + 1 - j if j else top
+def smallest_passing(ok: Callable[[int], bool], top: int) -> int:
+    """Smallest index in [1, top] with ok (``top`` if none), for an ok that holds from a point on;
+    bisection, stopped once decided. The MAC target (merging something, so 0 is not tried) and the
+    INT8 stage (how many of the most sensitive layers stay float; none was tried first). Where ok
+    does not quite hold from a point on (INT8 near the budget), bisection's probes from the middle
+    found fewer float layers than a gallop from a guess (ResNet-56 after depth pruning: 12 of 48
+    where a guess from the summed deviations ended at 17), so the INT8 stage does not guess."""
     lo, hi = 0, top
     if not ok(hi):
         return hi
