@@ -9,3 +9,10 @@ class RedonnxError(Exception):
 
 class VerificationError(RedonnxError):
     """The rewritten model does not match the original within tolerance (exit code 1)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none: how
+    onnxruntime's and the libraries' multi-line errors are reported."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from redonnx.errors import RedonnxError
+from redonnx.errors import RedonnxError, first_line
 from redonnx.inputs.shapes import declared_shape, graph_inputs, resolve_input_shapes
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def _runs(sess, feeds: dict | list[dict]) -> str:
         for one in feeds if isinstance(feeds, list) else [feeds]:
             run(sess, one)
     except Exception as exc:  # onnxruntime refuses this size
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     return ""
 
 

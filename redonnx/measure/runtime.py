@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from redonnx.errors import RedonnxError
+from redonnx.errors import RedonnxError, first_line
 from redonnx.inputs.shapes import graph_inputs, resolve_input_shapes
 from redonnx.io import weights
 
@@ -138,8 +138,7 @@ def try_session(model: onnx.ModelProto, what: str, optimize: bool = False) -> or
     try:
         return session(model, optimize=optimize)
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RedonnxError(f"onnxruntime cannot load the {what} model: {first}") from None
+        raise RedonnxError(f"onnxruntime cannot load the {what} model: {first_line(exc)}") from None
 
 
 _NP_DTYPES = {

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from redonnx.errors import RedonnxError
+from redonnx.errors import RedonnxError, first_line
 from redonnx.inputs.model import InputModel
 from redonnx.inputs.model import infer as infer_inputs
 from redonnx.inputs.shapes import graph_inputs
@@ -333,8 +333,7 @@ def _run_all(sess, batches: list[dict[str, np.ndarray]], what: str) -> dict[str,
             for k, v in outs.items():
                 store.setdefault(k, []).append(np.asarray(v))
     except Exception as exc:  # onnxruntime runtime errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RedonnxError(f"onnxruntime failed running the {what} model: {first}") from None
+        raise RedonnxError(f"onnxruntime failed running the {what} model: {first_line(exc)}") from None
     return {k: _stack(v) for k, v in store.items()}
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from redonnx.errors import RedonnxError
+from redonnx.errors import RedonnxError, first_line
 from redonnx.io import weights
 from redonnx.measure.runtime import in_order
 from redonnx.planner.search import smallest_passing
@@ -214,9 +214,8 @@ class Stage:
     def _stopped(self, res: QuantResult, exc: Exception) -> None:
         """The stage could not go on (a model the library wrote that onnxruntime cannot load, an
         error of the library's): no INT8 model, every layer float, the reason said; nothing kept."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         res.model, res.verification, res.method = None, None, None
-        res.declined = f"stopped: {first}"
+        res.declined = f"stopped: {first_line(exc)}"
         for c in res.layers:
             c.precision, c.why = "float", "the stage stopped"
         self._plan, self._by_speed = None, False
