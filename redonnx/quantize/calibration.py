@@ -178,21 +178,23 @@ def ranges(jobs: list[tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]], meth
         return {i.name for i in m.graph.input}
 
     restricted = len(jobs) == 2 and method != "MinMax"
+    got: list = [None] * len(jobs)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         folders = [Path(tmp) / str(k) for k in range(len(jobs))]
-        if not restricted:  # each made and run on its own thread: one's Python beside the other's run
-            got = list(in_order(lambda k: _collected(_calibrator(jobs[k][0], method, folders[k]), jobs[k][1],
-                                                     names(jobs[k][0])), range(len(jobs))))  # fmt: skip
-        else:  # histograms: each tensor only where its range is kept
-            cals = [_calibrator(m, method, f) for (m, _), f in zip(jobs, folders, strict=True)]
+        cals = [_calibrator(m, method, f) for (m, _), f in zip(jobs, folders, strict=True)] if restricted else None
+        if cals is not None:  # histograms: each tensor only where its range is kept
             shared = cals[0].tensors_to_calibrate & cals[1].tensors_to_calibrate
             cals[0].tensors_to_calibrate -= shared
             cals[1].tensors_to_calibrate &= shared
-            items = [(c, runs, names(m)) for c, (m, runs) in zip(cals, jobs, strict=True)]
-            todo = [it for it in items if it[0].tensors_to_calibrate]  # a set left empty: nothing to run
-            done = dict(zip([id(it[0]) for it in todo], in_order(lambda it: _collected(*it), todo), strict=True))
-            got = [done.get(id(c)) for c in cals]
-            del cals, items, todo
+        todo = [k for k in range(len(jobs)) if cals is None or cals[k].tensors_to_calibrate]  # empty: not run
+
+        def collect(k: int):  # MinMax: made on the worker too, one's augmentation beside the other's runs
+            cal = cals[k] if cals is not None else _calibrator(jobs[k][0], method, folders[k])
+            return _collected(cal, jobs[k][1], names(jobs[k][0]))
+
+        for k, data in zip(todo, in_order(collect, todo), strict=True):
+            got[k] = data
+        cals = None  # (the calibrators and their sessions go before their folder)
     if len(got) == 1:
         return got[0], 0
     plain, corrected = (dict(d.data) if d is not None else {} for d in got)

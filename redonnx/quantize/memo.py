@@ -37,7 +37,7 @@ _results: dict[tuple, Any] = {}
 _held = 0  # bytes of the results
 _lock = threading.Lock()
 _active = 0
-_saved: dict[str, Callable] = {}
+_saved: list[tuple[Any, str, Callable]] = []  # (module, name, the library's function) while installed
 
 
 def _digest(data: bytes) -> bytes:
@@ -118,9 +118,10 @@ def memoized() -> Iterator[None]:
         if _active == 0:
             for module, name in TARGETS:
                 owner = importlib.import_module(f"onnxruntime.quantization.{module}")
-                if callable(getattr(owner, name, None)):
-                    _saved[f"{module}.{name}"] = getattr(owner, name)
-                    setattr(owner, name, _memoizing(name, _saved[f"{module}.{name}"]))
+                fn = getattr(owner, name, None)
+                if callable(fn):
+                    _saved.append((owner, name, fn))
+                    setattr(owner, name, _memoizing(name, fn))
         _active += 1
     try:
         yield
@@ -128,7 +129,6 @@ def memoized() -> Iterator[None]:
         with _lock:
             _active -= 1
             if _active == 0:
-                for where, fn in _saved.items():
-                    module, name = where.split(".")
-                    setattr(importlib.import_module(f"onnxruntime.quantization.{module}"), name, fn)
+                for owner, name, fn in _saved:
+                    setattr(owner, name, fn)
                 _saved.clear()

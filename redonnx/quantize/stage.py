@@ -439,7 +439,7 @@ class Stage:
     def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
         """Layer names, worst first: output deviation alone in INT8 per ms saved, on the samples
         every verdict is on (fewer or other samples ranked worse: where pruning left little of the
-        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 31). The trials are
+        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). The trials are
         independent: each model is checked on a worker while this thread builds the next (the
         library's quantizer runs in Python, the checks in onnxruntime; same verdicts, in order)."""
         models = (self._build(q, slow, method, runs, res, only=frozenset({lay.name})) for lay in cands)
