@@ -54,11 +54,12 @@ def test_qdq_model_is_verified_against_the_original_and_holds_on_real_digits(tmp
     assert np.mean(got.argmax(1) == y) >= np.mean(ref.argmax(1) == y) - 0.02
 
 
-def _outlier_mlp() -> onnx.ModelProto:
+def _outlier_mlp(bias2: bool = False) -> onnx.ModelProto:
     """x -> MatMul+Relu -> MatMul+Relu -> MatMul. The first layer writes one channel near 1000
     (a bias, a zero column) that the second layer barely reads: quantizing the tensor between
     them at one scale leaves the other channels a handful of levels, so the second layer's INT8
-    form is far over the budget while the others are not."""
+    form is far over the budget while the others are not. ``bias2``: the second layer adds a bias
+    (pre-processing fuses it into a Gemm)."""
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((16, 32)).astype(np.float32) / 4
     b1 = np.zeros(32, np.float32)
@@ -67,12 +68,15 @@ def _outlier_mlp() -> onnx.ModelProto:
     w2[0] = 1e-4
     w3 = rng.standard_normal((32, 10)).astype(np.float32) / 6
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"))]
+    if bias2:
+        inits.append(numpy_helper.from_array(np.full(32, 0.1, np.float32), "b2"))
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
         helper.make_node("Add", ["m1", "b1"], ["a1"]),
         helper.make_node("Relu", ["a1"], ["h1"]),
         helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"),
-        helper.make_node("Relu", ["m2"], ["h2"]),
+        *([helper.make_node("Add", ["m2", "b2"], ["a2"])] if bias2 else []),
+        helper.make_node("Relu", ["a2" if bias2 else "m2"], ["h2"]),
         helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3"),
     ]
     return _vector_model("outlier", nodes, inits, 10)
@@ -107,6 +111,20 @@ def test_a_sensitive_layer_is_kept_float_and_the_rest_goes_int8() -> None:
         assert by["fc3"].precision == "int8"
         assert any("over the budget" in n for n in proposal.notes)  # every layer in INT8 was not
     assert _cosine_on_fresh_draws(model, res.model, 123) >= 0.998
+
+
+def test_a_sensitive_gemm_is_kept_float_by_dynamic_int8_too() -> None:
+    """A dense layer with a bias is one Gemm after pre-processing, which the dynamic quantizer
+    replaces with a MatMul of another name: the stage names that MatMul, so the layer can be kept
+    float (it was quantized whatever the search chose: "no layer fits the budget")."""
+    model = _outlier_mlp(bias2=True)
+    res = prune(model, passes=["cleanup"], precision="int8", target="macs")
+    dynamic = next(p for p in res.precision.proposals if p.scheme.mode == "dynamic")
+    assert dynamic.model is not None, dynamic.declined
+    by = {c.name.split("/")[0]: c for c in dynamic.layers}
+    assert by["fc2"].precision == "float" and "kept float" in by["fc2"].why and by["fc3"].precision == "int8"
+    assert by["fc2"].deviation > 100 * by["fc3"].deviation
+    assert dynamic.verification and _cosine_on_fresh_draws(model, dynamic.model, 123) >= 0.998
 
 
 def _uneven_columns() -> onnx.ModelProto:

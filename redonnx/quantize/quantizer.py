@@ -155,6 +155,24 @@ def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
     return named
 
 
+def for_scheme(prepared: onnx.ModelProto, scheme: Scheme) -> onnx.ModelProto:
+    """``prepared`` as the scheme's quantizer rewrites it before it selects nodes, so that the nodes
+    it quantizes carry the names the stage keeps float or quantizes alone: the dynamic quantizer
+    replaces every Gemm (pre-processing fuses a 2-D MatMul and its bias into one) with a MatMul
+    named ``<gemm>_MatMul`` and an Add, so a Gemm layer named in ``nodes_to_exclude`` or
+    ``nodes_to_quantize`` was quantized anyway, or not at all (a dense network's dynamic proposal
+    found no layer to keep float under a tight budget). Done here with the library's own rewrite,
+    which then has nothing left to do."""
+    if scheme.mode != "dynamic" or not any(n.op_type == "Gemm" for n in prepared.graph.node):
+        return prepared
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    out = onnx.ModelProto()
+    out.CopyFrom(prepared)
+    ONNXModel(out).replace_gemm_with_matmul()
+    return out
+
+
 def _typed(model: onnx.ModelProto) -> bool:
     """Whether every main-graph node output has an element type and a rank (value info, graph output
     or initializer): all that symbolic shape inference would otherwise supply."""

@@ -52,13 +52,14 @@ from redonnx.quantize.quantizer import (
     Scheme,
     _quiet,
     activation_matmuls,
+    for_scheme,
     int8_nodes,
     layers,
     prepare,
 )
 
 MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % faster alone
-PLAN_VERSION = 1  # kept plans of another version of the search are not recalled
+PLAN_VERSION = 2  # kept plans of another version of the search are not recalled
 
 Check = Callable[[onnx.ModelProto], Any]  # a model -> VerificationResult (truthy when within budget)
 
@@ -233,7 +234,7 @@ class Stage:
             exclude, method, layers_only = frozenset(plan["exclude"]), plan["method"], bool(plan["layers_only"])
             choices = [LayerChoice(**d) for d in plan["layers"]]
             notes, calibration = list(plan["notes"]), str(plan["calibration"])
-            prepared = prepare(float_model, self.work)
+            prepared = for_scheme(prepare(float_model, self.work), self.scheme)
         except (RedonnxError, KeyError, TypeError):  # a cache entry not of this form: search
             return False
         q = self._quantizer(prepared)
@@ -248,7 +249,7 @@ class Stage:
 
     def _run(self, float_model: onnx.ModelProto, res: QuantResult) -> None:
         try:
-            prepared = prepare(float_model, self.work)
+            prepared = for_scheme(prepare(float_model, self.work), self.scheme)
         except RedonnxError as exc:
             res.declined = str(exc)
             return
