@@ -64,6 +64,12 @@ class Scheme:
             what += f", ops {'/'.join(self.op_types)}"
         return what
 
+    @property
+    def output_pairs(self) -> bool:
+        """Whether the library pairs a quantized layer's output too (static; not under TensorRT's
+        placement, which :meth:`Quantizer._build` excludes from output quantization)."""
+        return self.mode == "static" and not self.symmetric
+
 
 @contextlib.contextmanager
 def _quiet(level: int = logging.ERROR):
@@ -266,7 +272,7 @@ class Quantizer:
             else:
                 extra = {"ActivationSymmetric": s.symmetric, "WeightSymmetric": True,
                          "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}  # fmt: skip
-                if s.symmetric:  # TensorRT: Q/DQ on layer inputs only, biases float (it fuses them)
+                if not s.output_pairs:  # TensorRT: Q/DQ on layer inputs only, biases float (it fuses them)
                     extra.update(OpTypesToExcludeOutputQuantization=list(TRT_OPS), QuantizeBias=False)
                 quantize_static(self._source(), out, calibration_data_reader=None, calibration_cache_path=cache,
                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,

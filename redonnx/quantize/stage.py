@@ -45,6 +45,7 @@ from redonnx.measure.runtime import in_order
 from redonnx.planner.search import smallest_passing
 from redonnx.quantize import calibration as C
 from redonnx.quantize.cpu import Int8Cpu, detect
+from redonnx.quantize.cut import Cutter
 from redonnx.quantize.quantizer import (
     LAYER_OPS,
     Layer,
@@ -440,12 +441,22 @@ class Stage:
     def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
         """Layer names, worst first: output deviation alone in INT8 per ms saved, on the samples
         every verdict is on (fewer or other samples ranked worse: where pruning left little of the
-        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). The trials are
-        independent: each model is checked on a worker while this thread builds the next (the
-        library's quantizer runs in Python, the checks in onnxruntime; same verdicts, in order)."""
-        models = (self._build(q, slow, method, runs, res, only=frozenset({lay.name})) for lay in cands)
+        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). Each layer's model is
+        cut from the model with every candidate in INT8 (:mod:`redonnx.quantize.cut`: what the
+        library writes for it alone, without a build each). The trials are independent: checked
+        on the workers, in order."""
+        cache = self._ranges_for(q, runs, method, res) if method else None
+        cutter = Cutter(q.prepared, q.build(slow, None, cache, method or "MinMax", True), self.scheme.output_pairs)
+
+        def alone(lay: Layer) -> onnx.ModelProto:
+            model = cutter.alone(lay.name)
+            if model is None:  # not cut: the library builds it alone (counted there)
+                return self._build(q, slow, method, runs, res, only=frozenset({lay.name}))
+            self.trials += 1
+            return model
+
         scored = []
-        for lay, v in zip(cands, in_order(self.inputs.check, models), strict=True):
+        for lay, v in zip(cands, in_order(self.inputs.check, (alone(lay) for lay in cands)), strict=True):
             c = choices[lay.name]
             c.deviation = max(0.0, 1.0 - v.worst_cosine)
             saved = (c.float_ms - c.int8_ms) if c.float_ms is not None and c.int8_ms is not None else 1.0

@@ -1,0 +1,121 @@
+"""A layer's INT8 form cut from the model with every layer in INT8 is the library's build of that
+layer alone: the same ops, and the same outputs bit for bit with graph optimizations on and off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import shared_model
+from onnx import TensorProto, helper, numpy_helper
+
+from redonnx.measure.runtime import run, session
+from redonnx.quantize import calibration as C
+from redonnx.quantize.cut import Cutter
+from redonnx.quantize.quantizer import TRT_OPS, Quantizer, Scheme, activation_matmuls, for_scheme, layers, prepare
+
+STATIC = Scheme("static", reduce_range=True)
+TRT = Scheme("static", symmetric=True, op_types=TRT_OPS)
+DYNAMIC = Scheme("dynamic", reduce_range=True)
+
+
+def _residual_cnn(weights_as_inputs: bool = False) -> onnx.ModelProto:
+    """conv -> relu -> conv -> add(relu) -> relu -> conv (a graph output): the relu's tensor is read by
+    a layer and by the Add; older exports list the weights among the graph inputs."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) / 3, n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 3, 3)), ("b2", (8,)),
+                          ("w3", (4, 8, 1, 1)), ("b3", (4,)))]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="conv3"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])]
+    if weights_as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "residual", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    return m
+
+
+def _mlp(residual: bool = False) -> onnx.ModelProto:
+    """x -> fc1 -> relu -> fc2 (+ the relu's output: pre-processing fuses them into a Gemm) -> fc3."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) / 4, n)
+             for n, s in (("w1", (16, 32)), ("w2", (32, 32)), ("w3", (32, 10)))]  # fmt: skip
+    second = helper.make_node("Add", ["m2", "h1"], ["h2"]) if residual else helper.make_node("Relu", ["m2"], ["h2"])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Relu", ["m1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"), second,
+             helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]  # fmt: skip
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _feeds(model: onnx.ModelProto, n: int, seed: int) -> dict[str, np.ndarray]:
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            dims = [d.dim_value or n for d in vi.type.tensor_type.shape.dim]
+            out[vi.name] = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    return out
+
+
+def _assert_cuts_are_builds(model: onnx.ModelProto, scheme: Scheme, tmp: Path) -> int:
+    prepared = for_scheme(prepare(model, tmp), scheme)
+    cache = None
+    if scheme.mode == "static":
+        cache = C.write_cache(C.tensor_ranges(prepared, [_feeds(prepared, 16, 1)], "MinMax", tmp), tmp / "r.json")
+    q = Quantizer(prepared, scheme, tmp, frozenset(activation_matmuls(prepared)))
+    cutter = Cutter(prepared, q.build(frozenset(), None, cache, "MinMax", True), scheme.output_pairs)
+    x = _feeds(prepared, 4, 2)
+    names = [lay.name for lay in layers(prepared)]
+    for name in names:
+        built = q.build(frozenset(), frozenset({name}), cache, "MinMax", True)
+        cut = cutter.alone(name)
+        assert cut is not None, name
+        assert sorted(n.op_type for n in cut.graph.node) == sorted(n.op_type for n in built.graph.node), name
+        for optimize in (False, True):
+            want, got = run(session(built, optimize=optimize), x), run(session(cut, optimize=optimize), x)
+            assert all(np.array_equal(want[k], got[k]) for k in want), (name, optimize)
+    return len(names)
+
+
+@pytest.mark.parametrize("scheme", [STATIC, TRT], ids=["static", "tensorrt"])
+@pytest.mark.parametrize("weights_as_inputs", [False, True], ids=["initializers", "weights-as-inputs"])
+def test_a_cut_layer_is_the_library_build_of_it_alone(tmp_path: Path, scheme: Scheme, weights_as_inputs: bool) -> None:
+    assert _assert_cuts_are_builds(_residual_cnn(weights_as_inputs), scheme, tmp_path) == 3
+
+
+def test_a_cut_dynamic_layer_is_the_library_build_of_it_alone(tmp_path: Path) -> None:
+    assert _assert_cuts_are_builds(_mlp(), DYNAMIC, tmp_path) == 3
+    (tmp_path / "residual").mkdir()  # fc2 and its Add: a Gemm, which the dynamic quantizer writes as a MatMul
+    assert _assert_cuts_are_builds(_mlp(residual=True), DYNAMIC, tmp_path / "residual") == 3
+
+
+def test_cut_layers_of_resnet20_are_the_library_builds(tmp_path: Path) -> None:
+    model = onnx.load(str(shared_model("cifar10/resnet20_bn.onnx")))
+    assert _assert_cuts_are_builds(model, STATIC, tmp_path) == 20
+
+
+def test_a_layer_the_full_model_left_float_cuts_to_the_float_model(tmp_path: Path) -> None:
+    prepared = for_scheme(prepare(_mlp(residual=True), tmp_path), DYNAMIC)
+    q = Quantizer(prepared, DYNAMIC, tmp_path)
+    fc2 = next(lay.name for lay in layers(prepared) if lay.name.startswith("fc2"))
+    full = q.build(frozenset({fc2}), None, None, "MinMax", True)  # fc2 left float there
+    cutter = Cutter(prepared, full, False)
+    same = cutter.alone(fc2)  # its float node, as the full model holds it
+    assert same is not None and sorted(n.op_type for n in same.graph.node) == sorted(
+        n.op_type for n in prepared.graph.node)  # fmt: skip
+    assert cutter.alone("no such node") is None
