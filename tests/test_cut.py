@@ -1,5 +1,5 @@
-"""A layer's INT8 form cut from the model with every layer in INT8 is the library's build of that
-layer alone: the same ops, and the same outputs bit for bit with graph optimizations on and off."""
+"""Layers' INT8 form cut from the model with every layer in INT8 is the library's build of those
+layers alone: the same ops, and the same outputs bit for bit with graph optimizations on and off."""
 
 from __future__ import annotations
 
@@ -81,14 +81,15 @@ def _assert_cuts_are_builds(model: onnx.ModelProto, scheme: Scheme, tmp: Path) -
     cutter = Cutter(prepared, q.build(frozenset(), None, cache, "MinMax", True), scheme.output_pairs)
     x = _feeds(prepared, 4, 2)
     names = [lay.name for lay in layers(prepared)]
-    for name in names:
-        built = q.build(frozenset(), frozenset({name}), cache, "MinMax", True)
-        cut = cutter.alone(name)
-        assert cut is not None, name
-        assert sorted(n.op_type for n in cut.graph.node) == sorted(n.op_type for n in built.graph.node), name
+    sets = [[name] for name in names] + [names[::2], names[1::2], names]  # alone, then several together
+    for int8 in sets:
+        built = q.build(frozenset(names) - frozenset(int8), None, cache, "MinMax", True)
+        cut = cutter.alone(int8[0]) if len(int8) == 1 else cutter.cut(int8)
+        assert cut is not None, int8
+        assert sorted(n.op_type for n in cut.graph.node) == sorted(n.op_type for n in built.graph.node), int8
         for optimize in (False, True):
             want, got = run(session(built, optimize=optimize), x), run(session(cut, optimize=optimize), x)
-            assert all(np.array_equal(want[k], got[k]) for k in want), (name, optimize)
+            assert all(np.array_equal(want[k], got[k]) for k in want), (int8, optimize)
     return len(names)
 
 
@@ -119,3 +120,27 @@ def test_a_layer_the_full_model_left_float_cuts_to_the_float_model(tmp_path: Pat
     assert same is not None and sorted(n.op_type for n in same.graph.node) == sorted(
         n.op_type for n in prepared.graph.node)  # fmt: skip
     assert cutter.alone("no such node") is None
+
+
+def test_the_search_builds_only_its_first_trials_and_its_choice_with_the_library(monkeypatch) -> None:
+    """Sensitivity and bisection trials are cuts: the library builds each method's first trial and
+    the model written, however many layers the search scores."""
+    from test_quantize import _outlier_mlp
+
+    from redonnx.pipeline import prune
+
+    calls: list[tuple] = []
+    real = Quantizer._build
+
+    def counted(self, exclude, only, *args):
+        calls.append((self.scheme.mode, only))
+        return real(self, exclude, only, *args)
+
+    monkeypatch.setattr(Quantizer, "_build", counted)
+    res = prune(_outlier_mlp(), passes=["cleanup"], precision="int8", target="macs")
+    for proposal in res.precision.proposals:
+        assert proposal.model is not None and any(c.precision == "float" for c in proposal.layers)
+        assert proposal.trials >= len(proposal.layers) + 2  # each layer alone, then the bisection's
+    assert all(only is None for _, only in calls)
+    assert sum(mode == "static" for mode, _ in calls) <= 4  # every op, layers with MinMax, Percentile; the choice
+    assert sum(mode == "dynamic" for mode, _ in calls) <= 2

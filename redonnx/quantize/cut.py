@@ -25,6 +25,7 @@ and the stage builds that layer alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import onnx
@@ -59,19 +60,29 @@ class Cutter:
 
     def alone(self, name: str) -> onnx.ModelProto | None:
         """The float model with node ``name`` in INT8 as the library writes it alone (None: not cut)."""
-        node = next((n for n in self.float_model.graph.node if n.name == name), None)
-        if node is None:
+        return self.cut([name])
+
+    def cut(self, names: Iterable[str]) -> onnx.ModelProto | None:
+        """The float model with the nodes ``names`` in INT8 as the library writes them with every
+        other layer float (None: not cut)."""
+        order = {n.name: i for i, n in enumerate(self.float_model.graph.node)}
+        if any(name not in order for name in names):
             return None
-        nodes: list[onnx.NodeProto] = []
+        by_name = {n.name: n for n in self.float_model.graph.node}
+        placed: dict[str, list[onnx.NodeProto]] = {}  # each layer's nodes go in its place
         inits: dict[str, onnx.TensorProto] = {}
-        if not all(self._walk(y, set(node.output), nodes, inits, set()) for y in node.output if y):
-            return None
-        if self.output_pairs:
-            for y in node.output:
-                pair = self._pair(y)
-                if pair is not None:
-                    nodes += pair
-        return self._splice(node, nodes, inits)
+        seen: set[int] = set()  # a pair two layers share (one's output, the other's input) goes once
+        for name in sorted(set(names), key=order.__getitem__):
+            node, mine = by_name[name], []
+            if not all(self._walk(y, set(node.output), mine, inits, seen) for y in node.output if y):
+                return None
+            for y in node.output if self.output_pairs else []:
+                for n in self._pair(y) or []:
+                    if id(n) not in seen:
+                        seen.add(id(n))
+                        mine.append(n)
+            placed[name] = mine
+        return self._splice(placed, inits)
 
     def _walk(self, t: str, outputs: set[str], nodes: list, inits: dict, seen: set[int]) -> bool:
         """Collect what makes ``t`` in the full model back to the float model's tensors (inputs first)."""
@@ -98,7 +109,8 @@ class Cutter:
         dq = next((n for n in self._read_by.get(q.output[0], []) if n.op_type == "DequantizeLinear"), None)
         return [q, dq] if dq is not None else None
 
-    def _splice(self, node: onnx.NodeProto, cut: list[onnx.NodeProto], inits: dict) -> onnx.ModelProto | None:
+    def _splice(self, placed: dict[str, list[onnx.NodeProto]], inits: dict) -> onnx.ModelProto | None:
+        cut = [n for nodes in placed.values() for n in nodes]
         for n in cut:  # the pairs' scales and zero points
             for i in n.input:
                 if i in self._q_inits:
@@ -116,24 +128,15 @@ class Cutter:
         out = onnx.ModelProto()
         out.CopyFrom(self.float_model)
         g = out.graph
-        added = []
-        for n in cut:
-            m = onnx.NodeProto()
-            m.CopyFrom(n)
-            for k, i in enumerate(m.input):
-                m.input[k] = rename.get(i, i)
-            for k, o in enumerate(m.output):
-                m.output[k] = rename.get(o, o)
-            added.append(m)
-        kept = []
+        nodes = []
         for n in g.node:
-            if n.name == node.name and n.op_type == node.op_type:
-                kept += added  # in the layer's place
+            if n.name in placed:
+                nodes += [_renamed(m, rename) for m in placed[n.name]]  # in the layer's place
                 continue
             for k, i in enumerate(n.input):
                 if i in paired:
                     n.input[k] = paired[i]
-            kept.append(n)
+            nodes.append(n)
         for t, tensor in inits.items():
             if t in self._inits and t not in rename:
                 continue  # the float model's own, the same bytes
@@ -141,12 +144,22 @@ class Cutter:
             copy.CopyFrom(tensor)
             copy.name = rename.get(t, t)
             g.initializer.append(copy)
-        ordered = _toposort(kept, {i.name for i in g.input} | {t.name for t in g.initializer})
+        ordered = _toposort(nodes, {i.name for i in g.input} | {t.name for t in g.initializer})
         if ordered is None:
             return None
         del g.node[:]
         g.node.extend(ordered)
         return out
+
+
+def _renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    for k, i in enumerate(out.input):
+        out.input[k] = rename.get(i, i)
+    for k, o in enumerate(out.output):
+        out.output[k] = rename.get(o, o)
+    return out
 
 
 def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto] | None:

@@ -19,7 +19,9 @@ both: the check is always against the *original* model on the verification input
 3. **sensitivity**: if no method meets it, each layer is quantized alone and scored by its output
    deviation (1 - cosine, on the verification samples) per millisecond its INT8 form saves; the
    worst are kept in float, as few as the budget needs (bisection on how many, assuming more
-   float layers never hurt).
+   float layers never hurt). These trials' models are cut from the model with every layer in
+   INT8 (:mod:`redonnx.quantize.cut`: the library's own build of those layers, bit for bit,
+   without a build each); the library builds the one chosen, which is checked again and written.
 
 The stage proposes; the pipeline's speed gate times the INT8 model against the float result and
 keeps it only if measurably faster (``precision auto``). Dynamic quantization (MatMul weights,
@@ -417,12 +419,31 @@ class Stage:
         res.method = method
         res.notes.append(f"every layer in INT8 is over the budget (best: {method or 'dynamic'}, cosine "
                          f"{best[2].worst_cosine:.5f}): sensitive layers kept float")  # fmt: skip
-        order = self._sensitivity(q, cands, slow, method, runs, choices, res)
+        self._sensitive_float(q, cands, slow, method, runs, choices, res)
+
+    def _sensitive_float(self, q: Quantizer, cands: list[Layer], slow: frozenset[str], method: str | None, runs,
+                         choices: dict[str, LayerChoice], res: QuantResult) -> None:  # fmt: skip
+        """Keep the most sensitive layers float, as few as the budget needs. Every trial's model is
+        cut from the model with every candidate in INT8 (:mod:`redonnx.quantize.cut`: what the
+        library writes for those layers, bit for bit, without a build each); the one chosen is
+        then built by the library, checked, and written."""
+        cache = self._ranges_for(q, runs, method, res) if method else None
+        cutter = Cutter(q.prepared, q.build(slow, None, cache, method or "MinMax", True), self.scheme.output_pairs)
+
+        def cut(int8: list[str], exclude: frozenset[str]) -> onnx.ModelProto:
+            model = cutter.cut(int8)
+            if model is None:  # not cut: the library builds it (a trial counted there)
+                return self._build(q, exclude, method, runs, res, only=frozenset(int8))
+            self.trials += 1
+            return model
+
+        order = self._sensitivity(cands, choices, lambda lay: cut([lay.name], slow))
         trials: dict[int, tuple] = {}
 
         def passes(k: int) -> bool:  # the k most sensitive layers float
             if k not in trials:
-                trials[k] = self._try(q, slow | frozenset(order[:k]), method, runs, res)
+                model = cut([lay.name for lay in cands if lay.name not in order[:k]], slow | frozenset(order[:k]))
+                trials[k] = (model, self.inputs.check(model))
             return bool(trials[k][1])
 
         top = len(order) - 1  # k = 0 failed above; k = len(order) would leave no layer in INT8
@@ -432,29 +453,22 @@ class Stage:
             for name in order:
                 choices[name].precision, choices[name].why = "float", OVER_BUDGET
             return
-        res.model, res.verification = trials[k]
-        self._plan = {"exclude": sorted(slow | frozenset(order[:k])), "method": method, "layers_only": True}
+        exclude = slow | frozenset(order[:k])
+        res.model, res.verification = self._try(q, exclude, method, runs, res)  # the library's, to write
+        if not res.verification:  # not the cut after all: the cut, as verified, is written
+            res.model, res.verification = trials[k]
+            res.notes.append("the library's build of the chosen layers differed from their cut: the cut is written")
+        self._plan = {"exclude": sorted(exclude), "method": method, "layers_only": True}
         for name in order[:k]:
             choices[name].precision = "float"
             choices[name].why = BUDGET_NEEDS_IT
 
-    def _sensitivity(self, q, cands: list[Layer], slow, method, runs, choices, res) -> list[str]:
-        """Layer names, worst first: output deviation alone in INT8 per ms saved, on the samples
+    def _sensitivity(self, cands: list[Layer], choices: dict[str, LayerChoice],
+                     alone: Callable[[Layer], onnx.ModelProto]) -> list[str]:  # fmt: skip
+        """Layer names, worst first: output deviation ``alone`` in INT8 per ms saved, on the samples
         every verdict is on (fewer or other samples ranked worse: where pruning left little of the
-        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). Each layer's model is
-        cut from the model with every candidate in INT8 (:mod:`redonnx.quantize.cut`: what the
-        library writes for it alone, without a build each). The trials are independent: checked
-        on the workers, in order."""
-        cache = self._ranges_for(q, runs, method, res) if method else None
-        cutter = Cutter(q.prepared, q.build(slow, None, cache, method or "MinMax", True), self.scheme.output_pairs)
-
-        def alone(lay: Layer) -> onnx.ModelProto:
-            model = cutter.alone(lay.name)
-            if model is None:  # not cut: the library builds it alone (counted there)
-                return self._build(q, slow, method, runs, res, only=frozenset({lay.name}))
-            self.trials += 1
-            return model
-
+        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). The trials are
+        independent: checked on the workers, in order."""
         scored = []
         for lay, v in zip(cands, in_order(self.inputs.check, (alone(lay) for lay in cands)), strict=True):
             c = choices[lay.name]
