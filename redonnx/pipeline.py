@@ -236,7 +236,7 @@ def _precision(source: onnx.ModelProto, model: onnx.ModelProto, results: list[Pa
         batched=batch_is_leading(source), calibration=ctx.calibration, corrections=evidence.corrections,
         cost_model=cost, layer_shapes=layer_shapes if cost is not None else None,
         image=any(len(i.type.tensor_type.shape.dim) == 4 for i in source.graph.input),
-        budget=_budget_key(tol, ctx.calibration))  # fmt: skip
+        budget=_budget_key(tol, ctx.calibration), checker=reference)  # fmt: skip
     stage = PrecisionStage(prec, target, inputs, feeds, cost.cache if cost is not None else None)
     float_check = reference.check(model, tol)
     model, results, quant = stage.run(model, results, speed, float_check.worst_cosine, lossless)

@@ -144,3 +144,43 @@ def test_the_search_builds_only_its_first_trials_and_its_choice_with_the_library
     assert all(only is None for _, only in calls)
     assert sum(mode == "static" for mode, _ in calls) <= 4  # every op, layers with MinMax, Percentile; the choice
     assert sum(mode == "dynamic" for mode, _ in calls) <= 2
+
+
+def _resumed_against_whole_checks(model: onnx.ModelProto, scheme: Scheme, tmp: Path, second_size: bool) -> int:
+    """Every layer's resumed score against the whole check of its cut model (two references where
+    ``second_size``: the check's leaves)."""
+    from redonnx.measure.verify import AtTwoSizes, Reference, Tolerance
+    from redonnx.quantize.resumed import worst_cosines
+
+    prepared = for_scheme(prepare(model, tmp), scheme)
+    cache = None
+    if scheme.mode == "static":
+        cache = C.write_cache(C.tensor_ranges(prepared, [_feeds(prepared, 16, 1)], "MinMax", tmp), tmp / "r.json")
+    q = Quantizer(prepared, scheme, tmp, frozenset(activation_matmuls(prepared)))
+    cutter = Cutter(prepared, q.build(frozenset(), None, cache, "MinMax", True), scheme.output_pairs)
+    checker = Reference(model, inputs=_feeds(prepared, 4, 2))
+    if second_size:
+        checker = AtTwoSizes(checker, Reference(model, inputs=_feeds(prepared, 6, 3)), {"n": 6})
+    names = [lay.name for lay in layers(prepared)]
+    scores = worst_cosines(prepared, cutter, names, checker)
+    assert set(scores) == set(names)  # every layer resumed
+    for name in names:
+        whole = checker.check(cutter.alone(name), Tolerance()).worst_cosine
+        assert abs(scores[name] - whole) <= 1e-6, (name, scores[name], whole)
+    return len(names)
+
+
+@pytest.mark.parametrize("scheme", [STATIC, TRT], ids=["static", "tensorrt"])
+def test_resumed_scores_are_the_whole_checks_of_the_cut_models(tmp_path: Path, scheme: Scheme) -> None:
+    """The first layer pairs the graph input (a run from the start), the second's input is read by the
+    Add too (its pair replaces it for both), the last writes the graph output."""
+    assert _resumed_against_whole_checks(_residual_cnn(), scheme, tmp_path, second_size=True) == 3
+
+
+def test_resumed_dynamic_scores_are_the_whole_checks(tmp_path: Path) -> None:
+    assert _resumed_against_whole_checks(_mlp(residual=True), DYNAMIC, tmp_path, second_size=False) == 3
+
+
+def test_resumed_scores_of_resnet20_are_the_whole_checks(tmp_path: Path) -> None:
+    model = onnx.load(str(shared_model("cifar10/resnet20_bn.onnx")))
+    assert _resumed_against_whole_checks(model, STATIC, tmp_path, second_size=False) == 20

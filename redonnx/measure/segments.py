@@ -49,10 +49,12 @@ class _Piece:
 
 
 class Stepper:
-    """A model cut into pieces at ``stops`` (tensor names produced by its nodes)."""
+    """A model cut into pieces at ``stops`` (tensor names produced by its nodes); ``optimize``: the
+    pieces run with onnxruntime's graph optimizations (within each piece)."""
 
-    def __init__(self, model: onnx.ModelProto, stops: Iterable[str]) -> None:
+    def __init__(self, model: onnx.ModelProto, stops: Iterable[str], optimize: bool = False) -> None:
         self.model = model
+        self.optimize = optimize
         g = model.graph
         produced_at = {o: i for i, n in enumerate(g.node) for o in n.output if o}
         wanted = sorted({s for s in stops if s in produced_at}, key=lambda s: produced_at[s])
@@ -101,7 +103,7 @@ class Stepper:
             m = onnx.helper.make_model(graph, opset_imports=self.model.opset_import)
             m.ir_version = max(self.model.ir_version, 4)
             m.metadata_props.extend(self.model.metadata_props)  # lean models: where the weights are
-            piece.session = session(m)
+            piece.session = session(m, optimize=self.optimize)
         return piece.session
 
     def run(

@@ -298,6 +298,10 @@ class Reference:
                 " pass real inputs with --inputs file.npz)"
             ) from None
 
+    def leaves(self) -> list[Reference]:
+        """The references a check runs the candidate against (here: this one)."""
+        return [self]
+
     def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
         """The candidate's session, and how it runs where not as the reference does: a quantized
         candidate with onnxruntime's graph optimizations, as deployed on this CPU (its int8 kernels,
@@ -376,6 +380,9 @@ class AtTwoSizes:
     def model(self) -> onnx.ModelProto:
         return self.first.model
 
+    def leaves(self) -> list[Reference]:
+        return [self.first, self.second]
+
     def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
         return self.first.candidate_session(cand)
 
@@ -404,6 +411,9 @@ class AcrossConventions:
     @property
     def model(self) -> onnx.ModelProto:
         return self.chosen.model
+
+    def leaves(self) -> list[Reference]:
+        return [*self.chosen.leaves(), *(leaf for _, _, ref in self.others for leaf in ref.leaves())]
 
     def candidate_session(self, cand: onnx.ModelProto) -> tuple[Any, str]:
         return self.chosen.candidate_session(cand)

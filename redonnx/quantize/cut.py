@@ -34,6 +34,28 @@ SUFFIX = "__int8_alone"  # a cut tensor named like a float model's initializer (
 
 
 @dataclass
+class Part:
+    """One layer's INT8 nodes as a model: from the float tensors it ``reads`` to the values that
+    replace float tensors (``replaces``: float tensor -> output; every reader but the layer reads
+    it instead: a pair's DequantizeLinear, the layer's own output)."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: dict[str, onnx.TensorProto]
+    reads: list[str]
+    replaces: dict[str, str]
+    float_model: onnx.ModelProto
+
+    def model(self, dtypes: dict[str, int]) -> onnx.ModelProto:
+        """The part as a model; ``dtypes``: each read tensor's element type."""
+        inputs = [onnx.helper.make_tensor_value_info(n, dtypes[n], None) for n in self.reads]
+        outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in dict.fromkeys(self.replaces.values())]
+        graph = onnx.helper.make_graph(self.nodes, "int8 part", inputs, outputs, list(self.initializers.values()))
+        m = onnx.helper.make_model(graph, opset_imports=self.float_model.opset_import)
+        m.ir_version = self.float_model.ir_version
+        return m
+
+
+@dataclass
 class Cutter:
     """Cuts layers of ``full`` (``float_model`` quantized by the library, every candidate layer in
     INT8) into ``float_model``; ``output_pairs``: the quantizer pairs layer outputs (static, not TensorRT)."""
@@ -65,6 +87,27 @@ class Cutter:
     def cut(self, names: Iterable[str]) -> onnx.ModelProto | None:
         """The float model with the nodes ``names`` in INT8 as the library writes them with every
         other layer float (None: not cut)."""
+        collected = self._collect(names)
+        return self._splice(*collected) if collected is not None else None
+
+    def part(self, name: str) -> Part | None:
+        """Node ``name``'s INT8 form on its own: what :meth:`alone` splices in, as a model from the
+        float tensors it reads to the values that replace float tensors (None: not cut)."""
+        collected = self._collect([name])
+        if collected is None:
+            return None
+        placed, inits = collected
+        cut, paired, rename = self._wiring(placed, inits)
+        nodes = [_renamed(n, rename) for n in cut]
+        made = {o for n in nodes for o in n.output}
+        node = next(n for n in self.float_model.graph.node if n.name == name)
+        replaces = {**{y: y for y in node.output if y}, **paired}
+        reads = sorted({i for n in nodes for i in n.input if i in self._float and i not in made})
+        tensors = {rename.get(t, t): v for t, v in inits.items()}
+        tensors.update({i: self._inits[i] for n in nodes for i in n.input if i in self._inits and i not in tensors})
+        return Part(nodes, tensors, reads, replaces, self.float_model)
+
+    def _collect(self, names: Iterable[str]) -> tuple[dict[str, list[onnx.NodeProto]], dict] | None:
         order = {n.name: i for i, n in enumerate(self.float_model.graph.node)}
         if any(name not in order for name in names):
             return None
@@ -82,7 +125,7 @@ class Cutter:
                         seen.add(id(n))
                         mine.append(n)
             placed[name] = mine
-        return self._splice(placed, inits)
+        return placed, inits
 
     def _walk(self, t: str, outputs: set[str], nodes: list, inits: dict, seen: set[int]) -> bool:
         """Collect what makes ``t`` in the full model back to the float model's tensors (inputs first)."""
@@ -109,13 +152,15 @@ class Cutter:
         dq = next((n for n in self._read_by.get(q.output[0], []) if n.op_type == "DequantizeLinear"), None)
         return [q, dq] if dq is not None else None
 
-    def _splice(self, placed: dict[str, list[onnx.NodeProto]], inits: dict) -> onnx.ModelProto | None:
+    def _wiring(self, placed: dict[str, list[onnx.NodeProto]], inits: dict) -> tuple[list, dict, dict]:
+        """The cut nodes, the float tensors they pair (-> the DequantizeLinear's output every reader
+        reads), and the names they rename (a cut tensor or initializer named like a float one)."""
         cut = [n for nodes in placed.values() for n in nodes]
         for n in cut:  # the pairs' scales and zero points
             for i in n.input:
                 if i in self._q_inits:
                     inits[i] = self._q_inits[i]
-        paired = {}  # float tensor -> its DequantizeLinear's output: what every reader reads
+        paired = {}
         for n in cut:
             if n.op_type == "QuantizeLinear" and n.input[0] in self._float:
                 dq = next((d for d in cut if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]), None)
@@ -125,6 +170,10 @@ class Cutter:
         for t, tensor in inits.items():
             if t in self._inits and self._inits[t].SerializeToString() != tensor.SerializeToString():
                 rename[t] = t + SUFFIX
+        return cut, paired, rename
+
+    def _splice(self, placed: dict[str, list[onnx.NodeProto]], inits: dict) -> onnx.ModelProto | None:
+        _cut, paired, rename = self._wiring(placed, inits)
         out = onnx.ModelProto()
         out.CopyFrom(self.float_model)
         g = out.graph

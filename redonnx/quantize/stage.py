@@ -60,6 +60,7 @@ from redonnx.quantize.quantizer import (
     layers,
     prepare,
 )
+from redonnx.quantize.resumed import worst_cosines
 
 MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % faster alone
 PLAN_VERSION = 2  # kept plans of another version of the search are not recalled
@@ -151,6 +152,7 @@ class StageInputs:
     verdicts: Any = None  # latency.Cache: speed verdicts (INT8 cannot pay) kept by the float model's bytes
     budget: str = ""  # what else a verdict depends on: the tolerance, the calibration inputs
     min_gain: float = 0.03  # the speed gate's margin (set by the planner)
+    checker: Any = None  # the Checker behind ``check`` (its references): layers scored by resuming runs
 
 
 def _calibration_runs(inp: StageInputs, scheme: Scheme) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -437,7 +439,11 @@ class Stage:
             self.trials += 1
             return model
 
-        order = self._sensitivity(cands, choices, lambda lay: cut([lay.name], slow))
+        resumed = {}
+        if self.inputs.checker is not None:  # each layer's run resumed where its INT8 form starts
+            resumed = worst_cosines(q.prepared, cutter, [lay.name for lay in cands], self.inputs.checker)
+            self.trials += len(resumed)
+        order = self._sensitivity(cands, choices, lambda lay: cut([lay.name], slow), resumed)
         trials: dict[int, tuple] = {}
 
         def passes(k: int) -> bool:  # the k most sensitive layers float
@@ -464,15 +470,20 @@ class Stage:
             choices[name].why = BUDGET_NEEDS_IT
 
     def _sensitivity(self, cands: list[Layer], choices: dict[str, LayerChoice],
-                     alone: Callable[[Layer], onnx.ModelProto]) -> list[str]:  # fmt: skip
+                     alone: Callable[[Layer], onnx.ModelProto], resumed: dict[str, float]) -> list[str]:  # fmt: skip
         """Layer names, worst first: output deviation ``alone`` in INT8 per ms saved, on the samples
         every verdict is on (fewer or other samples ranked worse: where pruning left little of the
-        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). The trials are
-        independent: checked on the workers, in order."""
+        budget, ResNet-56 kept 1-4 of 48 layers in INT8 where these keep 36). ``resumed``: the worst
+        cosines of the layers scored by resuming the float model's run (:mod:`redonnx.quantize.resumed`);
+        the others are checked whole, on the workers, in order."""
+        whole = [lay for lay in cands if lay.name not in resumed]
+        cosines = dict(resumed)
+        for lay, v in zip(whole, in_order(self.inputs.check, (alone(lay) for lay in whole)), strict=True):
+            cosines[lay.name] = v.worst_cosine
         scored = []
-        for lay, v in zip(cands, in_order(self.inputs.check, (alone(lay) for lay in cands)), strict=True):
+        for lay in cands:
             c = choices[lay.name]
-            c.deviation = max(0.0, 1.0 - v.worst_cosine)
+            c.deviation = max(0.0, 1.0 - cosines[lay.name])
             saved = (c.float_ms - c.int8_ms) if c.float_ms is not None and c.int8_ms is not None else 1.0
             scored.append((c.deviation / max(saved, 1e-4), lay.name))
         return [name for _, name in sorted(scored, key=lambda s: (-s[0], s[1]))]
