@@ -162,7 +162,7 @@ def _resumed_against_whole_checks(model: onnx.ModelProto, scheme: Scheme, tmp: P
     if second_size:
         checker = AtTwoSizes(checker, Reference(model, inputs=_feeds(prepared, 6, 3)), {"n": 6})
     names = [lay.name for lay in layers(prepared)]
-    scores = worst_cosines(prepared, cutter, names, checker)
+    scores = worst_cosines(prepared, cutter, names, checker, batched=True)
     assert set(scores) == set(names)  # every layer resumed
     for name in names:
         whole = checker.check(cutter.alone(name), Tolerance()).worst_cosine
@@ -184,3 +184,26 @@ def test_resumed_dynamic_scores_are_the_whole_checks(tmp_path: Path) -> None:
 def test_resumed_scores_of_resnet20_are_the_whole_checks(tmp_path: Path) -> None:
     model = onnx.load(str(shared_model("cifar10/resnet20_bn.onnx")))
     assert _resumed_against_whole_checks(model, STATIC, tmp_path, second_size=False) == 20
+
+
+def test_over_the_memory_bound_layers_are_checked_whole_to_the_same_model(monkeypatch) -> None:
+    """Where the runs' kept activations would exceed the bound, no layer is resumed: the whole
+    checks of the cut models choose the same layers, so the same model is written."""
+    from test_quantize import _outlier_mlp
+
+    from redonnx.pipeline import prune
+    from redonnx.quantize import resumed
+
+    calls: list[int] = []
+    real = resumed.worst_cosines
+
+    def counted(*args, **kwargs):
+        calls.append(len(out := real(*args, **kwargs)))
+        return out
+
+    monkeypatch.setattr("redonnx.quantize.stage.worst_cosines", counted)
+    first = prune(_outlier_mlp(), passes=["cleanup"], precision="int8", target="macs").model
+    monkeypatch.setattr(resumed, "KEPT_BYTES", 64)
+    second = prune(_outlier_mlp(), passes=["cleanup"], precision="int8", target="macs").model
+    assert calls[0] > 0 and calls[-1] == 0  # resumed, then not
+    assert first.SerializeToString() == second.SerializeToString()

@@ -36,6 +36,25 @@ from redonnx.measure.segments import Stepper
 from redonnx.measure.verify import _stack, compare_arrays
 from redonnx.quantize.cut import Cutter, Part
 
+#: the activations the base runs keep for every layer to resume from (every tensor of every sample
+#: of every reference, at most): beyond it the layers are checked whole (a run at a time)
+KEPT_BYTES = 1 << 30
+
+
+def _kept_bytes(model: onnx.ModelProto, leaves: list, batched: bool) -> float:
+    """Every tensor of every reference's samples, from one sample each (0: cannot tell)."""
+    from redonnx.quantize.calibration import sample_bytes, sample_count
+
+    total = 0.0
+    for leaf in leaves:
+        first = leaf.batches[0]
+        per = sample_bytes(model, first, batched)
+        if not per:
+            return 0.0
+        samples = sum(sample_count(b) for b in leaf.batches) if batched else sample_count(first) * len(leaf.batches)
+        total += per * samples
+    return total
+
 
 @dataclass
 class _Layer:
@@ -45,9 +64,12 @@ class _Layer:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def worst_cosines(float_model: onnx.ModelProto, cutter: Cutter, names: list[str], checker: Any) -> dict[str, float]:
+def worst_cosines(float_model: onnx.ModelProto, cutter: Cutter, names: list[str], checker: Any,
+                  batched: bool) -> dict[str, float]:  # fmt: skip
     """Each layer's worst output cosine with it alone in INT8 against ``checker``'s references
-    (layers left out: not resumable, or their part failed; check them whole)."""
+    (layers left out: not resumable, or their part failed; none where the runs' kept activations
+    would exceed :data:`KEPT_BYTES`: check them whole). ``batched``: the inputs' first dimension
+    is the batch."""
     made_at = {o: i for i, n in enumerate(float_model.graph.node) for o in n.output if o}
     layers: dict[str, _Layer] = {}
     for name in names:
@@ -59,18 +81,21 @@ def worst_cosines(float_model: onnx.ModelProto, cutter: Cutter, names: list[str]
             continue
         first = min([*part.reads, *part.replaces], key=lambda t: made_at.get(t, -1))
         layers[name] = _Layer(part, first if first in made_at else None)
-    if not layers:
+    leaves = checker.leaves()
+    if not layers or not 0 < _kept_bytes(float_model, leaves, batched) <= KEPT_BYTES:
         return {}
     stops = {t for lay in layers.values() for t in [*lay.part.reads, *lay.part.replaces] if t in made_at}
     stepper = Stepper(float_model, stops, optimize=True)
-    leaves = checker.leaves()
     runs = [(leaf, k, feeds) for leaf in leaves for k, feeds in enumerate(leaf.batches)]
     kept: list[list] = [[] for _ in runs]  # each run's states before each piece
 
     def base(i: int) -> None:
         stepper.run(runs[i][2], keep=kept[i])
 
-    list(in_order(base, range(len(runs))))
+    try:
+        list(in_order(base, range(len(runs))))
+    except Exception:  # onnxruntime refused a piece: whole checks decide
+        return {}
 
     def score(name: str) -> float | None:
         lay = layers[name]

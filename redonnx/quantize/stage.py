@@ -441,7 +441,8 @@ class Stage:
 
         resumed = {}
         if self.inputs.checker is not None:  # each layer's run resumed where its INT8 form starts
-            resumed = worst_cosines(q.prepared, cutter, [lay.name for lay in cands], self.inputs.checker)
+            names = [lay.name for lay in cands]
+            resumed = worst_cosines(q.prepared, cutter, names, self.inputs.checker, self.inputs.batched)
             self.trials += len(resumed)
         order = self._sensitivity(cands, choices, lambda lay: cut([lay.name], slow), resumed)
         trials: dict[int, tuple] = {}
