@@ -72,13 +72,20 @@ def _feeds(model: onnx.ModelProto, n: int, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _assert_cuts_are_builds(model: onnx.ModelProto, scheme: Scheme, tmp: Path) -> int:
+def _quantized(model: onnx.ModelProto, scheme: Scheme, tmp: Path) -> tuple[onnx.ModelProto, Quantizer, Path | None,
+                                                                          Cutter]:  # fmt: skip
+    """The prepared model, its quantizer, MinMax ranges (static) and the cutter of its all-INT8 model."""
     prepared = for_scheme(prepare(model, tmp), scheme)
     cache = None
     if scheme.mode == "static":
         cache = C.write_cache(C.tensor_ranges(prepared, [_feeds(prepared, 16, 1)], "MinMax", tmp), tmp / "r.json")
     q = Quantizer(prepared, scheme, tmp, frozenset(activation_matmuls(prepared)))
     cutter = Cutter(prepared, q.build(frozenset(), None, cache, "MinMax", True), scheme.output_pairs)
+    return prepared, q, cache, cutter
+
+
+def _assert_cuts_are_builds(model: onnx.ModelProto, scheme: Scheme, tmp: Path) -> int:
+    prepared, q, cache, cutter = _quantized(model, scheme, tmp)
     x = _feeds(prepared, 4, 2)
     names = [lay.name for lay in layers(prepared)]
     sets = [[name] for name in names] + [names[::2], names[1::2], names]  # alone, then several together
@@ -152,12 +159,7 @@ def _resumed_against_whole_checks(model: onnx.ModelProto, scheme: Scheme, tmp: P
     from redonnx.measure.verify import AtTwoSizes, Reference, Tolerance
     from redonnx.quantize.resumed import worst_cosines
 
-    prepared = for_scheme(prepare(model, tmp), scheme)
-    cache = None
-    if scheme.mode == "static":
-        cache = C.write_cache(C.tensor_ranges(prepared, [_feeds(prepared, 16, 1)], "MinMax", tmp), tmp / "r.json")
-    q = Quantizer(prepared, scheme, tmp, frozenset(activation_matmuls(prepared)))
-    cutter = Cutter(prepared, q.build(frozenset(), None, cache, "MinMax", True), scheme.output_pairs)
+    prepared, _q, _cache, cutter = _quantized(model, scheme, tmp)
     checker = Reference(model, inputs=_feeds(prepared, 4, 2))
     if second_size:
         checker = AtTwoSizes(checker, Reference(model, inputs=_feeds(prepared, 6, 3)), {"n": 6})
