@@ -43,15 +43,15 @@ class Part:
     initializers: dict[str, onnx.TensorProto]
     reads: list[str]
     replaces: dict[str, str]
-    float_model: onnx.ModelProto
+    full: onnx.ModelProto  # the library's model: its opsets hold for these nodes
 
     def model(self, dtypes: dict[str, int]) -> onnx.ModelProto:
         """The part as a model; ``dtypes``: each read tensor's element type."""
         inputs = [onnx.helper.make_tensor_value_info(n, dtypes[n], None) for n in self.reads]
         outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in dict.fromkeys(self.replaces.values())]
         graph = onnx.helper.make_graph(self.nodes, "int8 part", inputs, outputs, list(self.initializers.values()))
-        m = onnx.helper.make_model(graph, opset_imports=self.float_model.opset_import)
-        m.ir_version = self.float_model.ir_version
+        m = onnx.helper.make_model(graph, opset_imports=self.full.opset_import)
+        m.ir_version = self.full.ir_version
         return m
 
 
@@ -105,7 +105,7 @@ class Cutter:
         reads = sorted({i for n in nodes for i in n.input if i in self._float and i not in made})
         tensors = {rename.get(t, t): v for t, v in inits.items()}
         tensors.update({i: self._inits[i] for n in nodes for i in n.input if i in self._inits and i not in tensors})
-        return Part(nodes, tensors, reads, replaces, self.float_model)
+        return Part(nodes, tensors, reads, replaces, self.full)
 
     def _collect(self, names: Iterable[str]) -> tuple[dict[str, list[onnx.NodeProto]], dict] | None:
         order = {n.name: i for i, n in enumerate(self.float_model.graph.node)}
@@ -176,6 +176,9 @@ class Cutter:
         _cut, paired, rename = self._wiring(placed, inits)
         out = onnx.ModelProto()
         out.CopyFrom(self.float_model)
+        del out.opset_import[:]  # the library's: they hold for its nodes and, as it writes them, for the float ones
+        out.opset_import.extend(self.full.opset_import)
+        out.ir_version = self.full.ir_version
         g = out.graph
         nodes = []
         for n in g.node:
