@@ -49,6 +49,29 @@ def test_top1_disagreement_and_nan() -> None:
     assert compare_arrays("y", nan, nan, 0, 0).passed
 
 
+def test_finite_outputs_compare_as_the_general_case_does(monkeypatch) -> None:
+    """Outputs without NaN or infinity skip the passes that handle them: every statistic is the
+    general case's, bit for bit (batched, with samples at the floor and one that moved)."""
+    from redonnx.measure import verify as V
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((6, 3, 20, 20)).astype(np.float32)
+    cand = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
+    cand[1] = ref[1]  # at the floor: left out of the worst sample
+    cand[4] *= -1.0
+    fast = [
+        V.compare_arrays("y", ref, cand, 1e-6, 0.5, 0.99),
+        V.compare_arrays("y", ref[:, :2, 0, 0], cand[:, :2, 0, 0], 0, 0),
+    ]
+    monkeypatch.setattr(V, "_all_finite", lambda *a: False)
+    general = [
+        V.compare_arrays("y", ref, cand, 1e-6, 0.5, 0.99),
+        V.compare_arrays("y", ref[:, :2, 0, 0], cand[:, :2, 0, 0], 0, 0),
+    ]
+    assert fast == general
+    assert fast[0].worst_sample_cosine < 0 and fast[0].cosine < 0.99
+
+
 def test_identical_models_pass_and_perturbed_fail() -> None:
     assert verify(MLP, MLP)
     res = verify(MLP, perturbed(MLP, 5.0))
