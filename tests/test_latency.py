@@ -175,6 +175,22 @@ def slow_down(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def test_timing_stops_once_the_decision_it_serves_is_made() -> None:
+    """The decision accepts when every ratio is under its threshold: a model 4x the work is
+    rejected after the first 30 rounds, whatever its other ratio (one that never settles);
+    accepted ones settle too; without a decision, rounds go on until the ratio is within the
+    precision (or the time runs out)."""
+    small, large = conv_net(8), conv_net(64)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    unsettled = (1, 1, 1.0)  # a model against itself: always 1, never on one side of 1
+    rejected = compare([small, large], feeds, precision=1e-9, max_seconds=5, decide=((1, 0, 0.97), unsettled))
+    assert rejected.rounds == 30 and rejected.against(1, 0).ratio_low > 0.97
+    accepted = compare([large, small], feeds, precision=1e-9, max_seconds=5, decide=((1, 0, 0.97),))
+    assert accepted.rounds == 30 and accepted.against(1, 0).ratio_high < 0.97
+    undecided = compare([small, large], feeds, precision=1e-9, max_seconds=1)
+    assert undecided.rounds > 30
+
+
 def test_gate_falls_back_when_the_lossy_result_is_slower(monkeypatch, tmp_path) -> None:
     """Every lossy candidate made slow: the lossless result is written, and the report says why."""
     monkeypatch.setenv("REDONNX_CACHE", str(tmp_path))

@@ -180,7 +180,7 @@ class _Over:
 
 
 def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio, verdicts: _Verdicts, probed: list,
-                 check=None):  # fmt: skip
+                 check=None, drawn: list | None = None):  # fmt: skip
     from redonnx.quantize import Scheme, StageInputs
     from redonnx.quantize.stage import Stage
 
@@ -192,7 +192,8 @@ def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio, verdicts
 
     inputs = StageInputs(
         source=model, check=check or (lambda m: pytest.fail("a fidelity trial ran")), batched=True,
-        draw=lambda batch, seed: {"x": np.random.default_rng(seed).standard_normal((batch, 16)).astype(np.float32)},
+        draw=lambda batch, seed: (drawn if drawn is not None else []).append(batch) or {
+            "x": np.random.default_rng(seed).standard_normal((batch, 16)).astype(np.float32)},
         cost_model=_Costs(int8, last, "fc3"), layer_shapes=lambda m: {n.name: _Shape(n.name) for n in m.graph.node},
         probe=probe, verdicts=verdicts, min_gain=0.03)  # fmt: skip
     work = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -203,8 +204,8 @@ def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remember
                                                                                    monkeypatch) -> None:  # fmt: skip
     """Layers that save too little by the cost model end the stage without a model built; layers
     faster alone whose whole model is not faster (the probe: every such layer in INT8, timed once
-    against the float result, its ranges from one sample) end it before any fidelity trial and
-    before the calibration proper; either verdict is kept by the float model's bytes, so the next
+    against the float result, its ranges from one sample drawn alone) end it before any fidelity
+    trial and before the calibration proper is drawn; either verdict is kept by the float model's bytes, so the next
     run on this CPU neither prepares nor times anything."""
     from redonnx.quantize import calibration as C
 
@@ -216,8 +217,10 @@ def test_int8_that_cannot_pay_is_declined_before_any_fidelity_trial_and_remember
     assert little.model is None and "would save 2.0% of the layers' float time" in little.declined
     assert not probed and little.trials == 0 and [c.precision for c in little.layers] == ["float", "float", "int8"]
     verdicts.clear()
-    slow = _speed_stage(tmp_path, 0.5, 0.5, 1.2, verdicts, probed)
+    drawn: list[int] = []
+    slow = _speed_stage(tmp_path, 0.5, 0.5, 1.2, verdicts, probed, drawn=drawn)
     assert slow.model is None and "ran at 1.200x" in slow.declined and slow.trials == 0
+    assert drawn == [1]  # the probe's one sample drawn, not the calibration's
     assert len(probed) == 1 and {"QuantizeLinear", "DequantizeLinear"} <= _ops(probed[0])
     assert [C.sample_count(r) for jobs in calibrated for r in jobs[0][1]] == [1]  # the probe's one sample
     assert len(verdicts) == 1 and all(c.int8_ms == 0.5 for c in slow.layers)

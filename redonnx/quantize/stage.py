@@ -272,10 +272,10 @@ class Stage:
         if self.speed and (why := self._too_little(choices, slow)):
             res.declined, self._by_speed = why, True
             return
-        runs, res.calibration = _calibration_runs(self.inputs, self.scheme)
-        if self.speed and (why := self._probe(q, frozenset(slow), runs, res)):
+        if self.speed and (why := self._probe(q, frozenset(slow))):
             res.declined, self._by_speed = why, True
             return
+        runs, res.calibration = _calibration_runs(self.inputs, self.scheme)  # drawn once INT8 may pay
         self._search(q, [lay for lay in found if lay.name not in slow], frozenset(slow), runs, choices, res)
         if res.model is not None:
             quantized = int8_nodes(res.model, [lay.name for lay in found if choices[lay.name].precision == "int8"])
@@ -295,9 +295,7 @@ class Stage:
         return (f"the {len(choices) - len(slow)} layers faster alone in INT8 would save {saved / total:.1%} of the "
                 f"layers' float time (cost model): under the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
 
-    def _probe(
-        self, q: Quantizer, slow: frozenset[str], runs, res: QuantResult, layers_only: bool | None = None
-    ) -> str:
+    def _probe(self, q: Quantizer, slow: frozenset[str], layers_only: bool | None = None) -> str:
         """Why INT8 cannot pass the speed gate as timed ("" if it may): the model with every layer
         faster alone in INT8, the fastest the search could still propose, against the float result
         (first with every op the library quantizes; once that is over the budget, the weighted
@@ -306,7 +304,7 @@ class Stage:
             return ""
         method, first = self._tries()[0]
         layers_only = first if layers_only is None else layers_only
-        cache = self._probe_ranges(q, runs) if method else None
+        cache = self._probe_ranges(q) if method else None
         ratio = self.inputs.probe(q.build(slow, None, cache, "MinMax", layers_only))
         if ratio < 1.0 - self.inputs.min_gain:
             return ""
@@ -314,13 +312,19 @@ class Stage:
         return (f"with {what} faster alone in INT8 the model ran at {ratio:.3f}x the float result's latency: "
                 f"not faster by the speed gate's {self.inputs.min_gain:.0%}")  # fmt: skip
 
-    def _probe_ranges(self, q: Quantizer, runs: list[dict[str, np.ndarray]]) -> Path:
-        """Ranges for the probe, which is timed, not verified: the model's MinMax on one sample.
-        Where the tensors are quantized does not depend on the ranges' values, and the int8
-        kernels' speed does not either; the calibration proper (every sample, the corrected
-        original) is spent only once the probe says INT8 may pay."""
+    def _probe_ranges(self, q: Quantizer) -> Path:
+        """Ranges for the probe, which is timed, not verified: the model's MinMax on one sample
+        (the given inputs' first, else one draw of the calibration seed). Where the tensors are
+        quantized does not depend on the ranges' values, and the int8 kernels' speed does not
+        either; the calibration proper (drawing every sample, through the corrected original too)
+        is spent only once the probe says INT8 may pay (MobileNetV2's 64 draws: 1.4 s)."""
         if "probe" not in self._ranges:
-            one = [{k: v[:1] for k, v in runs[0].items()}] if self.inputs.batched else runs[:1]
+            inp = self.inputs
+            if inp.calibration is not None:
+                first = C.chunks(inp.calibration, inp.batched)[0]
+                one = [{k: v[:1] for k, v in first.items()}] if inp.batched else [first]
+            else:
+                one = [inp.draw(1, C.CALIBRATION_SEED)]
             with _quiet():
                 data = C.tensor_ranges(q.prepared, one, "MinMax", self.work)
             self._ranges["probe"] = C.write_cache(data, self.work / "ranges_probe.json")
@@ -405,7 +409,7 @@ class Stage:
         tries = self._tries()
         for method, layers_only in tries:
             other_ops_float = layers_only and not tries[0][1] and method == tries[0][0]
-            if other_ops_float and self.speed and (why := self._probe(q, slow, runs, res, layers_only=True)):
+            if other_ops_float and self.speed and (why := self._probe(q, slow, layers_only=True)):
                 res.declined, self._by_speed = why, True
                 return
             model, v = self._try(q, slow, method, runs, res, layers_only=layers_only)
