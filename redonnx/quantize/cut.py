@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from redonnx.measure.segments import node_reads
+
 SUFFIX = "__int8_alone"  # a cut tensor named like a float model's initializer (a bias's DequantizeLinear)
 
 
@@ -68,9 +70,11 @@ class Cutter:
     _made_by: dict[str, onnx.NodeProto] = field(default_factory=dict, init=False, repr=False)  # in ``full``
     _read_by: dict[str, list[onnx.NodeProto]] = field(default_factory=dict, init=False, repr=False)
     _q_inits: dict[str, onnx.TensorProto] = field(default_factory=dict, init=False, repr=False)
+    _nodes: dict[str, tuple[int, onnx.NodeProto]] = field(default_factory=dict, init=False, repr=False)  # by name
 
     def __post_init__(self) -> None:
         g, q = self.float_model.graph, self.full.graph
+        self._nodes = {n.name: (i, n) for i, n in enumerate(g.node)}
         self._inits = {t.name: t for t in g.initializer}
         fed = {i.name for i in g.input if i.name not in self._inits}  # older exports list weights as inputs
         self._float = {o for n in g.node for o in n.output if o} | fed
@@ -100,7 +104,7 @@ class Cutter:
         cut, paired, rename = self._wiring(placed, inits)
         nodes = [_renamed(n, rename) for n in cut]
         made = {o for n in nodes for o in n.output}
-        node = next(n for n in self.float_model.graph.node if n.name == name)
+        node = self._nodes[name][1]
         replaces = {**{y: y for y in node.output if y}, **paired}
         reads = sorted({i for n in nodes for i in n.input if i in self._float and i not in made})
         tensors = {rename.get(t, t): v for t, v in inits.items()}
@@ -108,15 +112,13 @@ class Cutter:
         return Part(nodes, tensors, reads, replaces, self.full)
 
     def _collect(self, names: Iterable[str]) -> tuple[dict[str, list[onnx.NodeProto]], dict] | None:
-        order = {n.name: i for i, n in enumerate(self.float_model.graph.node)}
-        if any(name not in order for name in names):
+        if any(name not in self._nodes for name in names):
             return None
-        by_name = {n.name: n for n in self.float_model.graph.node}
         placed: dict[str, list[onnx.NodeProto]] = {}  # each layer's nodes go in its place
         inits: dict[str, onnx.TensorProto] = {}
         seen: set[int] = set()  # a pair two layers share (one's output, the other's input) goes once
-        for name in sorted(set(names), key=order.__getitem__):
-            node, mine = by_name[name], []
+        for name in sorted(set(names), key=lambda n: self._nodes[n][0]):
+            node, mine = self._nodes[name][1], []
             if not all(self._walk(y, set(node.output), mine, inits, seen) for y in node.output if y):
                 return None
             for y in node.output if self.output_pairs else []:
@@ -222,7 +224,7 @@ def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.Nod
     while pending:
         rest = []
         for n in pending:
-            if all(i in have for i in _reads(n)):
+            if all(i in have for i in node_reads(n)):
                 out.append(n)
                 have.update(n.output)
             else:
@@ -231,9 +233,3 @@ def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.Nod
             return None
         pending = rest
     return out
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    from redonnx.measure.segments import node_reads
-
-    return node_reads(node)

@@ -45,10 +45,13 @@ def _kept_bytes(model: onnx.ModelProto, leaves: list, batched: bool) -> float:
     """Every tensor of every reference's samples, from one sample each (0: cannot tell)."""
     from redonnx.quantize.calibration import sample_bytes, sample_count
 
-    total = 0.0
+    total, per_shapes = 0.0, {}  # one run per input shapes (the conventions' references share them)
     for leaf in leaves:
         first = leaf.batches[0]
-        per = sample_bytes(model, first, batched)
+        shapes = tuple(sorted((k, v.shape[1:] if batched else v.shape, v.dtype.str) for k, v in first.items()))
+        if shapes not in per_shapes:
+            per_shapes[shapes] = sample_bytes(model, first, batched)
+        per = per_shapes[shapes]
         if not per:
             return 0.0
         samples = sum(sample_count(b) for b in leaf.batches) if batched else sample_count(first) * len(leaf.batches)
@@ -86,11 +89,11 @@ def worst_cosines(float_model: onnx.ModelProto, cutter: Cutter, names: list[str]
         return {}
     stops = {t for lay in layers.values() for t in [*lay.part.reads, *lay.part.replaces] if t in made_at}
     stepper = Stepper(float_model, stops, optimize=True)
-    runs = [(leaf, k, feeds) for leaf in leaves for k, feeds in enumerate(leaf.batches)]
+    runs = [feeds for leaf in leaves for feeds in leaf.batches]  # every reference's batches, in order
     kept: list[list] = [[] for _ in runs]  # each run's states before each piece
 
     def base(i: int) -> None:
-        stepper.run(runs[i][2], keep=kept[i])
+        stepper.run(runs[i], keep=kept[i])
 
     try:
         list(in_order(base, range(len(runs))))
@@ -100,7 +103,7 @@ def worst_cosines(float_model: onnx.ModelProto, cutter: Cutter, names: list[str]
     def score(name: str) -> float | None:
         lay = layers[name]
         try:
-            outs = [_resumed(stepper, lay, checker, feeds, kept[i]) for i, (_leaf, _k, feeds) in enumerate(runs)]
+            outs = [_resumed(stepper, lay, checker, feeds, keep) for feeds, keep in zip(runs, kept, strict=True)]
         except Exception:  # onnxruntime refused the part: a whole check decides
             return None
         worst, at = 1.0, 0
