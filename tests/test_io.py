@@ -173,6 +173,31 @@ def test_external_data_above_threshold(tmp_path: Path, monkeypatch: pytest.Monke
     assert_equivalent(loaded.model, again.model)
 
 
+def test_sessions_of_models_over_the_in_memory_limit_run_from_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model onnxruntime cannot take from memory (over the limit, or one protobuf refuses to
+    serialize) gets a session through external data files: the same outputs."""
+    from google.protobuf.message import EncodeError
+
+    from redonnx.measure import runtime
+
+    model = load_model(GOOD).model
+    feeds = runtime.random_inputs(model, batch=2)
+    want = runtime.session(model).run(None, feeds)
+    monkeypatch.setattr(runtime, "ORT_SIZE_LIMIT", 1000)
+    assert runtime._serialized(model) is None
+    got = runtime.session(model).run(None, feeds)
+    monkeypatch.setattr(runtime, "ORT_SIZE_LIMIT", 2**31)
+    assert runtime._serialized(model) is not None
+
+    class Refused:
+        def SerializeToString(self) -> bytes:
+            raise EncodeError("Failed to serialize proto")
+
+    assert runtime._serialized(Refused()) is None
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ir3_initializers_stay_listed_as_inputs(tmp_path: Path) -> None:
     src = shared_model("cntk/mnist_8.onnx")
     out = tmp_path / "m.onnx"
