@@ -41,3 +41,13 @@ def test_resnet20_shortcuts_rewritten_exactly() -> None:
     assert results[2].counts == {"shortcuts as 1x1 conv": 2}
     assert "Pad" not in [n.op_type for n in out.graph.node]
     assert_equivalent(src, out, rtol=1e-5)
+
+
+def test_the_summary_says_the_shortcut_conv_added_parameters_and_macs() -> None:
+    """The 1x1 conv has weights the Slice and Pad had not: the summary says "added", not "-x% removed"."""
+    from redonnx.pipeline import prune
+
+    res = prune(shortcut_block(), passes=["shortcut-conv"], exact=True, shapes={"x": [1, 3, 8, 8]}, target="macs")
+    line = next(ln for ln in res.summary().splitlines() if ln.startswith("parameters"))
+    assert res.after.params > res.before.params and res.after.macs > res.before.macs, line
+    assert "% added" in line and "-" not in line.split("(")[1].split(")")[0], line

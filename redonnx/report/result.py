@@ -100,8 +100,8 @@ class PruneResult:
                 + "".join(f"; {n}" for n in s.notes)
             )
         lines.append(
-            f"parameters {b['params']:,} -> {a['params']:,} ({_fmt_pct(r['removed']['params_pct'])} removed); "
-            f"MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({_fmt_pct(r['removed']['macs_pct'])} removed); "
+            f"parameters {b['params']:,} -> {a['params']:,} ({_change(r['removed']['params_pct'])}); "
+            f"MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({_change(r['removed']['macs_pct'])}); "
             f"deflated {'~' if a['deflated_estimated'] else ''}{b['deflated_bytes']:,} -> {a['deflated_bytes']:,} bytes"
         )
         lines += [f"note: {n}" for n in self.notes]
@@ -122,8 +122,11 @@ def _fmt(v: int | None) -> str:
     return f"{v:,}" if v is not None else "?"
 
 
-def _fmt_pct(v: float | None) -> str:
-    return f"{v:.1f}%" if v is not None else "?"
+def _change(removed_pct: float | None) -> str:
+    """'12.4% removed', or '0.6% added' where the rewrite added some (a shortcut as a 1x1 conv)."""
+    if removed_pct is None:
+        return "? removed"
+    return f"{removed_pct:.1f}% removed" if removed_pct >= 0 else f"{-removed_pct:.1f}% added"
 
 
 def _pct(before: int | None, after: int | None) -> float | None:
