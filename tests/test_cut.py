@@ -21,9 +21,10 @@ TRT = Scheme("static", symmetric=True, op_types=TRT_OPS)
 DYNAMIC = Scheme("dynamic", reduce_range=True)
 
 
-def _residual_cnn(weights_as_inputs: bool = False) -> onnx.ModelProto:
+def _residual_cnn(weights_as_inputs: bool = False, shared_bias: bool = False) -> onnx.ModelProto:
     """conv -> relu -> conv -> add(relu) -> relu -> conv (a graph output): the relu's tensor is read by
-    a layer and by the Add; older exports list the weights among the graph inputs."""
+    a layer and by the Add; older exports list the weights among the graph inputs; ``shared_bias``:
+    the second conv reads the first one's bias (equal biases, which cleanup shares)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) / 3, n)
              for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 3, 3)), ("b2", (8,)),
@@ -31,7 +32,7 @@ def _residual_cnn(weights_as_inputs: bool = False) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r1", "w2", "b1" if shared_bias else "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
         helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
         helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="conv3"),
@@ -46,8 +47,9 @@ def _residual_cnn(weights_as_inputs: bool = False) -> onnx.ModelProto:
     return m
 
 
-def _mlp(residual: bool = False) -> onnx.ModelProto:
-    """x -> fc1 -> relu -> fc2 (+ the relu's output: pre-processing fuses them into a Gemm) -> fc3."""
+def _mlp(residual: bool = False, tied: bool = False) -> onnx.ModelProto:
+    """x -> fc1 -> relu -> fc2 (+ the relu's output: pre-processing fuses them into a Gemm) -> fc3;
+    ``tied``: a fourth layer before fc3 reads fc2's weight."""
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) / 4, n)
              for n, s in (("w1", (16, 32)), ("w2", (32, 32)), ("w3", (32, 10)))]  # fmt: skip
@@ -55,6 +57,10 @@ def _mlp(residual: bool = False) -> onnx.ModelProto:
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Relu", ["m1"], ["h1"]),
              helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="fc2"), second,
              helper.make_node("MatMul", ["h2", "w3"], ["y"], name="fc3")]  # fmt: skip
+    if tied:
+        nodes[-1:] = [helper.make_node("MatMul", ["h2", "w2"], ["t"], name="fc2b"),
+                      helper.make_node("Relu", ["t"], ["h3"]),
+                      helper.make_node("MatMul", ["h3", "w3"], ["y"], name="fc3")]  # fmt: skip
     g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)  # fmt: skip
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -110,6 +116,27 @@ def test_a_cut_dynamic_layer_is_the_library_build_of_it_alone(tmp_path: Path) ->
     assert _assert_cuts_are_builds(_mlp(), DYNAMIC, tmp_path) == 3
     (tmp_path / "residual").mkdir()  # fc2 and its Add: a Gemm, which the dynamic quantizer writes as a MatMul
     assert _assert_cuts_are_builds(_mlp(residual=True), DYNAMIC, tmp_path / "residual") == 3
+
+
+def test_layers_sharing_a_weight_or_bias_are_cut_as_the_library_builds_them(tmp_path: Path) -> None:
+    """A bias two convolutions read (cleanup shares equal initializers) and a weight two MatMuls read
+    (tied): each layer gets its own copy before quantizing, so a layer kept float reads its float
+    weights, not the INT8 layer's dequantized ones, and the cuts are the library's builds."""
+    prepared = prepare(_residual_cnn(shared_bias=True), tmp_path)
+    biases = [n.input[2] for n in prepared.graph.node if n.op_type == "Conv"]
+    assert len(set(biases)) == 3 and "b1" not in {t.name for t in prepared.graph.initializer}
+    assert _assert_cuts_are_builds(_residual_cnn(shared_bias=True), STATIC, tmp_path) == 3
+    for scheme, sub in ((STATIC, "static"), (DYNAMIC, "dynamic")):
+        (tmp_path / sub).mkdir()
+        assert _assert_cuts_are_builds(_mlp(tied=True), scheme, tmp_path / sub) == 4
+    (tmp_path / "float").mkdir()
+    prepared, q, cache, _ = _quantized(_residual_cnn(shared_bias=True), STATIC, tmp_path / "float")
+    built = q.build(frozenset({"conv2", "conv3"}), None, cache, "MinMax", True)  # conv1 alone in INT8
+    conv2 = next(n for n in built.graph.node if n.name == "conv2")
+    floats = {t.name: numpy_helper.to_array(t) for t in built.graph.initializer}
+    assert conv2.input[2] in floats  # an initializer, not a DequantizeLinear's output
+    b1 = next(t for t in _residual_cnn().graph.initializer if t.name == "b1")
+    np.testing.assert_array_equal(floats[conv2.input[2]], numpy_helper.to_array(b1))  # float, not dequantized
 
 
 def test_cut_layers_of_resnet20_are_the_library_builds(tmp_path: Path) -> None:

@@ -634,3 +634,24 @@ def test_a_proposed_int8_plan_is_remembered_and_rebuilt_with_one_trial(tmp_path:
     stale = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, probed, check=once_over)
     assert stale.trials == first.trials + 1 and not any("recalled" in n for n in stale.notes)
     assert stale.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_a_cut_written_in_place_of_the_library_build_leaves_no_plan(tmp_path: Path, monkeypatch) -> None:
+    """Where the library's build of the chosen layers misses the budget their cut met, the cut is
+    written and no plan is kept: the next run would build it with the library, fail, and search again."""
+    from redonnx.measure.verify import Reference, Tolerance
+    from redonnx.quantize.stage import Stage
+
+    reference = Reference(_outlier_mlp(), samples=8)
+    tol = Tolerance(1e-6, 0.5, 0.998)
+    real_try = Stage._try
+
+    def library_over(self, q, exclude, method, runs, res, only=None, layers_only=True):
+        model, v = real_try(self, q, exclude, method, runs, res, only, layers_only)
+        return (model, _Over()) if exclude and only is None else (model, v)  # the chosen layers' build
+
+    monkeypatch.setattr(Stage, "_try", library_over)
+    verdicts = _Verdicts()
+    res = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, [], check=lambda m: reference.check(m, tol))
+    assert res.model is not None and res.verification and "the cut is written" in res.notes[-1]
+    assert any(c.precision == "float" for c in res.layers) and not verdicts

@@ -2,7 +2,8 @@
 without a library build each.
 
 The INT8 stage scores each layer by the output deviation with that layer alone in INT8. onnxruntime's
-quantizer writes a layer's INT8 form the same whichever other layers it quantizes:
+quantizer writes a layer's INT8 form the same whichever other layers it quantizes, where each layer
+reads its own weight and bias (the prepared model's: :func:`redonnx.quantize.quantizer.own_weights`):
 
 - each activation it quantizes gets one QuantizeLinear/DequantizeLinear pair, its scale and zero
   point from the calibration cache (per tensor), and *every* reader of that tensor is rewired to the

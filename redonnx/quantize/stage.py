@@ -63,7 +63,7 @@ from redonnx.quantize.quantizer import (
 from redonnx.quantize.resumed import worst_cosines
 
 MIN_LAYER_GAIN = 0.05  # a layer goes INT8 for speed only if timed at least 5 % faster alone
-PLAN_VERSION = 2  # kept plans of another version of the search are not recalled
+PLAN_VERSION = 3  # kept plans of another version of the search are not recalled
 
 Check = Callable[[onnx.ModelProto], Any]  # a model -> VerificationResult (truthy when within budget)
 
@@ -466,10 +466,11 @@ class Stage:
             return
         exclude = slow | frozenset(order[:k])
         res.model, res.verification = self._try(q, exclude, method, runs, res)  # the library's, to write
+        self._plan = {"exclude": sorted(exclude), "method": method, "layers_only": True}
         if not res.verification:  # not the cut after all: the cut, as verified, is written
             res.model, res.verification = trials[k]
             res.notes.append("the library's build of the chosen layers differed from their cut: the cut is written")
-        self._plan = {"exclude": sorted(exclude), "method": method, "layers_only": True}
+            self._plan = None  # a plan the library would build differently: nothing for the next run to recall
         for name in order[:k]:
             choices[name].precision = "float"
             choices[name].why = BUDGET_NEEDS_IT
