@@ -100,7 +100,7 @@ def rehearse(name: str, path: Path, runs: int, tmp: Path) -> dict:
         cmd = [sys.executable, __file__, "--child", "prune", str(path), "-o", str(tmp / f"{name}.onnx")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         row[f"run {k + 1} s"] = round(time.perf_counter() - t0, 1)
-        row["exit"] = proc.returncode
+        row["exit"] = row.get("exit") or proc.returncode  # the first failure stays shown
         lines = proc.stdout.splitlines() + proc.stderr.splitlines()
         trials = [m.group(1) for ln in lines if (m := re.search(r"; (\d+) trials?, [\d.]+ s", ln))]
         row[f"run {k + 1} INT8 trials"] = " + ".join(trials) or "-"

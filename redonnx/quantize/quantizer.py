@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx
 
 from redonnx.errors import RedonnxError
+from redonnx.measure.segments import node_reads
 
 #: layers whose precision the stage decides, one by one: weighted ops with a constant weight
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -161,17 +162,6 @@ def prepare(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
     return own_weights(named)
 
 
-def _reads(graph: onnx.GraphProto) -> list[str]:
-    """Every tensor name the graph's nodes read, subgraphs' included (an If branch reads outer tensors)."""
-    out = []
-    for n in graph.node:
-        out += list(n.input)
-        for a in n.attribute:
-            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                out += _reads(g)
-    return out
-
-
 def own_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with a copy of each weight or bias initializer for every layer that reads one some
     other node reads too (tied weights; biases our cleanup shared because their values were equal).
@@ -181,12 +171,12 @@ def own_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     and from the float layer it claimed (ResNet-56-shaped, 5 convolutions sharing a folded bias: output
     cosine 0.99780 against the cut's 0.99802)."""
     inits = {t.name: t for t in model.graph.initializer}
-    count: dict[str, int] = {}
-    for name in _reads(model.graph):
-        if name in inits:
-            count[name] = count.get(name, 0) + 1
+    readers: dict[str, int] = {}  # nodes reading each initializer (subgraphs' outer reads included)
+    for n in model.graph.node:
+        for name in node_reads(n) & inits.keys():
+            readers[name] = readers.get(name, 0) + 1
     shared = [(n, k) for n in model.graph.node if n.op_type in LAYER_OPS
-              for k in (1, 2) if k < len(n.input) and count.get(n.input[k], 0) > 1]  # fmt: skip
+              for k in (1, 2) if k < len(n.input) and readers.get(n.input[k], 0) > 1]  # fmt: skip
     if not shared:
         return model
     out = onnx.ModelProto()
@@ -204,9 +194,8 @@ def own_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         copy.name = copy_name
         out.graph.initializer.append(copy)
         nodes[node.name].input[k] = copy_name
-        count[name] -= 1
-    unread = {name for name, c in count.items() if c == 0} - {i.name for i in out.graph.input}  # IR 3 lists them
-    kept = [t for t in out.graph.initializer if t.name not in unread]
+    read = {i for n in out.graph.node for i in node_reads(n)} | {i.name for i in out.graph.input}  # IR 3 lists them
+    kept = [t for t in out.graph.initializer if t.name in read or t.name not in readers]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
     return out

@@ -466,11 +466,11 @@ class Stage:
             return
         exclude = slow | frozenset(order[:k])
         res.model, res.verification = self._try(q, exclude, method, runs, res)  # the library's, to write
-        self._plan = {"exclude": sorted(exclude), "method": method, "layers_only": True}
-        if not res.verification:  # not the cut after all: the cut, as verified, is written
+        if res.verification:
+            self._plan = {"exclude": sorted(exclude), "method": method, "layers_only": True}
+        else:  # not the cut after all: the cut, as verified, is written, and no plan (the library builds another)
             res.model, res.verification = trials[k]
             res.notes.append("the library's build of the chosen layers differed from their cut: the cut is written")
-            self._plan = None  # a plan the library would build differently: nothing for the next run to recall
         for name in order[:k]:
             choices[name].precision = "float"
             choices[name].why = BUDGET_NEEDS_IT
