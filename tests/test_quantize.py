@@ -180,7 +180,7 @@ class _Over:
 
 
 def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio, verdicts: _Verdicts, probed: list,
-                 check=None, drawn: list | None = None):  # fmt: skip
+                 check=None, drawn: list | None = None, files=None, seed_shift: int = 0):  # fmt: skip
     from redonnx.quantize import Scheme, StageInputs
     from redonnx.quantize.stage import Stage
 
@@ -193,9 +193,9 @@ def _speed_stage(tmp_path: Path, int8: float, last: float, probe_ratio, verdicts
     inputs = StageInputs(
         source=model, check=check or (lambda m: pytest.fail("a fidelity trial ran")), batched=True,
         draw=lambda batch, seed: (drawn if drawn is not None else []).append(batch) or {
-            "x": np.random.default_rng(seed).standard_normal((batch, 16)).astype(np.float32)},
+            "x": np.random.default_rng(seed + seed_shift).standard_normal((batch, 16)).astype(np.float32)},
         cost_model=_Costs(int8, last, "fc3"), layer_shapes=lambda m: {n.name: _Shape(n.name) for n in m.graph.node},
-        probe=probe, verdicts=verdicts, min_gain=0.03)  # fmt: skip
+        probe=probe, verdicts=verdicts, min_gain=0.03, files=files)  # fmt: skip
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     return Stage(inputs, Scheme("static"), True, work).run(model)
 
@@ -634,6 +634,78 @@ def test_a_proposed_int8_plan_is_remembered_and_rebuilt_with_one_trial(tmp_path:
     stale = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, probed, check=once_over)
     assert stale.trials == first.trials + 1 and not any("recalled" in n for n in stale.notes)
     assert stale.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_a_recalled_plan_reads_its_ranges_from_the_cache_and_builds_the_same_bytes(tmp_path: Path,
+                                                                                    monkeypatch) -> None:  # fmt: skip
+    """The calibration ranges are kept by everything they are computed from: a recalled plan builds
+    its model from them without calibrating (the same bytes); other calibration samples, or a kept
+    entry that cannot be read, calibrate again."""
+    from redonnx.measure.latency import Cache
+    from redonnx.measure.verify import Reference, Tolerance
+    from redonnx.quantize import calibration as C
+
+    reference = Reference(_outlier_mlp(), samples=8)
+    tol = Tolerance(1e-6, 0.5, 0.998)
+    calibrated = []
+    real_ranges = C.ranges
+
+    def spy(jobs, method, work):  # the samples calibrated (the probe's ranges take one, and are not kept)
+        calibrated.append(sum(C.sample_count(r) for r in jobs[0][1]))
+        return real_ranges(jobs, method, work)
+
+    monkeypatch.setattr(C, "ranges", spy)
+    files = Cache(tmp_path / "cache")
+
+    def stage(verdicts, **kw):
+        return _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, [], check=lambda m: reference.check(m, tol),
+                            files=files, **kw)  # fmt: skip
+
+    verdicts = _Verdicts()
+    first = stage(verdicts)
+    assert first.model is not None and calibrated and list(files._texts_folder().glob("*.json"))
+    calibrated.clear()
+    again = stage(verdicts)  # the plan recalled: built from the kept ranges
+    assert again.trials == 1 and calibrated == [] and "recalled" in again.notes[-1]
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert Cache(tmp_path / "cache").get_text(next(iter(files._texts_folder().glob("*.json"))).stem)  # on disk
+    searched = stage(_Verdicts())  # a search with no plan reads the kept ranges too (its probe takes one sample)
+    assert calibrated == [1] and searched.model.SerializeToString() == first.model.SerializeToString()
+    other = stage(_Verdicts(), seed_shift=1)  # other calibration samples: other ranges
+    assert calibrated[-1] > 1 and other.model.SerializeToString() != first.model.SerializeToString()
+    for f in files._texts_folder().glob("*.json"):
+        f.write_text("{not json")
+    calibrated.clear()
+    mended = stage(verdicts)
+    assert calibrated and mended.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_the_ranges_key_follows_the_corrections_of_the_draws(tmp_path: Path) -> None:
+    """Where the draws are BatchNorm-corrected, the ranges read from the corrected original: the
+    key changes with the corrections and the original; given calibration inputs, it does not read them."""
+    from types import SimpleNamespace
+
+    from redonnx.inputs.realism import Correction
+    from redonnx.measure.latency import Cache
+    from redonnx.quantize import Scheme, StageInputs
+    from redonnx.quantize.stage import Stage
+
+    model = _outlier_mlp()
+    corr = Correction("h1", np.ones(32, np.float32), np.zeros(32, np.float32), 2)
+    runs = [{"x": np.ones((4, 16), np.float32)}]
+    q = SimpleNamespace(prepared=model)
+
+    def key(corrections, source=model, calibration=None) -> str:
+        inputs = StageInputs(source=source, check=lambda m: None, draw=lambda b, s: {}, batched=True,
+                             corrections=corrections, calibration=calibration, files=Cache("off"))  # fmt: skip
+        return Stage(inputs, Scheme("static"), True, tmp_path)._ranges_key(q, runs, "MinMax")
+
+    shifted = Correction("h1", np.ones(32, np.float32), np.full(32, 0.5, np.float32), 2)
+    base = key([corr])
+    assert base == key([corr]) and base != key(None) and base != key([shifted])
+    assert base != key([corr], source=_outlier_mlp(bias2=True))
+    given = {"x": np.ones((4, 16), np.float32)}
+    assert key([corr], calibration=given) == key([shifted], calibration=given) == key(None, calibration=given)
 
 
 def test_a_cut_written_in_place_of_the_library_build_leaves_no_plan(tmp_path: Path, monkeypatch) -> None:

@@ -182,6 +182,7 @@ class Cache:
             digest = hashlib.sha1(machine_key().encode()).hexdigest()[:12]
             self.path = base / f"latency-v{CACHE_VERSION}-{digest}.json"
         self.data: dict[str, Any] = {}
+        self._texts: dict[str, str] = {}
         self._dirty = False
         if self.path is not None and self.path.exists():
             try:
@@ -191,6 +192,34 @@ class Cache:
 
     def get(self, key: str) -> Any:
         return self.data.get(key)
+
+    def get_text(self, key: str) -> str | None:
+        """A text kept under ``key`` (a hex digest) in a file of its own beside the measurements:
+        larger values (calibration ranges) that most runs do not read."""
+        if self.path is None:
+            return self._texts.get(key)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return (self._texts_folder() / f"{key}.json").read_text()
+        return None
+
+    def put_text(self, key: str, text: str) -> None:
+        """Keep ``text`` under ``key``, written atomically (in memory where files cannot be written)."""
+        if self.path is None:
+            self._texts[key] = text
+            return
+        try:
+            folder = self._texts_folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".text-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, folder / f"{key}.json")
+        except OSError:
+            self._texts[key] = text
+
+    def _texts_folder(self) -> Path:
+        assert self.path is not None
+        return self.path.with_suffix("")
 
     def put(self, key: str, value: Any) -> None:
         self.data[key] = value

@@ -149,7 +149,7 @@ class PrecisionStage:
         if float_speed is not None:
             out.float_vs_input = float_speed.final_vs_input
         timed = self.feeds is not None and self.cache is not None and self.target == "ort-cpu"
-        inputs = replace(self.inputs, min_gain=speed_mod.MIN_GAIN)
+        inputs = replace(self.inputs, min_gain=speed_mod.MIN_GAIN, files=self.cache)
         if timed and self.precision == "auto":
 
             def probe(cand: onnx.ModelProto) -> float:  # cached: the gate below reuses a probed model's timing

@@ -31,6 +31,7 @@ activations quantized at run time) is a second candidate on models without convo
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -153,6 +154,7 @@ class StageInputs:
     budget: str = ""  # what else a verdict depends on: the tolerance, the calibration inputs
     min_gain: float = 0.03  # the speed gate's margin (set by the planner)
     checker: Any = None  # the Checker behind ``check`` (its references): layers scored by resuming runs
+    files: Any = None  # latency.Cache: calibration ranges kept by what they are computed from
 
 
 def _calibration_runs(inp: StageInputs, scheme: Scheme) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -360,28 +362,72 @@ class Stage:
         return slow
 
     def _ranges_for(self, q: Quantizer, runs: list[dict[str, np.ndarray]], method: str, res: QuantResult) -> Path:
+        """``method``'s ranges as onnxruntime's calibration cache file: computed once per stage, and
+        kept in the latency cache by everything they are computed from (:meth:`_ranges_key`), so a
+        recalled plan builds its model without calibrating again (ResNet-56: 1.4 s a proposal)."""
         if method not in self._ranges:
-            histogram = method != "MinMax"  # a pass each and numpy time per tensor: 64 samples at most
-            jobs = [(m, C.within_memory(runs, per, histogram, self.inputs.batched)) for m, per in self._models(q, runs)]
-            with _quiet():
-                data, shared = C.ranges(jobs, method, self.work)
-            if shared and not any("BatchNorm" in n for n in res.notes):
-                res.notes.append(f"ranges of {shared} tensors read from the BatchNorm-corrected original")
-            offered = sum(C.sample_count(r) for r in C.first_samples(runs, C.HISTOGRAM_SAMPLES))
-            used = min(sum(C.sample_count(r) for r in job[1]) for job in jobs)
-            if histogram and used < offered:
-                res.notes.append(f"{method} ranges from {used} of {offered} samples: onnxruntime's histogram "
-                                 f"calibrators hold every sample's activations, and more would exceed "
-                                 f"{C.HISTOGRAM_BYTES / 2**20:.0f} MiB")  # fmt: skip
-            self._ranges[method] = C.write_cache(data, self.work / f"ranges_{method}.json")
+            path = self.work / f"ranges_{method}.json"
+            key = self._ranges_key(q, runs, method)
+            kept = _kept_ranges(self.inputs.files.get_text(key)) if key else None
+            if kept is None:
+                notes = self._calibrate(q, runs, method, path)
+                if key:
+                    self.inputs.files.put_text(key, json.dumps({"ranges": path.read_text(), "notes": notes}))
+            else:
+                path.write_text(kept["ranges"])
+                notes = kept["notes"]
+            res.notes += [n for n in notes if n not in res.notes]
+            self._ranges[method] = path
         return self._ranges[method]
+
+    def _calibrate(self, q: Quantizer, runs: list[dict[str, np.ndarray]], method: str, path: Path) -> list[str]:
+        """Compute ``method``'s ranges into ``path``; what to say of them."""
+        histogram = method != "MinMax"  # a pass each and numpy time per tensor: 64 samples at most
+        jobs = [(m, C.within_memory(runs, per, histogram, self.inputs.batched)) for m, per in self._models(q, runs)]
+        with _quiet():
+            data, shared = C.ranges(jobs, method, self.work)
+        notes = [f"ranges of {shared} tensors read from the BatchNorm-corrected original"] if shared else []
+        offered = sum(C.sample_count(r) for r in C.first_samples(runs, C.HISTOGRAM_SAMPLES))
+        used = min(sum(C.sample_count(r) for r in job[1]) for job in jobs)
+        if histogram and used < offered:
+            notes.append(f"{method} ranges from {used} of {offered} samples: onnxruntime's histogram "
+                         f"calibrators hold every sample's activations, and more would exceed "
+                         f"{C.HISTOGRAM_BYTES / 2**20:.0f} MiB")  # fmt: skip
+        C.write_cache(data, path)
+        return notes
+
+    def _corrected(self) -> bool:
+        """Whether ranges are read from the BatchNorm-corrected original too (synthetic draws)."""
+        return bool(self.inputs.corrections) and self.inputs.calibration is None
+
+    def _ranges_key(self, q: Quantizer, runs: list[dict[str, np.ndarray]], method: str) -> str | None:
+        """What a calibration's ranges are computed from: onnxruntime's version, the method and the
+        memory limits, the model quantized, the runs' samples, and where the draws are corrected the
+        original and its corrections (the latency cache is per CPU: its kernels' last bits too)."""
+        if self.inputs.files is None:
+            return None
+        import onnxruntime
+
+        limits = f"{C.RUN_BYTES}|{C.HISTOGRAM_BYTES}|{C.HISTOGRAM_SAMPLES}"
+        h = hashlib.sha1(f"ranges 1|{onnxruntime.__version__}|{method}|{self.inputs.batched}|{limits}|".encode())
+        h.update(weights.content_digest(q.prepared).encode())
+        for run in runs:
+            for name in sorted(run):
+                _update(h, name, run[name])
+        if self._corrected():
+            h.update(f"|corrected {weights.content_digest(self.inputs.source)}".encode())
+            for c in self.inputs.corrections:
+                h.update(f"|{c.tensor}|{c.rank}|{c.input}".encode())
+                for part, arr in (("scale", c.scale), ("shift", c.shift), ("input_shift", c.input_shift)):
+                    _update(h, part, arr)
+        return h.hexdigest()
 
     def _models(self, q: Quantizer, runs: list[dict[str, np.ndarray]]) -> list[tuple[onnx.ModelProto, float]]:
         """The models whose ranges are read (the prepared one; the BatchNorm-corrected original where
         the draws are synthetic) and the bytes one sample's activations take in each: once."""
         if self._calibrated is None:
             models = [q.prepared]
-            if self.inputs.corrections and self.inputs.calibration is None:
+            if self._corrected():
                 from redonnx.inputs.realism import intervene
                 from redonnx.io.external_data import inline_copy
 
@@ -493,6 +539,28 @@ class Stage:
             saved = (c.float_ms - c.int8_ms) if c.float_ms is not None and c.int8_ms is not None else 1.0
             scored.append((c.deviation / max(saved, 1e-4), lay.name))
         return [name for _, name in sorted(scored, key=lambda s: (-s[0], s[1]))]
+
+
+def _update(h: Any, name: str, arr: np.ndarray | None) -> None:
+    """Feed an array (its name, type and shape too) to a hash."""
+    if arr is None:
+        h.update(f"|{name}: none".encode())
+        return
+    a = np.ascontiguousarray(arr)
+    h.update(f"|{name}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+
+
+def _kept_ranges(text: str | None) -> dict[str, Any] | None:
+    """A kept calibration (its cache file's text, its notes), or None where absent or not of that form."""
+    if text is None:
+        return None
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        return None
+    ok = isinstance(entry, dict) and isinstance(entry.get("ranges"), str) and isinstance(entry.get("notes"), list)
+    return entry if ok else None
 
 
 def run_stage(float_model: onnx.ModelProto, inputs: StageInputs, schemes: list[Scheme],
