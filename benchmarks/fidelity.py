@@ -107,6 +107,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def written(res) -> str:
+    """float, or INT8 and how many of the weighted layers."""
+    q = res.precision.chosen if res.precision is not None else None
+    return "float" if q is None else f"INT8 {q.int8_layers}/{len(q.layers)}"
+
+
 def measure(name: str, model: onnx.ModelProto, shapes: dict, n: int, target: str = "ort-cpu") -> dict:
     t0 = time.perf_counter()
     res = prune(model, shapes=shapes or None, target=target)
@@ -128,8 +134,7 @@ def measure(name: str, model: onnx.ModelProto, shapes: dict, n: int, target: str
         "real cosine": cosine(a, b),
         "real data": what,
         "verified": bool(res.verification),
-        "written": "float" if res.precision is None or res.precision.chosen is None else
-        f"INT8 {res.precision.chosen.int8_layers}/{len(res.precision.chosen.layers)}",
+        "written": written(res),
         "seconds": seconds,
     }
     if y is not None:
