@@ -219,6 +219,25 @@ def test_gate_keeps_a_faster_result(monkeypatch, tmp_path) -> None:
     assert res.after.macs < 0.8 * res.before.macs and res.verification
 
 
+def test_gate_keeps_a_faster_result_whose_macs_cannot_be_counted(monkeypatch, tmp_path) -> None:
+    """Where MACs cannot be counted (ddddocr's OCR net: a graph cost counting does not follow), the
+    gate tries every candidate and the kept one still has its cost (it was never counted: a
+    KeyError ended the run on a machine where the lossy result was faster)."""
+    from redonnx import planner as P
+    from redonnx.measure.cost import model_cost
+
+    monkeypatch.setenv("REDONNX_CACHE", str(tmp_path))
+
+    def uncounted(model, shapes=None):
+        cost = model_cost(model, shapes)
+        cost.macs = None
+        return cost
+
+    monkeypatch.setattr(P, "model_cost", uncounted)
+    res = prune(redundant_mlp(), precision="fp32")
+    assert res.speed.kept.startswith("budget's choice") and res.after.params < 0.8 * res.before.params
+
+
 def test_layer_shape_of_graph_nodes() -> None:
     import onnx_graphsurgeon as gs
 

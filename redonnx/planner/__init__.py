@@ -206,7 +206,8 @@ class Planner:
         def candidates():  # built and counted as the gate comes to them: it stops at the first kept
             for label, make in pending:
                 built.append(cand := speed_mod.Candidate(label, *make()))
-                if floor is None or (cost(cand).macs or 0) < floor:
+                macs = cost(cand).macs  # counted even where the floor is unknown: a kept one reports it
+                if floor is None or (macs or 0) < floor:
                     yield cand
 
         kept, check = speed_mod.gate(source, lossless, candidates(), feeds, self.ctx.cost_model.cache, "ort-cpu")
