@@ -44,7 +44,8 @@ def test_qdq_model_is_verified_against_the_original_and_holds_on_real_digits(tmp
     assert r["verification"]["passed"] and r["verification"]["min_cosine"] == 0.998
     prec = r["precision"]
     assert prec["kept"] != "float"
-    chosen = next(p for p in prec["proposals"] if p["int8_layers"])
+    chosen = prec["proposals"][prec["kept_index"]]  # the kept proposal, by its place
+    assert chosen["int8_layers"] and prec["kept"].startswith(f"int8 ({chosen['scheme']})")
     assert chosen["calibration"].startswith("64 synthetic samples")
     assert {lay["precision"] for lay in chosen["layers"]} <= {"int8", "float"}
     x, y = _digits()  # real digits the budget never saw

@@ -76,7 +76,8 @@ class PrecisionResult:
         return self.proposals[self.kept_index] if self.kept_index is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"precision": self.precision, "target": self.target, "kept": self.kept, "cpu": detect().to_dict(),
+        return {"precision": self.precision, "target": self.target, "kept": self.kept, "kept_index": self.kept_index,
+                "cpu": detect().to_dict(),
                 "proposals": [p.to_dict() for p in self.proposals], "measured": self.measured,
                 "stages": self.stages(), "note": self.note}  # fmt: skip
 
