@@ -674,11 +674,12 @@ def test_a_recalled_plan_reads_its_ranges_from_the_cache_and_builds_the_same_byt
     assert calibrated == [1] and searched.model.SerializeToString() == first.model.SerializeToString()
     other = stage(_Verdicts(), seed_shift=1)  # other calibration samples: other ranges
     assert calibrated[-1] > 1 and other.model.SerializeToString() != first.model.SerializeToString()
-    for f in files._texts_folder().glob("*.json"):
-        f.write_text("{not json")
-    calibrated.clear()
-    mended = stage(verdicts)
-    assert calibrated and mended.model.SerializeToString() == first.model.SerializeToString()
+    for broken in ("{not json", '{"ranges": "{cut short", "notes": []}', '{"ranges": {}, "notes": []}'):
+        for f in files._texts_folder().glob("*.json"):
+            f.write_text(broken)
+        calibrated.clear()
+        mended = stage(verdicts)
+        assert calibrated and mended.model.SerializeToString() == first.model.SerializeToString()
 
 
 def test_the_ranges_key_follows_the_corrections_of_the_draws(tmp_path: Path) -> None:
