@@ -191,6 +191,23 @@ def test_timing_stops_once_the_decision_it_serves_is_made() -> None:
     assert undecided.rounds > 30
 
 
+def test_a_decision_on_slow_models_is_first_looked_at_sooner(monkeypatch) -> None:
+    """Where 30 rounds would take over FIRST_LOOK_SECONDS (here made tiny, so these small models
+    count as slow), a decision is first looked at after FIRST_LOOK_ROUNDS rounds: settled there, it
+    stops; a comparison that serves no decision, or an unsettled one, goes on as before."""
+    small, large = conv_net(8), conv_net(64)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    assert latency._first_look(30, 0.001) == 30 and latency._first_look(30, 1.0) == latency.FIRST_LOOK_ROUNDS
+    assert latency._first_look(30, 0.1) == 20  # 2 s of 0.1 s rounds
+    monkeypatch.setattr(latency, "FIRST_LOOK_SECONDS", 1e-6)
+    rejected = compare([small, large], feeds, precision=1e-9, max_seconds=5, decide=((1, 0, 0.97),))
+    assert rejected.rounds == latency.FIRST_LOOK_ROUNDS < 30 and rejected.against(1, 0).ratio_low > 0.97
+    unsettled = compare([small, small], feeds, precision=1e-9, max_seconds=5, decide=((1, 1, 1.0),))
+    assert unsettled.rounds > latency.FIRST_LOOK_ROUNDS
+    plain = compare([small, large], feeds, precision=1e-9, max_seconds=1)
+    assert plain.rounds > 30
+
+
 def test_gate_falls_back_when_the_lossy_result_is_slower(monkeypatch, tmp_path) -> None:
     """Every lossy candidate made slow: the lossless result is written, and the report says why."""
     monkeypatch.setenv("REDONNX_CACHE", str(tmp_path))

@@ -117,14 +117,17 @@ def compare(
     decision the timings are for accepts when every such ratio is under its threshold), also as
     soon as that is settled: every interval under its threshold, or one above it. More rounds would
     narrow an interval that already decides (a probe at 1.065x against a 0.97 threshold needs no
-    1 % precision). The looks come after 30, 60, 120... rounds."""
+    1 % precision). The looks come after 30, 60, 120... rounds; a decision on models whose round
+    takes over :data:`FIRST_LOOK_SECONDS` / 30 is first looked at sooner (:func:`_first_look`)."""
     sessions = [timing_session(m) for m in models]
+    t0 = time.perf_counter()
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feeds)
+    per_round = (time.perf_counter() - t0) / max(warmup, 1)
     times: list[list[float]] = [[] for _ in sessions]
     t0 = time.perf_counter()
-    chunk = min_rounds
+    chunk = _first_look(min_rounds, per_round) if decide else min_rounds
     while True:
         _rounds([(s, feeds) for s in sessions], times, chunk)
         result = Comparison(times, time.perf_counter() - t0)
@@ -135,6 +138,20 @@ def compare(
         if tight or decided or result.rounds >= max_rounds or result.seconds > max_seconds:
             return result
         chunk = min(result.rounds, max_rounds - result.rounds)
+
+
+#: a decision on slow models is first looked at once about this many seconds of rounds have run
+#: (at least :data:`FIRST_LOOK_ROUNDS`) rather than after ``min_rounds``: 30 rounds of three
+#: 57 ms models (the super-resolution net at 224 x 224) took 5 s a comparison, 7 comparisons a
+#: first run, where the first dozen already settled a 0.73x against its 0.97 threshold
+FIRST_LOOK_SECONDS = 2.0
+FIRST_LOOK_ROUNDS = 10
+
+
+def _first_look(min_rounds: int, per_round: float) -> int:
+    """Rounds before a decision is first looked at: ``min_rounds``, fewer where a round is slow."""
+    fit = int(FIRST_LOOK_SECONDS / per_round) if per_round > 0 else min_rounds
+    return max(FIRST_LOOK_ROUNDS, min(min_rounds, fit))
 
 
 def _rounds(runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]], times: list[list[float]],
