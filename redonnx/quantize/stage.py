@@ -26,6 +26,11 @@ both: the check is always against the *original* model on the verification input
 The stage proposes; the pipeline's speed gate times the INT8 model against the float result and
 keeps it only if measurably faster (``precision auto``). Dynamic quantization (MatMul weights,
 activations quantized at run time) is a second candidate on models without convolutions.
+
+Where this CPU's speed decides, what the search found is kept in the latency cache: a decline for
+speed, or the plan of the model proposed (rebuilt and verified once by the next run); the
+calibration ranges are kept too, by everything they are computed from, so a rebuilt plan does not
+calibrate again.
 """
 
 from __future__ import annotations
