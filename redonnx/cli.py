@@ -346,16 +346,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from redonnx.measure.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
+    """Exact tolerances by default; a cosine budget (``--min-cosine``) is a lossy comparison, with
+    prune's lossy rtol unless ``--rtol`` is given."""
+    from redonnx.measure.verify import DEFAULT_ATOL, DEFAULT_RTOL, LOSSY_RTOL, verify
 
     kw = _verify_kwargs(args)
+    lossy = kw.get("min_cosine") is not None
     kw["atol"] = DEFAULT_ATOL if kw["atol"] is None else kw["atol"]
-    kw["rtol"] = DEFAULT_RTOL if kw["rtol"] is None else kw["rtol"]
+    kw["rtol"] = (LOSSY_RTOL if lossy else DEFAULT_RTOL) if kw["rtol"] is None else kw["rtol"]
     result = verify(args.reference, args.candidate, shapes=_shapes(args), seed=args.seed, **kw)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=_json_default))
     else:
         print(result.summary())
+        if not result and not lossy and args.rtol is None:
+            print(
+                "  (exact tolerances: a model `prune` wrote under a fidelity budget, pruned or INT8, is held "
+                "to that budget; its summary names it: redonnx verify REFERENCE CANDIDATE --min-cosine 0.998)"
+            )
     return EXIT_OK if result else EXIT_VERIFY
 
 

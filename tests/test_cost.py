@@ -78,3 +78,23 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["params"] == sum(layer["params"] for layer in data["layers"]) + 4 * (128 + 64)
     assert data["ops"]["Gemm"] == 3
     assert all(layer["candidate"] for layer in data["layers"])
+
+
+def test_a_qdq_layer_counts_the_quantized_weights_a_dequantize_reads() -> None:
+    """In a QDQ model a layer reads its weights and bias through DequantizeLinear: the layer's
+    weight shape and parameters are those of the stored int8 and int32 constants (they read "-" and
+    0 before: `inspect` of a written INT8 model), and the layer is still no pruning candidate."""
+    from redonnx.pipeline import prune
+
+    model = load_model(MODELS / "digits_resnet.onnx").model
+    flt = prune(model, precision="fp32", target="macs").model
+    q = prune(model, precision="int8", target="macs")
+    assert q.precision.chosen is not None and q.precision.chosen.int8_layers
+    before = {lay.name: lay for lay in model_cost(flt).layers}
+    after = model_cost(q.model).layers
+    quantized = [lay for lay in after if "int8 weights" in lay.note]
+    assert len(quantized) == q.precision.chosen.int8_layers
+    for lay in after:
+        assert (lay.weight_shape, lay.params, lay.macs) == (before[lay.name].weight_shape, before[lay.name].params,
+                                                            before[lay.name].macs)  # fmt: skip
+    assert not any(lay.candidate for lay in quantized)

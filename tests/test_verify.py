@@ -193,3 +193,19 @@ def test_int8_candidates_run_as_deployed_unless_the_target_is_another_runtime(tm
     itself = V.Reference(q)  # an INT8 input: its rewrites run as it does, so exact ones compare
     opened.clear()
     assert itself.check(q, V.Tolerance()).passed and opened == [False]
+
+
+def test_cli_verify_holds_a_written_int8_model_to_its_budget(tmp_path: Path, capsys) -> None:
+    """A model prune wrote under its budget (here INT8) fails verify's exact tolerances, and the
+    output says how to hold it to the budget; --min-cosine alone is that lossy comparison (prune's
+    rtol 0.5 with it), so it passes; a budget it misses still fails."""
+    digits, out = MODELS / "digits_resnet.onnx", tmp_path / "q.onnx"
+    assert main(["prune", str(digits), "-o", str(out), "--precision", "int8", "--target", "macs"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(digits), str(out)]) == 1
+    assert "--min-cosine 0.998" in capsys.readouterr().out
+    assert main(["verify", str(digits), str(out), "--min-cosine", "0.998"]) == 0
+    assert "rtol 0.5" in capsys.readouterr().out
+    assert main(["verify", str(digits), str(out), "--min-cosine", "0.998", "--rtol", "1e-4"]) == 1
+    assert "exact tolerances" not in capsys.readouterr().out
+    assert main(["verify", str(digits), str(out), "--min-cosine", "0.99999999"]) == 1

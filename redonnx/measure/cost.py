@@ -125,14 +125,26 @@ def _known(shape: list | None) -> list[int] | None:
     return [int(d) for d in shape]
 
 
+def _stored(t: gs.Tensor | None) -> gs.Constant | None:
+    """The constant a layer input holds: itself, or the quantized constant a DequantizeLinear reads
+    (a QDQ model's weights and biases: int8 and int32, scaled back at run time)."""
+    if isinstance(t, gs.Constant):
+        return t
+    producer = t.inputs[0] if t is not None and len(t.inputs) == 1 else None
+    if producer is not None and producer.op == "DequantizeLinear" and isinstance(producer.inputs[0], gs.Constant):
+        return producer.inputs[0]
+    return None
+
+
 def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
     w = node.inputs[1] if len(node.inputs) > 1 else None
     const_w = isinstance(w, gs.Constant)
+    stored_w = _stored(w)
     biases = node.inputs[2:3] if node.op in ("Conv", "ConvTranspose", "Gemm") else []
-    params = sum(int(np.prod(t.shape)) for t in [w, *biases] if isinstance(t, gs.Constant))
-    if node.op in ("MatMul", "MatMulInteger") and not const_w:
+    params = sum(int(np.prod(t.shape)) for t in (_stored(b) for b in [w, *biases]) if t is not None)
+    if node.op in ("MatMul", "MatMulInteger") and stored_w is None:
         params = 0
-    wshape = [int(d) for d in w.shape] if const_w else []
+    wshape = [int(d) for d in stored_w.shape] if stored_w is not None else []
     out = _known(shapes.get(node.outputs[0].name)) if node.outputs else None
     inp = _known(shapes.get(node.inputs[0].name)) if node.inputs else None
     wsh = wshape or _known(shapes.get(w.name)) if w is not None else None
@@ -148,10 +160,12 @@ def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
         candidate=const_w,
         origin=layer_origin(node),
     )
-    if _AS.get(node.op, node.op) == "Conv" and const_w and groups > 1:
+    if _AS.get(node.op, node.op) == "Conv" and wshape and groups > 1:
         layer.note = "depthwise" if groups == wshape[0] and wshape[1] == 1 else f"grouped ({groups})"
-    if not const_w:
+    if stored_w is None:
         layer.note = "weight computed at run time"
+    elif not const_w:
+        layer.note = f"{np.dtype(stored_w.dtype).name} weights" + (f", {layer.note}" if layer.note else "")
     return layer
 
 
