@@ -729,3 +729,26 @@ def test_a_cut_written_in_place_of_the_library_build_leaves_no_plan(tmp_path: Pa
     res = _speed_stage(tmp_path, 0.5, 0.5, 0.5, verdicts, [], check=lambda m: reference.check(m, tol))
     assert res.model is not None and res.verification and "the cut is written" in res.notes[-1]
     assert any(c.precision == "float" for c in res.layers) and not verdicts
+
+
+def test_a_second_prune_reads_the_kept_ranges_and_writes_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    """Through the pipeline, on any CPU: a second `--precision int8` run on one latency cache
+    calibrates nothing (the ranges were kept by what they are computed from) and writes the same
+    bytes as the first."""
+    from redonnx.quantize import calibration as C
+
+    monkeypatch.setenv("REDONNX_CACHE", str(tmp_path / "cache"))
+    calibrated = []
+    real_ranges = C.ranges
+
+    def spy(jobs, method, work):
+        calibrated.append(method)
+        return real_ranges(jobs, method, work)
+
+    monkeypatch.setattr(C, "ranges", spy)
+    model = onnx.load(str(DIGITS))
+    first = prune(model, precision="int8")  # under ort-cpu: the latency cache is the cost model's
+    assert first.precision.chosen is not None and calibrated
+    calibrated.clear()
+    again = prune(model, precision="int8")
+    assert calibrated == [] and again.model.SerializeToString() == first.model.SerializeToString()
