@@ -141,9 +141,7 @@ def _layer_cost(node: gs.Node, shapes: dict[str, list]) -> LayerCost:
     const_w = isinstance(w, gs.Constant)
     stored_w = _stored(w)
     biases = node.inputs[2:3] if node.op in ("Conv", "ConvTranspose", "Gemm") else []
-    params = sum(int(np.prod(t.shape)) for t in (_stored(b) for b in [w, *biases]) if t is not None)
-    if node.op in ("MatMul", "MatMulInteger") and stored_w is None:
-        params = 0
+    params = sum(int(np.prod(t.shape)) for t in [stored_w, *map(_stored, biases)] if t is not None)
     wshape = [int(d) for d in stored_w.shape] if stored_w is not None else []
     out = _known(shapes.get(node.outputs[0].name)) if node.outputs else None
     inp = _known(shapes.get(node.inputs[0].name)) if node.inputs else None
